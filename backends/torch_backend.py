@@ -1,0 +1,78 @@
+"""The PyTorch backend through array-api-compat (devices: cpu, cuda[:i], mps)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Backend
+
+
+class TorchBackend(Backend):
+    """PyTorch tensors; autograd is never used (loomx computes its own gradients)."""
+
+    def _from_host(self, arr: np.ndarray, dtype):
+        import torch
+
+        np_dtype = self.numpy_dtype(dtype)
+        if self.dtype_name(dtype) == "bfloat16":
+            t = torch.from_numpy(np.ascontiguousarray(arr.astype(np.float32)))
+            return t.to(device=self.device, dtype=dtype)
+        t = torch.from_numpy(np.ascontiguousarray(arr.astype(np_dtype, copy=False)))
+        return t.to(device=self.device)
+
+    def _to_host(self, x):
+        import torch
+
+        t = x.detach()
+        if t.dtype == torch.bfloat16:
+            import ml_dtypes
+
+            return t.float().cpu().numpy().astype(ml_dtypes.bfloat16)
+        return t.cpu().numpy()
+
+    def erf(self, x):
+        import torch
+
+        return torch.special.erf(x)
+
+    def scatter_add(self, target, indices, values):
+        return target.index_add(0, indices, values)
+
+    def sync(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elif self.device.type == "mps":
+            torch.mps.synchronize()
+
+    def memory_info(self) -> dict:
+        import torch
+
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            return {"used": total - free, "total": total}
+        return {"used": None, "total": None}
+
+
+def make_torch_backend(name: str = "torch", device: str | None = None) -> TorchBackend:
+    """Build the torch backend on ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``)."""
+    from loomx.errors import BackendUnavailableError
+
+    try:
+        import array_api_compat.torch as xp
+        import torch
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            "the torch backend needs PyTorch: pip install 'loomx[torch]'") from exc
+    dev = torch.device(device or "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailableError(
+            f"torch device {dev} requested but torch.cuda.is_available() is False "
+            "(a CPU-only torch build, no NVIDIA driver, or no GPU).")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise BackendUnavailableError(
+            f"torch device {dev} requested but only {torch.cuda.device_count()} CUDA devices exist.")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise BackendUnavailableError("torch device mps requested but MPS is not available.")
+    return TorchBackend(name=name, xp=xp, device=dev, library="torch")

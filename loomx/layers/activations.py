@@ -1,0 +1,200 @@
+"""Elementwise activation functions with exact derivatives, written once against ``xp``.
+
+Each activation is a pair ``forward(backend, z) -> y`` and ``backward(backend, z, y, dy) -> dz``
+(``dy`` is the gradient w.r.t. ``y``; ``z`` the pre-activation). Names:
+
+==================  ===========================================  ================================
+name                f(z)                                         note
+==================  ===========================================  ================================
+identity/linear     z
+relu                max(0, z)                                    the usual ReLU
+scaled_relu         max(0, 1.1·z)                                Loom's ``"relu"``
+leaky_relu          z if z ≥ 0 else 0.01·z                       PyTorch's default slope
+loom_leaky_relu     z if z ≥ 0 else 0.1·z                        Loom's ``"leaky_relu"``
+sigmoid             1 / (1 + e^-z)                               overflow-safe
+tanh                tanh z
+softplus            ln(1 + e^z)                                  overflow-safe (Loom's is not)
+gelu                z·Φ(z) = z·(1 + erf(z/√2))/2                 exact (erf)
+gelu_tanh           tanh approximation of GELU                   GPT-2 / Gemma ``gelu_pytorch_tanh``
+silu / swish        z·σ(z)
+mish                z·tanh(softplus(z))
+==================  ===========================================  ================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigError
+
+Array = Any
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An activation: ``forward(backend, z)`` and ``backward(backend, z, y, dy)``."""
+
+    name: str
+    forward: Callable[[Any, Array], Array]
+    backward: Callable[[Any, Array, Array, Array], Array]
+
+
+def _sigmoid(xp, z):
+    # exp of a non-positive number never overflows
+    e = xp.exp(-xp.abs(z))
+    return xp.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def _softplus(xp, z):
+    return xp.maximum(z, 0.0) + xp.log1p(xp.exp(-xp.abs(z)))
+
+
+def _relu_fwd(b, z):
+    return b.xp.maximum(z, 0.0)
+
+
+def _relu_bwd(b, z, y, dy):
+    return b.xp.where(z > 0, dy, 0.0)
+
+
+def _scaled_relu_fwd(b, z):
+    return b.xp.maximum(z * 1.1, 0.0)
+
+
+def _scaled_relu_bwd(b, z, y, dy):
+    return b.xp.where(z > 0, dy * 1.1, 0.0)
+
+
+def _leaky(slope: float) -> tuple[Callable, Callable]:
+    def fwd(b, z):
+        return b.xp.where(z >= 0, z, z * slope)
+
+    def bwd(b, z, y, dy):
+        return b.xp.where(z >= 0, dy, dy * slope)
+
+    return fwd, bwd
+
+
+def _sigmoid_fwd(b, z):
+    return _sigmoid(b.xp, z)
+
+
+def _sigmoid_bwd(b, z, y, dy):
+    return dy * y * (1.0 - y)
+
+
+def _tanh_fwd(b, z):
+    return b.xp.tanh(z)
+
+
+def _tanh_bwd(b, z, y, dy):
+    return dy * (1.0 - y * y)
+
+
+def _softplus_fwd(b, z):
+    return _softplus(b.xp, z)
+
+
+def _softplus_bwd(b, z, y, dy):
+    return dy * _sigmoid(b.xp, z)
+
+
+def _gelu_fwd(b, z):
+    return 0.5 * z * (1.0 + b.erf(z * _INV_SQRT2))
+
+
+def _gelu_bwd(b, z, y, dy):
+    xp = b.xp
+    cdf = 0.5 * (1.0 + b.erf(z * _INV_SQRT2))
+    pdf = xp.exp(-0.5 * z * z) * _INV_SQRT_2PI
+    return dy * (cdf + z * pdf)
+
+
+def _gelu_tanh_fwd(b, z):
+    inner = _SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)
+    return 0.5 * z * (1.0 + b.xp.tanh(inner))
+
+
+def _gelu_tanh_bwd(b, z, y, dy):
+    xp = b.xp
+    inner = _SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)
+    t = xp.tanh(inner)
+    dinner = _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * z * z)
+    return dy * (0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * dinner)
+
+
+def _silu_fwd(b, z):
+    return z * _sigmoid(b.xp, z)
+
+
+def _silu_bwd(b, z, y, dy):
+    s = _sigmoid(b.xp, z)
+    return dy * (s + z * s * (1.0 - s))
+
+
+def _mish_fwd(b, z):
+    return z * b.xp.tanh(_softplus(b.xp, z))
+
+
+def _mish_bwd(b, z, y, dy):
+    xp = b.xp
+    t = xp.tanh(_softplus(xp, z))
+    return dy * (t + z * (1.0 - t * t) * _sigmoid(xp, z))
+
+
+def _identity_fwd(b, z):
+    return z
+
+
+def _identity_bwd(b, z, y, dy):
+    return dy
+
+
+ACTIVATIONS: dict[str, Activation] = {}
+
+
+def _register(name: str, fwd: Callable, bwd: Callable, *aliases: str) -> None:
+    act = Activation(name, fwd, bwd)
+    for n in (name, *aliases):
+        ACTIVATIONS[n] = act
+
+
+_register("identity", _identity_fwd, _identity_bwd, "linear", "none")
+_register("relu", _relu_fwd, _relu_bwd)
+_register("scaled_relu", _scaled_relu_fwd, _scaled_relu_bwd, "loom_relu")
+_register("leaky_relu", *_leaky(0.01))
+_register("loom_leaky_relu", *_leaky(0.1))
+_register("sigmoid", _sigmoid_fwd, _sigmoid_bwd)
+_register("tanh", _tanh_fwd, _tanh_bwd)
+_register("softplus", _softplus_fwd, _softplus_bwd)
+_register("gelu", _gelu_fwd, _gelu_bwd)
+_register("gelu_tanh", _gelu_tanh_fwd, _gelu_tanh_bwd, "gelu_new", "gelu_pytorch_tanh")
+_register("silu", _silu_fwd, _silu_bwd, "swish")
+_register("mish", _mish_fwd, _mish_bwd)
+
+
+def get_activation(name: str | None) -> Activation:
+    """Look up an activation by name (``None`` means identity)."""
+    key = "identity" if name is None else str(name).lower()
+    if key not in ACTIVATIONS:
+        raise ConfigError(
+            f"unknown activation {name!r}; known: {', '.join(sorted(ACTIVATIONS))}")
+    return ACTIVATIONS[key]
+
+
+#: Loom's activation names (JSON strings) → loomx names.
+LOOM_ACTIVATIONS = {
+    "relu": "scaled_relu",
+    "sigmoid": "sigmoid",
+    "tanh": "tanh",
+    "softplus": "softplus",
+    "leaky_relu": "loom_leaky_relu",
+    "linear": "identity",
+}

@@ -1,0 +1,248 @@
+"""The layer protocol shared by every loomx layer.
+
+A layer is a small object with
+
+- a **config**: plain JSON-serialisable fields, listed in ``config_fields``; ``get_config()``
+  returns them with ``"type"`` (the registry name) and ``layer_from_config`` rebuilds the layer;
+- a **parameter registry**: ``params`` and ``grads``, dicts of name → backend array with the
+  same keys and shapes; ``parameters()`` walks nested layers (``children()``) too;
+- ``build(input_shape, backend, rng)``: creates parameters for a per-sample input shape (no batch
+  axis) and returns the per-sample output shape;
+- ``forward(x, train) -> (y, ctx)``: ``x`` has a leading batch axis; ``ctx`` is whatever
+  ``backward`` needs (kept by the caller, so several forwards can be in flight, as in the
+  stepping executor);
+- ``backward(dy, ctx) -> dx``: returns the input gradient and **adds** every parameter gradient
+  into ``grads`` (so gradient accumulation is a matter of not calling ``zero_grad``).
+
+Layers never check which backend they run on: they use ``self.xp`` (the array-API namespace)
+and ``self.backend`` for the few non-standard operations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+from ..backends import Backend, RandomSource, get_backend
+from ..errors import ConfigError, LoomxError, ShapeError
+
+Array = Any
+Shape = tuple[int, ...]
+
+LAYER_TYPES: dict[str, type[Layer]] = {}
+
+
+def register_layer(cls: type[Layer]) -> type[Layer]:
+    """Class decorator: make ``cls`` constructible by ``layer_from_config``."""
+    if not cls.type_name:
+        raise ConfigError(f"{cls.__name__} needs a type_name to be registered")
+    LAYER_TYPES[cls.type_name] = cls
+    for alias in cls.aliases:
+        LAYER_TYPES[alias] = cls
+    return cls
+
+
+def layer_from_config(config: dict) -> Layer:
+    """Build an (unbuilt) layer from ``get_config()`` output."""
+    config = dict(config)
+    type_name = config.pop("type", None)
+    if type_name not in LAYER_TYPES:
+        raise ConfigError(
+            f"unknown layer type {type_name!r}; known: {', '.join(sorted(LAYER_TYPES))}")
+    return LAYER_TYPES[type_name].from_config(config)
+
+
+class ParamRef:
+    """A handle on one parameter: ``layer.params[key]`` and ``layer.grads[key]``.
+
+    Optimizers read and write through it, so they reach every parameter of every layer,
+    nested branches included, and may replace arrays functionally.
+    """
+
+    __slots__ = ("name", "layer", "key")
+
+    def __init__(self, name: str, layer: Layer, key: str):
+        self.name, self.layer, self.key = name, layer, key
+
+    def __repr__(self) -> str:
+        return f"ParamRef({self.name!r}, shape={tuple(self.value.shape)})"
+
+    @property
+    def value(self) -> Array:
+        return self.layer.params[self.key]
+
+    @value.setter
+    def value(self, v: Array) -> None:
+        self.layer.params[self.key] = v
+
+    @property
+    def grad(self) -> Array:
+        return self.layer.grads[self.key]
+
+    @grad.setter
+    def grad(self, g: Array) -> None:
+        self.layer.grads[self.key] = g
+
+
+class Layer:
+    """Base class of all layers (see the module docstring for the protocol)."""
+
+    type_name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
+    config_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, *, name: str | None = None, dtype: str | None = None):
+        self.name = name
+        self.dtype = dtype
+        self.backend: Backend | None = None
+        self.params: dict[str, Array] = {}
+        self.grads: dict[str, Array] = {}
+        self.input_shape: Shape | None = None
+        self.output_shape: Shape | None = None
+        self.disabled = False
+
+    # ------------------------------------------------------------------ config
+    def get_config(self) -> dict:
+        """Plain-dict config: ``{"type": ..., <config fields>, "name"?, "dtype"?}``."""
+        cfg: dict[str, Any] = {"type": self.type_name}
+        for f in self.config_fields:
+            v = getattr(self, f)
+            cfg[f] = list(v) if isinstance(v, tuple) else v
+        if self.name is not None:
+            cfg["name"] = self.name
+        if self.dtype is not None:
+            cfg["dtype"] = self.dtype
+        return cfg
+
+    @classmethod
+    def from_config(cls, config: dict) -> Layer:
+        """Inverse of :meth:`get_config` (without the ``type`` key)."""
+        try:
+            return cls(**config)
+        except TypeError as exc:
+            raise ConfigError(f"bad config for layer {cls.type_name!r}: {exc}") from exc
+
+    # ------------------------------------------------------------------ building
+    @property
+    def xp(self):
+        """The array-API namespace of this layer's backend."""
+        if self.backend is None:
+            raise LoomxError(f"{self.describe()} is not built yet: call build(input_shape)")
+        return self.backend.xp
+
+    @property
+    def built(self) -> bool:
+        return self.output_shape is not None
+
+    @property
+    def float_dtype(self):
+        """The dtype of this layer's parameters and activations."""
+        return getattr(self.xp, self.dtype) if self.dtype else self.backend.float_dtype
+
+    def build(self, input_shape: Shape, backend: Backend | str | None = None,
+              rng: RandomSource | int | None = None) -> Shape:
+        """Create parameters for per-sample ``input_shape``; return the per-sample output shape.
+
+        Args:
+            input_shape: shape of one sample (no batch axis), e.g. ``(784,)`` or ``(3, 32, 32)``.
+            backend: backend or spec; default: the current backend.
+            rng: a ``RandomSource`` or an int seed for initialisation (default seed 0).
+        """
+        self.backend = get_backend(backend)
+        if rng is None or isinstance(rng, int):
+            rng = self.backend.random(0 if rng is None else rng)
+        input_shape = tuple(int(d) for d in input_shape)
+        with self.backend.activate():
+            out = self._build(input_shape, rng)
+        self.input_shape = input_shape
+        self.output_shape = tuple(int(d) for d in out)
+        self.zero_grad()
+        return self.output_shape
+
+    def _build(self, input_shape: Shape, rng: RandomSource) -> Shape:
+        """Subclasses create ``self.params`` here and return the output shape."""
+        return input_shape
+
+    # ------------------------------------------------------------------ running
+    def forward(self, x: Array, train: bool = False) -> tuple[Array, Any]:
+        """``x [B, *input_shape]`` → ``(y [B, *output_shape], ctx)``."""
+        raise NotImplementedError
+
+    def backward(self, dy: Array, ctx: Any) -> Array:
+        """``dy [B, *output_shape]`` → ``dx [B, *input_shape]``; adds into ``grads``."""
+        raise NotImplementedError
+
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        return self.forward(x, train)[0]
+
+    def zero_grad(self) -> None:
+        """Set every gradient (of this layer and nested ones) to zeros."""
+        for k, v in self.params.items():
+            self.grads[k] = self.xp.zeros_like(v)
+        for _, child in self.children():
+            child.zero_grad()
+
+    def _accumulate(self, key: str, g: Array) -> None:
+        """Add ``g`` into ``grads[key]`` (functional update; works on every backend)."""
+        self.grads[key] = self.grads[key] + g
+
+    # ------------------------------------------------------------------ structure
+    def children(self) -> list[tuple[str, Layer]]:
+        """Nested layers as ``(name, layer)`` (containers override this)."""
+        return []
+
+    def parameters(self, prefix: str = "") -> Iterator[ParamRef]:
+        """Every parameter of this layer and its children, depth first."""
+        for key in self.params:
+            yield ParamRef(f"{prefix}{key}", self, key)
+        for cname, child in self.children():
+            yield from child.parameters(f"{prefix}{cname}.")
+
+    def param_count(self) -> int:
+        """Total number of scalar parameters (nested included)."""
+        total = 0
+        for p in self.parameters():
+            n = 1
+            for d in p.value.shape:
+                n *= int(d)
+            total += n
+        return total
+
+    def to(self, backend: Backend | str, dtype: str | None = None) -> Layer:
+        """Move parameters (and nested layers) to another backend and/or dtype, in place."""
+        new = get_backend(backend, dtype)
+        old = self.backend
+        if old is not None:
+            for k, v in list(self.params.items()):
+                host = old.to_host(v)
+                kind = host.dtype.kind
+                self.params[k] = new.from_host(host, dtype=None if kind == "f" or kind == "V"
+                                               else getattr(new.xp, str(host.dtype)))
+        for _, child in self.children():
+            child.to(new)
+        self.backend = new
+        if dtype is not None:
+            self.dtype = None
+        if self.built:
+            self.zero_grad()
+        return self
+
+    # ------------------------------------------------------------------ checks
+    def describe(self) -> str:
+        """``"Dense 'fc1'"``-style label used in error messages."""
+        label = type(self).__name__
+        return f"{label} {self.name!r}" if self.name else label
+
+    def check_input(self, x: Array, min_ndim: int | None = None) -> None:
+        """Raise :class:`ShapeError` unless ``x`` is ``[B, *input_shape]``."""
+        if self.input_shape is None:
+            raise LoomxError(f"{self.describe()} is not built yet: call build(input_shape)")
+        got = tuple(x.shape)
+        if got[1:] != self.input_shape:
+            raise ShapeError(
+                f"{self.describe()} expected input of shape [B, "
+                f"{', '.join(map(str, self.input_shape))}] but received {list(got)}")
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{f}={getattr(self, f)!r}" for f in self.config_fields)
+        return f"{type(self).__name__}({fields})"

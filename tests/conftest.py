@@ -1,0 +1,142 @@
+"""The backend matrix and shared assertions.
+
+Every numeric test takes the ``backend`` fixture, parametrised over:
+
+- ``numpy``: the CPU backend;
+- ``strict``: array-api-strict on its simulated ``device1`` (mixing devices raises, implicit
+  host conversion raises, non-standard functions do not exist);
+- ``strict_nosync``: the same with boolean indexing and data-dependent shapes disabled, plus a
+  guard that makes ``float()/bool()/int()`` on a device array raise (a hidden GPU→host sync);
+- ``torch``: PyTorch CPU through array-api-compat;
+- ``cupy``: CUDA through CuPy, marked ``gpu`` and skipped with the reason when unusable.
+
+``backend64`` is the same matrix in float64 (gradient checks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import numpy as np
+import pytest
+
+from loomx.backends import get_backend
+
+MATRIX = ["numpy", "strict", "strict_nosync", "torch", "cupy"]
+if os.environ.get("LOOMX_TEST_BACKENDS"):
+    MATRIX = os.environ["LOOMX_TEST_BACKENDS"].split(",")
+
+
+@contextlib.contextmanager
+def no_sync_guard():
+    """Make host conversions of non-CPU strict arrays raise inside the block."""
+    import array_api_strict
+    from array_api_strict._array_object import Array
+
+    cpu = array_api_strict.Device("CPU_DEVICE")
+    names = ("__float__", "__bool__", "__int__", "__index__", "__complex__")
+    saved = {n: getattr(Array, n) for n in names}
+
+    def guard(name):
+        original = saved[name]
+
+        def method(self, *a, **k):
+            if self.device != cpu:
+                raise RuntimeError(f"hidden device→host sync: {name} on a {self.device} array")
+            return original(self, *a, **k)
+
+        return method
+
+    for n in names:
+        setattr(Array, n, guard(n))
+    try:
+        with array_api_strict.ArrayAPIStrictFlags(boolean_indexing=False,
+                                                  data_dependent_shapes=False):
+            yield
+    finally:
+        for n, m in saved.items():
+            setattr(Array, n, m)
+
+
+def _make(spec: str, dtype: str):
+    if spec == "cupy":
+        from loomx.backends.cupy_backend import cupy_status
+
+        ok, reason = cupy_status()
+        if not ok:
+            pytest.skip(f"cupy backend unusable: {reason}")
+        return get_backend("cupy", dtype)
+    if spec == "torch":
+        pytest.importorskip("torch")
+    if spec.startswith("strict"):
+        pytest.importorskip("array_api_strict")
+        return get_backend("strict", dtype)
+    return get_backend(spec, dtype)
+
+
+def _params(dtype: str):
+    return [pytest.param((s, dtype), id=s, marks=[pytest.mark.gpu] if s == "cupy" else [])
+            for s in MATRIX]
+
+
+def _backend_fixture(request):
+    spec, dtype = request.param
+    backend = _make(spec, dtype)
+    if spec == "strict_nosync":
+        with no_sync_guard():
+            yield backend
+    else:
+        yield backend
+
+
+backend = pytest.fixture(params=_params("float32"))(_backend_fixture)
+backend64 = pytest.fixture(params=_params("float64"))(_backend_fixture)
+
+
+@pytest.fixture
+def numpy64():
+    """The numpy backend in float64 (finite-difference checks)."""
+    return get_backend("numpy", "float64")
+
+
+def assert_close(actual, expected, backend, rtol: float = 1e-5, atol: float = 1e-6,
+                 dtype=None) -> None:
+    """Check namespace, dtype, shape and device of ``actual`` before comparing its values.
+
+    Args:
+        actual: a device array of ``backend``.
+        expected: a host array (numpy), a torch tensor, or a device array of ``backend``.
+        dtype: expected xp dtype (default: ``backend.float_dtype``).
+    """
+    from array_api_compat import array_namespace, device
+
+    assert array_namespace(actual) is backend.xp, (
+        f"array of namespace {array_namespace(actual).__name__}, expected {backend.xp.__name__}")
+    want = backend.float_dtype if dtype is None else dtype
+    assert actual.dtype == want, f"dtype {actual.dtype}, expected {want}"
+    assert str(device(actual)) == str(backend.device), (
+        f"device {device(actual)}, expected {backend.device}")
+    expected = to_numpy(expected, backend)
+    assert tuple(actual.shape) == tuple(expected.shape), (
+        f"shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
+    np.testing.assert_allclose(backend.to_host(actual).astype(np.float64),
+                               expected.astype(np.float64), rtol=rtol, atol=atol)
+
+
+def to_numpy(x, backend=None) -> np.ndarray:
+    """Host copy of a numpy array, torch tensor or device array."""
+    if isinstance(x, np.ndarray):
+        return x
+    mod = type(x).__module__
+    if mod.startswith("torch"):
+        return x.detach().cpu().numpy()
+    if backend is not None:
+        return backend.to_host(x)
+    return np.asarray(x)
+
+
+@pytest.fixture
+def close():
+    """The :func:`assert_close` helper as a fixture."""
+    return assert_close
