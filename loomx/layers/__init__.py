@@ -1,17 +1,21 @@
-"""Layers, written once against the array API (see :mod:`loomx.layers.base`)."""
+"""Layers, written once against the array API (protocol: :mod:`loomx.layers.base`).
+
+Every module of this package is imported here, and every registered layer class is exported
+under its class name (``loomx.layers.Dense``, ``loomx.layers.Conv2D``, ...).
+"""
+
+import importlib as _importlib
+import pkgutil as _pkgutil
 
 from .activations import ACTIVATIONS, get_activation
 from .base import LAYER_TYPES, Layer, ParamRef, layer_from_config, register_layer
-from .dense import Activation, Dense
 
-__all__ = [
-    "ACTIVATIONS",
-    "LAYER_TYPES",
-    "Activation",
-    "Dense",
-    "Layer",
-    "ParamRef",
-    "get_activation",
-    "layer_from_config",
-    "register_layer",
-]
+for _info in _pkgutil.iter_modules(__path__):
+    if not _info.name.startswith("_"):
+        _importlib.import_module(f"{__name__}.{_info.name}")
+
+_classes = {cls.__name__: cls for cls in LAYER_TYPES.values()}
+globals().update(_classes)
+
+__all__ = sorted(["ACTIVATIONS", "LAYER_TYPES", "Layer", "ParamRef", "get_activation",
+                  "layer_from_config", "register_layer", *_classes])
