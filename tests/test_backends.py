@@ -1,0 +1,95 @@
+"""Backend selection: specs, context managers, defaults, and honest unavailability errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import loomx
+from loomx.backends import available_backends, current_backend, get_backend
+from loomx.backends.cupy_backend import cupy_status
+from loomx.errors import BackendUnavailableError, LoomxError
+
+
+def test_use_backend_context_and_default():
+    before = current_backend()
+    with loomx.use_backend("torch") as b:
+        assert current_backend() is b
+        assert b.library == "torch"
+    assert current_backend() is before
+    try:
+        loomx.use_backend("strict")
+        assert current_backend().library == "array_api_strict"
+    finally:
+        loomx.set_default_backend(before)
+
+
+def test_dtype_request():
+    b = get_backend("numpy", "float64")
+    assert b.float_dtype == b.xp.float64
+    assert b.zeros((2,)).dtype == b.xp.float64
+    with pytest.raises(LoomxError, match="no dtype"):
+        get_backend("numpy", "float7")
+
+
+def test_unknown_spec_is_a_clear_error():
+    with pytest.raises(LoomxError, match="unknown backend 'tensorflow'"):
+        get_backend("tensorflow")
+
+
+def test_env_variable_is_read_lazily():
+    code = ("import loomx; from loomx.backends import current_backend; "
+            "print(current_backend().library)")
+    env = dict(os.environ, LOOMX_BACKEND="torch")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.strip() == "torch", out.stderr
+
+
+@pytest.mark.skipif(cupy_status()[0], reason="a GPU is usable here")
+def test_cupy_unavailable_says_why():
+    with pytest.raises(BackendUnavailableError, match="cupy backend is unavailable: .+"):
+        get_backend("cupy")
+    assert get_backend("auto").library == "numpy"
+
+
+def test_torch_cuda_unavailable_says_why():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available")
+    with pytest.raises(BackendUnavailableError, match="is_available"):
+        get_backend("torch:cuda")
+
+
+def test_available_backends_report():
+    rows = {name: (ok, detail) for name, ok, detail in available_backends()}
+    assert rows["numpy"][0] is True
+    assert set(rows) == {"numpy", "cupy", "torch", "strict"}
+    assert all(detail for _, detail in rows.values())
+
+
+def test_info_command_lists_backends():
+    out = subprocess.run([sys.executable, "-m", "loomx", "info"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "numpy    available" in out.stdout
+    assert "cupy" in out.stdout and "torch" in out.stdout
+
+
+def test_host_round_trip_preserves_integer_kinds(backend):
+    ids = backend.from_host(np.array([1, 2, 3], dtype=np.int64))
+    assert ids.dtype == backend.xp.int64
+    np.testing.assert_array_equal(backend.to_host(ids), [1, 2, 3])
+
+
+def test_bfloat16_host_round_trip():
+    import ml_dtypes
+
+    b = get_backend("torch", "bfloat16")
+    host = np.array([1.5, -2.25], dtype=ml_dtypes.bfloat16)
+    x = b.from_host(host)
+    assert str(x.dtype) == "torch.bfloat16"
+    np.testing.assert_array_equal(b.to_host(x).astype(np.float32), [1.5, -2.25])
