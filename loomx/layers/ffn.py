@@ -1,0 +1,148 @@
+"""Feed-forward blocks of transformer layers: SwiGLU and the two-layer MLP block.
+
+Both are complete blocks (projection in and out) acting on the last axis, like Loom's SwiGLU.
+Weights use the PyTorch layout ``[out, in]`` and are initialised with the ``"torch"`` scheme
+(U(±1/sqrt(fan_in)), PyTorch's ``nn.Linear`` default); biases start at zero.
+"""
+
+from __future__ import annotations
+
+from ..backends import RandomSource
+from ..errors import ConfigError, ShapeError
+from .activations import _sigmoid, get_activation
+from .base import Array, Layer, Shape, register_layer
+from .init import init_weight
+
+
+class _Block(Layer):
+    """Shared shape handling: ``x [B, ..., D]`` → ``y [B, ..., D]`` through width ``M``."""
+
+    def __init__(self, hidden_features: int, **kw):
+        super().__init__(**kw)
+        if int(hidden_features) <= 0:
+            raise ConfigError(f"{type(self).__name__} hidden_features must be positive, "
+                              f"got {hidden_features}")
+        self.hidden_features = int(hidden_features)
+        self.features: int | None = None
+
+    def _build(self, input_shape: Shape, rng: RandomSource) -> Shape:
+        if not input_shape:
+            raise ShapeError(f"{self.describe()} needs at least one input axis; received a "
+                             "per-sample shape []")
+        self.features = d = input_shape[-1]
+        m, dt = self.hidden_features, self.float_dtype
+        for name, shape in self._weights(d, m):
+            self.params[name] = init_weight(rng, "torch", shape, shape[1], shape[0], dt)
+        for name, size in self._biases(d, m):
+            self.params[name] = self.backend.zeros((size,), dtype=dt)
+        return input_shape
+
+    def _weights(self, d: int, m: int) -> list[tuple[str, tuple[int, int]]]:
+        raise NotImplementedError
+
+    def _biases(self, d: int, m: int) -> list[tuple[str, int]]:
+        raise NotImplementedError
+
+    def check_input(self, x: Array, min_ndim: int | None = None) -> None:
+        if self.features is None:
+            super().check_input(x)
+        if x.ndim < 2 or x.shape[-1] != self.features:
+            raise ShapeError(f"{self.describe()} expected input [B, ..., {self.features}] "
+                             f"but received {list(x.shape)}")
+
+    def _linear(self, x: Array, prefix: str) -> Array:
+        """``x @ W.T (+ b)`` with parameters ``{prefix}_weight`` / ``{prefix}_bias``."""
+        xp = self.xp
+        z = xp.matmul(x, xp.matrix_transpose(self.params[f"{prefix}_weight"]))
+        bias = self.params.get(f"{prefix}_bias")
+        return z if bias is None else z + bias
+
+    def _linear_backward(self, x: Array, dz: Array, prefix: str) -> Array:
+        """Accumulate the gradients of ``{prefix}_*`` and return ``dx``."""
+        xp = self.xp
+        w = self.params[f"{prefix}_weight"]
+        dz2 = xp.reshape(dz, (-1, w.shape[0]))
+        x2 = xp.reshape(x, (-1, w.shape[1]))
+        self._accumulate(f"{prefix}_weight", xp.matmul(xp.matrix_transpose(dz2), x2))
+        if f"{prefix}_bias" in self.params:
+            self._accumulate(f"{prefix}_bias", xp.sum(dz2, axis=0))
+        return xp.matmul(dz, w)
+
+
+@register_layer
+class SwiGLU(_Block):
+    """``y = down(silu(gate(x)) ⊙ up(x))`` with ``silu(z) = z·σ(z)``.
+
+    Shapes: ``x [B, ..., D]`` → ``y [B, ..., D]``; hidden width ``M = hidden_features``.
+    Parameters: ``gate_weight [M, D]``, ``up_weight [M, D]``, ``down_weight [D, M]``, and with
+    ``bias=True`` also ``gate_bias [M]``, ``up_bias [M]``, ``down_bias [D]``. (Loom stores the
+    transposes ``[D][M]`` and ``[M][D]``; converted on Loom import/export.)
+    """
+
+    type_name = "swiglu"
+    config_fields = ("hidden_features", "bias")
+
+    def __init__(self, hidden_features: int, bias: bool = False, **kw):
+        super().__init__(hidden_features, **kw)
+        self.bias = bool(bias)
+
+    def _weights(self, d, m):
+        return [("gate_weight", (m, d)), ("up_weight", (m, d)), ("down_weight", (d, m))]
+
+    def _biases(self, d, m):
+        return [("gate_bias", m), ("up_bias", m), ("down_bias", d)] if self.bias else []
+
+    def forward(self, x: Array, train: bool = False):
+        self.check_input(x)
+        g = self._linear(x, "gate")
+        u = self._linear(x, "up")
+        s = _sigmoid(self.xp, g)
+        h = g * s * u
+        return self._linear(h, "down"), (x, g, u, s, h)
+
+    def backward(self, dy: Array, ctx) -> Array:
+        x, g, u, s, h = ctx
+        dh = self._linear_backward(h, dy, "down")
+        dg = dh * u * (s + g * s * (1.0 - s))
+        du = dh * g * s
+        return self._linear_backward(x, dg, "gate") + self._linear_backward(x, du, "up")
+
+
+@register_layer
+class MLPBlock(_Block):
+    """``y = down(act(up(x)))``.
+
+    Shapes: ``x [B, ..., D]`` → ``y [B, ..., D]``; hidden width ``M = hidden_features``.
+    Parameters: ``up_weight [M, D]``, ``down_weight [D, M]``, and with ``bias=True``
+    ``up_bias [M]``, ``down_bias [D]``.
+
+    Args:
+        activation: any name of :mod:`loomx.layers.activations` (default exact GELU).
+    """
+
+    type_name = "mlp"
+    config_fields = ("hidden_features", "activation", "bias")
+
+    def __init__(self, hidden_features: int, activation: str = "gelu", bias: bool = True, **kw):
+        super().__init__(hidden_features, **kw)
+        self.activation = activation
+        self.bias = bool(bias)
+        self._act = get_activation(activation)
+
+    def _weights(self, d, m):
+        return [("up_weight", (m, d)), ("down_weight", (d, m))]
+
+    def _biases(self, d, m):
+        return [("up_bias", m), ("down_bias", d)] if self.bias else []
+
+    def forward(self, x: Array, train: bool = False):
+        self.check_input(x)
+        z = self._linear(x, "up")
+        h = self._act.forward(self.backend, z)
+        return self._linear(h, "down"), (x, z, h)
+
+    def backward(self, dy: Array, ctx) -> Array:
+        x, z, h = ctx
+        dh = self._linear_backward(h, dy, "down")
+        dz = self._act.backward(self.backend, z, h, dh)
+        return self._linear_backward(x, dz, "up")

@@ -1,0 +1,145 @@
+"""Normalisation layers over the last axis: LayerNorm and RMSNorm, with exact backward passes."""
+
+from __future__ import annotations
+
+from ..backends import RandomSource
+from ..errors import ConfigError, ShapeError
+from .base import Array, Layer, Shape, register_layer
+
+
+class _LastAxisNorm(Layer):
+    """Shared shape handling: ``x [B, ..., D]`` → ``y [B, ..., D]``, statistics over ``D``."""
+
+    def __init__(self, eps: float, **kw):
+        super().__init__(**kw)
+        if not float(eps) > 0.0:
+            raise ConfigError(f"{type(self).__name__} eps must be positive, got {eps}")
+        self.eps = float(eps)
+        self.features: int | None = None
+
+    def _build(self, input_shape: Shape, rng: RandomSource) -> Shape:
+        if not input_shape:
+            raise ShapeError(f"{self.describe()} needs at least one input axis (the features "
+                             "to normalise); received a per-sample shape []")
+        self.features = input_shape[-1]
+        self._make_params(self.features)
+        return input_shape
+
+    def _make_params(self, d: int) -> None:
+        raise NotImplementedError
+
+    def check_input(self, x: Array, min_ndim: int | None = None) -> None:
+        if self.features is None:
+            super().check_input(x)
+        if x.ndim < 2 or x.shape[-1] != self.features:
+            raise ShapeError(f"{self.describe()} expected input [B, ..., {self.features}] "
+                             f"but received {list(x.shape)}")
+
+    def _sum_rows(self, a: Array) -> Array:
+        """Sum ``a [..., D]`` over every axis but the last → ``[D]``."""
+        xp = self.xp
+        return xp.sum(xp.reshape(a, (-1, self.features)), axis=0)
+
+
+@register_layer
+class LayerNorm(_LastAxisNorm):
+    """``y = (x - mean) / sqrt(var + eps) · weight + bias`` over the last axis.
+
+    The variance is the population variance (divide by ``D``), as in PyTorch and Loom.
+
+    Shapes: ``x [B, ..., D]`` → ``y [B, ..., D]``.
+    Parameters (when ``affine``): ``weight [D]`` (ones), and ``bias [D]`` (zeros) when ``bias``.
+
+    Args:
+        eps: added to the variance (Loom's default, also used when its file stores 0).
+        affine: learn a per-feature scale (and shift).
+        bias: learn the shift ``bias`` (only with ``affine``).
+    """
+
+    type_name = "layer_norm"
+    aliases = ("layernorm",)
+    config_fields = ("eps", "affine", "bias")
+
+    def __init__(self, eps: float = 1e-5, affine: bool = True, bias: bool = True, **kw):
+        super().__init__(eps, **kw)
+        self.affine = bool(affine)
+        self.bias = bool(bias)
+
+    def _make_params(self, d: int) -> None:
+        if self.affine:
+            self.params["weight"] = self.backend.ones((d,), dtype=self.float_dtype)
+            if self.bias:
+                self.params["bias"] = self.backend.zeros((d,), dtype=self.float_dtype)
+
+    def forward(self, x: Array, train: bool = False):
+        self.check_input(x)
+        xp = self.xp
+        mean = xp.mean(x, axis=-1, keepdims=True)
+        xc = x - mean
+        var = xp.mean(xc * xc, axis=-1, keepdims=True)
+        rstd = 1.0 / xp.sqrt(var + self.eps)
+        xhat = xc * rstd
+        y = xhat
+        if self.affine:
+            y = y * self.params["weight"]
+            if self.bias:
+                y = y + self.params["bias"]
+        return y, (xhat, rstd)
+
+    def backward(self, dy: Array, ctx) -> Array:
+        xhat, rstd = ctx
+        xp = self.xp
+        g = dy
+        if self.affine:
+            self._accumulate("weight", self._sum_rows(dy * xhat))
+            if self.bias:
+                self._accumulate("bias", self._sum_rows(dy))
+            g = dy * self.params["weight"]
+        mean_g = xp.mean(g, axis=-1, keepdims=True)
+        mean_gx = xp.mean(g * xhat, axis=-1, keepdims=True)
+        return rstd * (g - mean_g - xhat * mean_gx)
+
+
+@register_layer
+class RMSNorm(_LastAxisNorm):
+    """``y = x / sqrt(mean(x²) + eps) · s`` over the last axis.
+
+    ``s = weight`` by default, or ``s = 1 + weight`` with ``unit_offset=True`` (the Gemma
+    convention; ``weight`` then starts at zeros so that ``s`` starts at one).
+
+    Shapes: ``x [B, ..., D]`` → ``y [B, ..., D]``. Parameters: ``weight [D]``.
+
+    Args:
+        eps: added to the mean square (Loom computes with 1e-6 when its file stores none).
+        unit_offset: scale by ``1 + weight`` instead of ``weight``.
+    """
+
+    type_name = "rms_norm"
+    aliases = ("rmsnorm",)
+    config_fields = ("eps", "unit_offset")
+
+    def __init__(self, eps: float = 1e-6, unit_offset: bool = False, **kw):
+        super().__init__(eps, **kw)
+        self.unit_offset = bool(unit_offset)
+
+    def _make_params(self, d: int) -> None:
+        make = self.backend.zeros if self.unit_offset else self.backend.ones
+        self.params["weight"] = make((d,), dtype=self.float_dtype)
+
+    def _scale(self) -> Array:
+        w = self.params["weight"]
+        return 1.0 + w if self.unit_offset else w
+
+    def forward(self, x: Array, train: bool = False):
+        self.check_input(x)
+        xp = self.xp
+        rinv = 1.0 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return x * rinv * self._scale(), (x, rinv)
+
+    def backward(self, dy: Array, ctx) -> Array:
+        x, rinv = ctx
+        xp = self.xp
+        self._accumulate("weight", self._sum_rows(dy * x * rinv))
+        g = dy * self._scale()
+        mean_gx = xp.mean(g * x, axis=-1, keepdims=True)
+        return rinv * g - x * (rinv * rinv * rinv) * mean_gx
