@@ -1,0 +1,379 @@
+"""Recurrent layers: RNN (tanh), LSTM and GRU with exact backpropagation through time.
+
+Shapes (batch first): ``x [B, T, I]`` → ``y [B, T, H]`` (``return_sequences=True``) or
+``y [B, H]`` (the last hidden state). ``T`` may differ between calls (the stepping executor feeds
+one step at a time), only ``I`` is fixed by ``build``.
+
+Speed: the input projection of all ``T`` steps is one matrix product over ``[T·B, I]``; each
+step only multiplies the hidden state by ``weight_hh`` and does the gate arithmetic. The
+backward pass collects the per-step pre-activation gradients and forms ``weight_ih``,
+``weight_hh`` and bias gradients with one matrix product each.
+
+Extra forward argument ``initial_state`` (``h [B, H]``, or ``(h, c)`` for LSTM; zeros when
+``None``); :meth:`RecurrentLayer.final_state` returns the state after the last step, and after
+``backward`` :meth:`RecurrentLayer.initial_state_grad` returns the gradient with respect to the
+initial state (for truncated backpropagation across calls).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..backends import RandomSource
+from ..errors import ConfigError, ShapeError
+from .base import Array, Layer, Shape, register_layer
+from .init import init_weight
+
+
+class RecurrentContext:
+    """What ``backward`` needs from one forward call (kept by the caller).
+
+    Attributes:
+        x_tb: the input, time-major and flattened, ``[T·B, I]``.
+        h0: the initial hidden state ``[B, H]`` (``c0`` too for LSTM).
+        steps: per-step saved tensors (layer-specific tuples), in time order.
+        hs: hidden states after each step, time-major ``[T, B, H]``.
+        state: the state after the last step (``h`` or ``(h, c)``).
+        d_initial: filled by ``backward``: the gradient of the initial state.
+    """
+
+    __slots__ = ("x_tb", "batch", "steps", "h0", "c0", "hs", "state", "d_initial")
+
+    def __init__(self, x_tb: Array, batch: int, h0: Array, c0: Array | None = None):
+        self.x_tb, self.batch, self.h0, self.c0 = x_tb, batch, h0, c0
+        self.steps: list[Any] = []
+        self.hs: Array = None
+        self.state: Any = None
+        self.d_initial: Any = None
+
+
+class RecurrentLayer(Layer):
+    """Shared config, checks and the time-major bookkeeping of RNN, LSTM and GRU.
+
+    Args:
+        hidden_size: H, the width of the hidden state.
+        input_size: I; inferred from the input shape at build when ``None``.
+        return_sequences: output every step ``[B, T, H]`` (True) or the last ``[B, H]``.
+        bias: whether to learn biases.
+    """
+
+    config_fields = ("hidden_size", "input_size", "return_sequences", "bias")
+    gates = 1
+
+    def __init__(self, hidden_size: int, input_size: int | None = None,
+                 return_sequences: bool = True, bias: bool = True, **kw):
+        super().__init__(**kw)
+        if int(hidden_size) <= 0:
+            raise ConfigError(f"{type(self).__name__} hidden_size must be positive, "
+                              f"got {hidden_size}")
+        self.hidden_size = int(hidden_size)
+        self.input_size = None if input_size is None else int(input_size)
+        self.return_sequences = bool(return_sequences)
+        self.bias = bool(bias)
+
+    # ------------------------------------------------------------------ build
+    def _build(self, input_shape: Shape, rng: RandomSource) -> Shape:
+        if len(input_shape) != 2:
+            raise ShapeError(f"{self.describe()} expects per-sample input [T, I] but the input "
+                             f"shape is {list(input_shape)}")
+        t, i = input_shape
+        if self.input_size is None:
+            self.input_size = i
+        elif self.input_size != i:
+            raise ShapeError(f"{self.describe()} expected {self.input_size} input features but "
+                             f"the input shape is {list(input_shape)}")
+        h, g, dt = self.hidden_size, self.gates, self.float_dtype
+        # Loom's InitRNNLayer/InitLSTMLayer: Xavier normal per gate block, zero biases.
+        self.params["weight_ih"] = init_weight(rng, "xavier", (g * h, i), i, h, dt)
+        self.params["weight_hh"] = init_weight(rng, "xavier", (g * h, h), h, h, dt)
+        self._build_biases(dt)
+        return (t, h) if self.return_sequences else (h,)
+
+    def _build_biases(self, dt) -> None:
+        if self.bias:
+            self.params["bias"] = self.backend.zeros((self.gates * self.hidden_size,), dtype=dt)
+
+    # ------------------------------------------------------------------ checks
+    def check_input(self, x: Array, min_ndim: int | None = None) -> None:
+        if not self.built:
+            super().check_input(x)
+        if x.ndim != 3 or x.shape[-1] != self.input_size or x.shape[1] < 1:
+            raise ShapeError(f"{self.describe()} expected input [B, T, {self.input_size}] "
+                             f"(T ≥ 1) but received {list(x.shape)}")
+
+    def _check_state(self, s: Array, batch: int, what: str) -> Array:
+        want = (batch, self.hidden_size)
+        if tuple(s.shape) != want:
+            raise ShapeError(f"{self.describe()} expected {what} of shape {list(want)} but "
+                             f"received {list(s.shape)}")
+        return s
+
+    def _zeros_state(self, batch: int) -> Array:
+        return self.backend.zeros((batch, self.hidden_size), dtype=self.float_dtype)
+
+    # ------------------------------------------------------------------ helpers
+    def _project_inputs(self, x: Array, bias_key: str | None) -> tuple[Array, Array]:
+        """``x [B, T, I]`` → ``(x_tb [T·B, I], x @ W_ih.T + b`` time-major ``[T, B, G·H])``."""
+        xp = self.xp
+        b, t, i = x.shape
+        x_tb = xp.reshape(xp.permute_dims(x, (1, 0, 2)), (t * b, i))
+        xw = xp.matmul(x_tb, xp.matrix_transpose(self.params["weight_ih"]))
+        if bias_key is not None:
+            xw = xw + self.params[bias_key]
+        return x_tb, xp.reshape(xw, (t, b, xw.shape[-1]))
+
+    def _output(self, ctx: RecurrentContext) -> Array:
+        xp = self.xp
+        if self.return_sequences:
+            return xp.permute_dims(ctx.hs, (1, 0, 2))
+        return ctx.hs[-1, ...]
+
+    def _dy_time_major(self, dy: Array, steps: int) -> list[Array | None]:
+        """Per-step output gradients ``[B, H]`` (``None`` where the output had no step)."""
+        xp = self.xp
+        if self.return_sequences:
+            dyt = xp.permute_dims(dy, (1, 0, 2))
+            return [dyt[t, ...] for t in range(steps)]
+        return [None] * (steps - 1) + [dy]
+
+    def _weight_grads(self, ctx: RecurrentContext, d_pre_x: Array, d_pre_h: Array,
+                      h_prev: Array, bias_x: str | None, bias_h: str | None) -> Array:
+        """Accumulate W_ih, W_hh and bias grads with one product each; return dx ``[B, T, I]``.
+
+        ``d_pre_x``/``d_pre_h``: gradients of the input-side and hidden-side pre-activations,
+        time-major ``[T, B, G·H]``; ``h_prev``: hidden state before each step ``[T, B, H]``.
+        """
+        xp = self.xp
+        t, b, gh = d_pre_x.shape
+        dpx = xp.reshape(d_pre_x, (t * b, gh))
+        dph = xp.reshape(d_pre_h, (t * b, gh))
+        hp = xp.reshape(h_prev, (t * b, self.hidden_size))
+        self._accumulate("weight_ih", xp.matmul(xp.matrix_transpose(dpx), ctx.x_tb))
+        self._accumulate("weight_hh", xp.matmul(xp.matrix_transpose(dph), hp))
+        if bias_x is not None:
+            self._accumulate(bias_x, xp.sum(dpx, axis=0))
+        if bias_h is not None:
+            self._accumulate(bias_h, xp.sum(dph, axis=0))
+        dx = xp.matmul(dpx, self.params["weight_ih"])
+        return xp.permute_dims(xp.reshape(dx, (t, b, dx.shape[-1])), (1, 0, 2))
+
+    def _h_prev(self, ctx: RecurrentContext) -> Array:
+        """Hidden state entering each step, time-major ``[T, B, H]``."""
+        xp = self.xp
+        return xp.concat([ctx.h0[None, ...], ctx.hs[:-1, ...]], axis=0)
+
+    # ------------------------------------------------------------------ public extras
+    def final_state(self, ctx: RecurrentContext):
+        """The state after the last step: ``h [B, H]`` (LSTM: ``(h, c)``)."""
+        return ctx.state
+
+    def initial_state_grad(self, ctx: RecurrentContext):
+        """After ``backward``: the gradient of the initial state (same structure as it)."""
+        return ctx.d_initial
+
+    def __call__(self, x: Array, train: bool = False, initial_state=None) -> Array:
+        return self.forward(x, train, initial_state)[0]
+
+
+@register_layer
+class RNN(RecurrentLayer):
+    """Elman RNN: ``h_t = tanh(x_t W_ihᵀ + h_{t-1} W_hhᵀ + b)``.
+
+    Parameters: ``weight_ih [H, I]``, ``weight_hh [H, H]``, ``bias [H]`` (PyTorch's
+    ``bias_ih_l0 + bias_hh_l0`` folded into one vector). Initialisation as Loom's
+    ``InitRNNLayer``: ``weight_ih ~ N(0, sqrt(2/(I+H)))``, ``weight_hh ~ N(0, sqrt(2/(2H)))``,
+    zero bias. The bias gradient is the exact sum of the pre-activation gradients (Loom's
+    double-counts it).
+    """
+
+    type_name = "rnn"
+
+    def forward(self, x: Array, train: bool = False, initial_state=None):
+        self.check_input(x)
+        xp = self.xp
+        batch = x.shape[0]
+        h = self._zeros_state(batch) if initial_state is None else self._check_state(
+            initial_state, batch, "initial_state h")
+        x_tb, xw = self._project_inputs(x, "bias" if self.bias else None)
+        ctx = RecurrentContext(x_tb, batch, h)
+        w_hh_t = xp.matrix_transpose(self.params["weight_hh"])
+        hs = []
+        for t in range(xw.shape[0]):
+            h = xp.tanh(xw[t, ...] + xp.matmul(h, w_hh_t))
+            hs.append(h)
+        ctx.hs = xp.stack(hs, axis=0)
+        ctx.state = h
+        return self._output(ctx), ctx
+
+    def backward(self, dy: Array, ctx: RecurrentContext) -> Array:
+        xp = self.xp
+        steps = ctx.hs.shape[0]
+        dys = self._dy_time_major(dy, steps)
+        w_hh = self.params["weight_hh"]
+        dh_next = None
+        das: list[Array] = [None] * steps
+        for t in range(steps - 1, -1, -1):
+            dh = dys[t] if dh_next is None else (dh_next if dys[t] is None else dys[t] + dh_next)
+            h = ctx.hs[t, ...]
+            da = dh * (1.0 - h * h)
+            das[t] = da
+            dh_next = xp.matmul(da, w_hh)
+        ctx.d_initial = dh_next
+        d_pre = xp.stack(das, axis=0)
+        bias = "bias" if self.bias else None
+        return self._weight_grads(ctx, d_pre, d_pre, self._h_prev(ctx), bias, None)
+
+
+def _sigmoid(xp, z: Array) -> Array:
+    return 1.0 / (1.0 + xp.exp(-z))
+
+
+@register_layer
+class LSTM(RecurrentLayer):
+    """Long short-term memory, PyTorch's formulation and gate order (i, f, g, o).
+
+    ``[i f g o] = x_t W_ihᵀ + h_{t-1} W_hhᵀ + b``; ``i, f, o = σ(·)``, ``g = tanh(·)``;
+    ``c_t = f⊙c_{t-1} + i⊙g``; ``h_t = o⊙tanh(c_t)``.
+
+    Parameters: ``weight_ih [4H, I]``, ``weight_hh [4H, H]``, ``bias [4H]``. Initialisation as
+    Loom's ``InitLSTMLayer``: Xavier normal per gate block, forget-gate bias 1, other biases 0.
+    State: ``(h, c)``, each ``[B, H]``.
+    """
+
+    type_name = "lstm"
+    gates = 4
+
+    def _build_biases(self, dt) -> None:
+        if self.bias:
+            h = self.hidden_size
+            xp = self.xp
+            zeros = self.backend.zeros((h,), dtype=dt)
+            ones = self.backend.ones((h,), dtype=dt)
+            self.params["bias"] = xp.concat([zeros, ones, zeros, zeros])
+
+    def forward(self, x: Array, train: bool = False, initial_state=None):
+        self.check_input(x)
+        xp = self.xp
+        batch, hs_ = x.shape[0], self.hidden_size
+        if initial_state is None:
+            h, c = self._zeros_state(batch), self._zeros_state(batch)
+        else:
+            if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2:
+                raise ShapeError(f"{self.describe()} expected initial_state as a pair (h, c) of "
+                                 f"[B, {hs_}] arrays but received {type(initial_state).__name__}")
+            h = self._check_state(initial_state[0], batch, "initial_state h")
+            c = self._check_state(initial_state[1], batch, "initial_state c")
+        x_tb, xw = self._project_inputs(x, "bias" if self.bias else None)
+        ctx = RecurrentContext(x_tb, batch, h, c)
+        w_hh_t = xp.matrix_transpose(self.params["weight_hh"])
+        hs = []
+        for t in range(xw.shape[0]):
+            pre = xw[t, ...] + xp.matmul(h, w_hh_t)
+            i = _sigmoid(xp, pre[:, :hs_])
+            f = _sigmoid(xp, pre[:, hs_:2 * hs_])
+            g = xp.tanh(pre[:, 2 * hs_:3 * hs_])
+            o = _sigmoid(xp, pre[:, 3 * hs_:])
+            c_prev = c
+            c = f * c_prev + i * g
+            tc = xp.tanh(c)
+            h = o * tc
+            ctx.steps.append((i, f, g, o, c_prev, tc))
+            hs.append(h)
+        ctx.hs = xp.stack(hs, axis=0)
+        ctx.state = (h, c)
+        return self._output(ctx), ctx
+
+    def backward(self, dy: Array, ctx: RecurrentContext) -> Array:
+        xp = self.xp
+        steps = ctx.hs.shape[0]
+        dys = self._dy_time_major(dy, steps)
+        w_hh = self.params["weight_hh"]
+        dh_next = dc_next = None
+        d_pres: list[Array] = [None] * steps
+        for t in range(steps - 1, -1, -1):
+            i, f, g, o, c_prev, tc = ctx.steps[t]
+            dh = dys[t] if dh_next is None else (dh_next if dys[t] is None else dys[t] + dh_next)
+            dc = dh * o * (1.0 - tc * tc)
+            if dc_next is not None:
+                dc = dc + dc_next
+            d_pres[t] = xp.concat([
+                dc * g * i * (1.0 - i),
+                dc * c_prev * f * (1.0 - f),
+                dc * i * (1.0 - g * g),
+                dh * tc * o * (1.0 - o),
+            ], axis=1)
+            dh_next = xp.matmul(d_pres[t], w_hh)
+            dc_next = dc * f
+        ctx.d_initial = (dh_next, dc_next)
+        d_pre = xp.stack(d_pres, axis=0)
+        bias = "bias" if self.bias else None
+        return self._weight_grads(ctx, d_pre, d_pre, self._h_prev(ctx), bias, None)
+
+
+@register_layer
+class GRU(RecurrentLayer):
+    """Gated recurrent unit, PyTorch's formulation and gate order (r, z, n).
+
+    ``r = σ(x W_irᵀ + b_ir + h W_hrᵀ + b_hr)``, ``z = σ(x W_izᵀ + b_iz + h W_hzᵀ + b_hz)``,
+    ``n = tanh(x W_inᵀ + b_in + r⊙(h W_hnᵀ + b_hn))``, ``h_t = (1 − z)⊙n + z⊙h_{t-1}``.
+
+    Parameters: ``weight_ih [3H, I]``, ``weight_hh [3H, H]``, ``bias_ih [3H]``, ``bias_hh [3H]``
+    (two biases, because ``b_hn`` sits inside the reset gate). Xavier normal weights, zero biases.
+    """
+
+    type_name = "gru"
+    gates = 3
+
+    def _build_biases(self, dt) -> None:
+        if self.bias:
+            self.params["bias_ih"] = self.backend.zeros((3 * self.hidden_size,), dtype=dt)
+            self.params["bias_hh"] = self.backend.zeros((3 * self.hidden_size,), dtype=dt)
+
+    def forward(self, x: Array, train: bool = False, initial_state=None):
+        self.check_input(x)
+        xp = self.xp
+        batch, hs_ = x.shape[0], self.hidden_size
+        h = self._zeros_state(batch) if initial_state is None else self._check_state(
+            initial_state, batch, "initial_state h")
+        x_tb, xw = self._project_inputs(x, "bias_ih" if self.bias else None)
+        ctx = RecurrentContext(x_tb, batch, h)
+        w_hh_t = xp.matrix_transpose(self.params["weight_hh"])
+        hs = []
+        for t in range(xw.shape[0]):
+            xt = xw[t, ...]
+            hw = xp.matmul(h, w_hh_t)
+            if self.bias:
+                hw = hw + self.params["bias_hh"]
+            r = _sigmoid(xp, xt[:, :hs_] + hw[:, :hs_])
+            z = _sigmoid(xp, xt[:, hs_:2 * hs_] + hw[:, hs_:2 * hs_])
+            hn = hw[:, 2 * hs_:]
+            n = xp.tanh(xt[:, 2 * hs_:] + r * hn)
+            h_prev = h
+            h = (1.0 - z) * n + z * h_prev
+            ctx.steps.append((r, z, n, hn, h_prev))
+            hs.append(h)
+        ctx.hs = xp.stack(hs, axis=0)
+        ctx.state = h
+        return self._output(ctx), ctx
+
+    def backward(self, dy: Array, ctx: RecurrentContext) -> Array:
+        xp = self.xp
+        steps = ctx.hs.shape[0]
+        dys = self._dy_time_major(dy, steps)
+        w_hh = self.params["weight_hh"]
+        dh_next = None
+        dxs: list[Array] = [None] * steps
+        dhs: list[Array] = [None] * steps
+        for t in range(steps - 1, -1, -1):
+            r, z, n, hn, h_prev = ctx.steps[t]
+            dh = dys[t] if dh_next is None else (dh_next if dys[t] is None else dys[t] + dh_next)
+            dn_pre = dh * (1.0 - z) * (1.0 - n * n)
+            dz_pre = dh * (h_prev - n) * z * (1.0 - z)
+            dr_pre = dn_pre * hn * r * (1.0 - r)
+            dxs[t] = xp.concat([dr_pre, dz_pre, dn_pre], axis=1)
+            dhs[t] = xp.concat([dr_pre, dz_pre, dn_pre * r], axis=1)
+            dh_next = dh * z + xp.matmul(dhs[t], w_hh)
+        ctx.d_initial = dh_next
+        bx, bh = ("bias_ih", "bias_hh") if self.bias else (None, None)
+        return self._weight_grads(ctx, xp.stack(dxs, axis=0), xp.stack(dhs, axis=0),
+                                  self._h_prev(ctx), bx, bh)

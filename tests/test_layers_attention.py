@@ -1,0 +1,344 @@
+"""MultiHeadAttention against a PyTorch reference, SDPA and finite differences, on every backend."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from loomx.errors import ConfigError, LoomxError, ShapeError
+from loomx.layers import MultiHeadAttention, layer_from_config
+from loomx.layers.rope import rotary_dims
+from tests.conftest import assert_close
+from tests.gradcheck import finite_difference_check
+
+B, T, D = 2, 5, 8
+TOL = dict(rtol=1e-4, atol=2e-5)
+BIASES = dict(q_bias=True, k_bias=True, v_bias=True, o_bias=True)
+
+CONFIGS = {
+    "plain": dict(num_heads=2),
+    "gqa2_biases_causal": dict(num_heads=4, num_kv_heads=2, causal=True, **BIASES),
+    "mqa_head_dim5": dict(num_heads=4, num_kv_heads=1, head_dim=5, causal=True),
+    "rope_half": dict(num_heads=2, rope_theta=10000.0, causal=True),
+    "rope_interleaved": dict(num_heads=2, rope_theta=500.0, rope_style="interleaved"),
+    "rope_partial_half": dict(num_heads=2, head_dim=8, rope_theta=10000.0, rope_fraction=0.5,
+                              causal=True),
+    "rope_partial_interleaved": dict(num_heads=2, head_dim=6, rope_theta=100.0,
+                                     rope_fraction=2 / 3, rope_style="interleaved"),
+    "qk_norm_gqa_rope": dict(num_heads=4, num_kv_heads=2, qk_norm=True, qk_norm_eps=1e-5,
+                             rope_theta=1e6, causal=True, k_bias=True),
+}
+
+
+def _build(cfg, backend, seed=0, name="attn"):
+    """A built layer with random parameters (biases and norms away from 0/1)."""
+    layer = MultiHeadAttention(**cfg, name=name)
+    layer.build((T, D), backend, rng=seed)
+    rng = np.random.default_rng(seed + 100)
+    for k, v in list(layer.params.items()):
+        host = rng.standard_normal(tuple(v.shape)) * 0.5
+        if k.endswith("_norm"):
+            host += 1.0
+        layer.params[k] = backend.from_host(host)
+    layer.zero_grad()
+    return layer
+
+
+def _rope_ref(z, offset, rot, theta, style):
+    """Hugging Face rotate-half / Meta complex-pair RoPE on the first ``rot`` dims."""
+    t = z.shape[-2]
+    inv = 1.0 / theta ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot)
+    ang = torch.arange(offset, offset + t, dtype=torch.float64)[:, None] * inv[None]
+    zr, zp = z[..., :rot], z[..., rot:]
+    if style == "half":
+        cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+        x1, x2 = zr[..., :rot // 2], zr[..., rot // 2:]
+        out = zr * cos + torch.cat([-x2, x1], -1) * sin
+    else:
+        zc = torch.view_as_complex(zr.reshape(*zr.shape[:-1], rot // 2, 2).contiguous())
+        out = torch.view_as_real(zc * torch.polar(torch.ones_like(ang), ang)).flatten(-2)
+    return torch.cat([out, zp], -1)
+
+
+def reference_mha(layer, p, x, key_padding_mask=None):
+    """Explicit PyTorch attention: projections, qk-norm, RoPE, repeat_interleave GQA, masks."""
+    h, kv, hd = layer.num_heads, layer.kv_heads, layer.head_dim
+    b, t, _ = x.shape
+
+    def proj(name, heads):
+        y = x @ p[f"{name}_weight"].T
+        if f"{name}_bias" in p:
+            y = y + p[f"{name}_bias"]
+        return y.view(b, t, heads, hd).transpose(1, 2)
+
+    q, k, v = proj("q", h), proj("k", kv), proj("v", kv)
+    if layer.qk_norm:
+        eps = layer.qk_norm_eps
+        q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + eps) * p["q_norm"]
+        k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + eps) * p["k_norm"]
+    if layer.rope_theta is not None:
+        rot = int(layer.rope_fraction * hd)
+        q = _rope_ref(q, 0, rot, layer.rope_theta, layer.rope_style)
+        k = _rope_ref(k, 0, rot, layer.rope_theta, layer.rope_style)
+    k = k.repeat_interleave(h // kv, dim=1)
+    v = v.repeat_interleave(h // kv, dim=1)
+    s = q @ k.transpose(-1, -2) / math.sqrt(hd)
+    if layer.causal:
+        s = s.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    if key_padding_mask is not None:
+        s = s.masked_fill(torch.tensor(key_padding_mask)[:, None, None, :], float("-inf"))
+    a = (s.softmax(-1) @ v).transpose(1, 2).reshape(b, t, h * hd)
+    y = a @ p["o_weight"].T
+    return y + p["o_bias"] if "o_bias" in p else y
+
+
+def _torch_params(layer):
+    b = layer.backend
+    return {k: torch.tensor(b.to_host(v).astype(np.float64), requires_grad=True)
+            for k, v in layer.params.items()}
+
+
+def _check_against_reference(layer, backend, x, dy, mask=None):
+    p = _torch_params(layer)
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    yt = reference_mha(layer, p, xt, mask)
+    yt.backward(torch.tensor(dy, dtype=torch.float64))
+    mask_d = None if mask is None else backend.from_host(mask)
+    layer.zero_grad()
+    y, ctx = layer.forward(backend.from_host(x), key_padding_mask=mask_d)
+    dx = layer.backward(backend.from_host(dy), ctx)
+    assert_close(y, yt, backend, **TOL)
+    assert_close(dx, xt.grad, backend, **TOL)
+    assert set(layer.grads) == set(p)
+    for k, v in p.items():
+        assert_close(layer.grads[k], v.grad, backend, **TOL)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_mha_matches_torch_reference(backend, name):
+    layer = _build(CONFIGS[name], backend)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((B, T, D)).astype(np.float32)
+    dy = rng.standard_normal((B, T, D)).astype(np.float32)
+    _check_against_reference(layer, backend, x, dy)
+
+
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_drawn_configurations_match_reference(backend64, data):
+    """Heads, KV heads, head_dim, biases, RoPE layout/fraction, qk-norm, masks: all drawn."""
+    kv = data.draw(st.sampled_from([1, 2]), "num_kv_heads")
+    hd = data.draw(st.sampled_from([2, 4, 6]), "head_dim")
+    cfg = dict(num_heads=kv * data.draw(st.integers(1, 3), "group"), num_kv_heads=kv,
+               head_dim=hd, causal=data.draw(st.booleans(), "causal"),
+               qk_norm=data.draw(st.booleans(), "qk_norm"),
+               **{f"{p}_bias": data.draw(st.booleans(), f"{p}_bias") for p in "qkvo"})
+    if data.draw(st.booleans(), "rope"):
+        rot = data.draw(st.sampled_from(range(2, hd + 1, 2)), "rotary dims")
+        cfg.update(rope_theta=data.draw(st.sampled_from([10.0, 1e4, 1e6]), "theta"),
+                   rope_style=data.draw(st.sampled_from(["half", "interleaved"]), "style"),
+                   rope_fraction=rot / hd)
+        assume(rotary_dims(hd, rot / hd) == rot)
+    t = data.draw(st.integers(1, 4), "T")
+    layer = MultiHeadAttention(**cfg)
+    layer.build((t, D), backend64, rng=data.draw(st.integers(0, 99), "seed"))
+    rng = np.random.default_rng(0)
+    for k, v in list(layer.params.items()):
+        layer.params[k] = backend64.from_host(rng.standard_normal(tuple(v.shape)) * 0.5 + 0.2)
+    x, dy = rng.standard_normal((2, t, D)), rng.standard_normal((2, t, D))
+    mask = None
+    if data.draw(st.booleans(), "padding") and t > 1:
+        mask = np.zeros((2, t), bool)
+        mask[1, t - 1] = True
+    p = _torch_params(layer)
+    xt = torch.tensor(x, requires_grad=True)
+    yt = reference_mha(layer, p, xt, mask)
+    yt.backward(torch.tensor(dy))
+    layer.zero_grad()
+    y, ctx = layer.forward(backend64.from_host(x),
+                           key_padding_mask=None if mask is None else backend64.from_host(mask))
+    dx = layer.backward(backend64.from_host(dy), ctx)
+    tight = dict(rtol=1e-9, atol=1e-11)
+    assert_close(y, yt, backend64, **tight)
+    assert_close(dx, xt.grad, backend64, **tight)
+    for k, v in p.items():
+        assert_close(layer.grads[k], v.grad, backend64, **tight)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_key_padding_mask_matches_reference(backend, causal):
+    layer = _build(dict(num_heads=4, num_kv_heads=2, causal=causal, rope_theta=1e4), backend)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((B, T, D)).astype(np.float32)
+    dy = rng.standard_normal((B, T, D)).astype(np.float32)
+    mask = np.zeros((B, T), bool)
+    mask[1, 3:] = True  # the second sequence has two padding positions at the end
+    _check_against_reference(layer, backend, x, dy, mask)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_plain_mha_matches_scaled_dot_product_attention(backend, causal):
+    layer = _build(dict(num_heads=2, causal=causal, **BIASES), backend)
+    p = _torch_params(layer)
+    x = np.random.default_rng(3).standard_normal((B, T, D)).astype(np.float32)
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+
+    def heads(name):
+        return (xt @ p[f"{name}_weight"].T + p[f"{name}_bias"]).view(B, T, 2, 4).transpose(1, 2)
+
+    a = F.scaled_dot_product_attention(heads("q"), heads("k"), heads("v"), is_causal=causal)
+    yt = a.transpose(1, 2).reshape(B, T, D) @ p["o_weight"].T + p["o_bias"]
+    yt.pow(2).sum().backward()
+    y, ctx = layer.forward(backend.from_host(x))
+    dx = layer.backward(2.0 * y, ctx)
+    assert_close(y, yt, backend, **TOL)
+    assert_close(dx, xt.grad, backend, **TOL)
+    for k, v in p.items():  # k_bias: exactly 0 (softmax is shift-invariant), float32 noise
+        assert_close(layer.grads[k], v.grad, backend, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_mha_finite_differences(numpy64, name):
+    layer = _build(CONFIGS[name], numpy64)
+    x = np.random.default_rng(4).standard_normal((2, 4, D))
+    finite_difference_check(layer, x, max_entries=12)
+
+
+def test_finite_differences_with_padding_mask(numpy64):
+    layer = _build(dict(num_heads=2, causal=True, rope_theta=100.0), numpy64)
+    mask = numpy64.from_host(np.array([[False] * 4, [False, False, True, True]]))
+    x = np.random.default_rng(5).standard_normal((2, 4, D))
+
+    class Masked:
+        """The layer with a fixed padding mask, seen through the plain forward signature."""
+
+        backend = layer.backend
+
+        def forward(self, xx, train=False):
+            return layer.forward(xx, train, key_padding_mask=mask)
+
+        def __getattr__(self, item):
+            return getattr(layer, item)
+
+    finite_difference_check(Masked(), x, max_entries=12)
+
+
+@pytest.mark.parametrize("name", ["plain", "gqa2_biases_causal", "mqa_head_dim5",
+                                  "rope_partial_interleaved", "qk_norm_gqa_rope"])
+def test_kv_cache_decoding_equals_full_causal_forward(backend, name):
+    cfg = dict(CONFIGS[name], causal=True)
+    layer = _build(cfg, backend)
+    steps = 7
+    x = np.random.default_rng(6).standard_normal((B, steps, D)).astype(np.float32)
+    full = layer(backend.from_host(x))
+    cache = layer.new_cache(B, max_len=16)
+    assert tuple(cache.k.shape) == (B, layer.kv_heads, 16, layer.head_dim)
+    parts = [layer(backend.from_host(x[:, :3]), cache=cache)]  # the prompt, then one at a time
+    for s in range(3, steps):
+        parts.append(layer(backend.from_host(x[:, s:s + 1]), cache=cache))
+    assert cache.length == steps
+    decoded = np.concatenate([backend.to_host(y) for y in parts], axis=1)
+    assert_close(full, decoded, backend, rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_errors(backend):
+    layer = _build(dict(num_heads=2, causal=True, rope_theta=1e4), backend, name="dec")
+    cache = layer.new_cache(1, max_len=4)
+    _, ctx = layer.forward(backend.zeros((1, 3, D)), cache=cache)
+    with pytest.raises(LoomxError, match="KV cache.*cache=None"):
+        layer.backward(backend.zeros((1, 3, D)), ctx)
+    with pytest.raises(LoomxError, match="overflow.*max_len=4"):
+        layer.forward(backend.zeros((1, 2, D)), cache=cache)
+    with pytest.raises(ShapeError, match=r"'dec'.*KV cache"):
+        layer.forward(backend.zeros((2, 1, D)), cache=cache)
+    cache.reset()
+    assert cache.length == 0
+
+
+def test_attention_backward_is_exact_unlike_loom(backend):
+    """Loom's MHA backward (nn/attention.go:459-536) is a heuristic; loomx matches autograd."""
+    layer = _build(dict(num_heads=2, causal=True, **BIASES), backend)
+    p = _torch_params(layer)
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((1, T, D)).astype(np.float32)
+    g = rng.standard_normal((1, T, D)).astype(np.float32)
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    reference_mha(layer, p, xt).backward(torch.tensor(g, dtype=torch.float64))
+    _, ctx = layer.forward(backend.from_host(x))
+    dx = layer.backward(backend.from_host(g), ctx)
+    assert_close(dx, xt.grad, backend, **TOL)
+    assert_close(layer.grads["o_weight"], p["o_weight"].grad, backend, **TOL)
+
+    w = {k: v.detach().numpy() for k, v in p.items()}
+    x2, g2 = x[0].astype(np.float64), g[0].astype(np.float64)
+    gc = g2 @ w["o_weight"]
+    loom_dx = gc @ w["q_weight"] + 0.1 * gc @ (w["k_weight"] + w["v_weight"])
+    loom_dwo = g2.T @ x2  # uses the layer input instead of the attention output
+    true_dx, true_dwo = xt.grad.numpy()[0], p["o_weight"].grad.numpy()
+    assert np.linalg.norm(loom_dx - true_dx) > 0.2 * np.linalg.norm(true_dx)
+    assert np.linalg.norm(loom_dwo - true_dwo) > 0.2 * np.linalg.norm(true_dwo)
+
+
+def test_parameter_layouts_and_head_dim(numpy64):
+    layer = MultiHeadAttention(num_heads=4, num_kv_heads=1, head_dim=5, qk_norm=True,
+                               q_bias=True, o_bias=True)
+    assert layer.build((T, D), numpy64) == (T, D)
+    assert {k: tuple(v.shape) for k, v in layer.params.items()} == {
+        "q_weight": (20, 8), "k_weight": (5, 8), "v_weight": (5, 8), "o_weight": (8, 20),
+        "q_bias": (20,), "o_bias": (8,), "q_norm": (5,), "k_norm": (5,)}
+    plain = MultiHeadAttention(num_heads=2)
+    plain.build((T, D), numpy64)
+    assert plain.head_dim == 4 and set(plain.params) == {"q_weight", "k_weight", "v_weight",
+                                                         "o_weight"}
+
+
+def test_float64_and_device_preserved(backend64):
+    """float64 in, float64 out on the same device, equal to the float64 reference to 1e-10."""
+    layer = _build(dict(num_heads=2, num_kv_heads=1, rope_theta=1e4, causal=True, qk_norm=True),
+                   backend64)
+    rng = np.random.default_rng(8)
+    x, dy = rng.standard_normal((B, T, D)), rng.standard_normal((B, T, D))
+    p = _torch_params(layer)
+    xt = torch.tensor(x, requires_grad=True)
+    reference_mha(layer, p, xt).backward(torch.tensor(dy))
+    y, ctx = layer.forward(backend64.from_host(x))
+    dx = layer.backward(backend64.from_host(dy), ctx)
+    tight = dict(rtol=1e-10, atol=1e-12)
+    assert_close(y, reference_mha(layer, p, torch.tensor(x)), backend64, **tight)
+    assert_close(dx, xt.grad, backend64, **tight)
+    for k, v in p.items():
+        assert_close(layer.grads[k], v.grad, backend64, **tight)
+
+
+def test_config_round_trip():
+    layer = MultiHeadAttention(num_heads=4, head_dim=8, num_kv_heads=2, d_model=8, q_bias=True,
+                               causal=True, rope_theta=5e5, rope_style="interleaved",
+                               rope_fraction=0.5, qk_norm=True, qk_norm_eps=1e-5, name="a")
+    cfg = layer.get_config()
+    assert cfg["type"] == "mha"
+    assert layer_from_config(cfg).get_config() == cfg
+
+
+def test_bad_inputs_and_configs_raise(backend):
+    layer = MultiHeadAttention(num_heads=2, name="self_attn")
+    layer.build((T, D), backend)
+    with pytest.raises(ShapeError, match=r"'self_attn'.*\[B, T, 8\].*\[2, 5, 6\]"):
+        layer.forward(backend.zeros((2, 5, 6)))
+    with pytest.raises(ShapeError, match=r"'self_attn'.*\[2, 5\].*bool.*\[2, 4\]"):
+        layer.forward(backend.zeros((2, 5, D)),
+                      key_padding_mask=backend.from_host(np.zeros((2, 4), bool)))
+    with pytest.raises(ConfigError, match="num_kv_heads=3.*num_heads=4"):
+        MultiHeadAttention(num_heads=4, num_kv_heads=3)
+    with pytest.raises(ConfigError, match="rope_style"):
+        MultiHeadAttention(num_heads=2, rope_style="complex")
+    with pytest.raises(ConfigError, match="rope_fraction"):
+        MultiHeadAttention(num_heads=2, head_dim=6, rope_theta=1e4, rope_fraction=0.5)
+    with pytest.raises(ConfigError, match="not divisible by num_heads=3"):
+        MultiHeadAttention(num_heads=3).build((T, D), backend)
