@@ -1,0 +1,256 @@
+"""Optimizers over every parameter of a network (nested branches included).
+
+Each optimizer walks ``net.parameters()`` (``ParamRef`` handles), so every parameter of every
+layer is updated; Loom's optimizers only touch Dense and Conv2D kernels. The update rules match
+``torch.optim`` exactly (same defaults, same placement of ε, same first-step momentum). All
+arithmetic runs on the device with Python-float hyperparameters: a step never syncs.
+
+========  ====================================================================================
+SGD       g ← ∇ + λw;  b ← g (first step) else μb + (1 - τ)g;  g ← g + μb (Nesterov) or b;
+          w ← w - η g
+Adam      g ← ∇ + λw;  m ← β₁m + (1 - β₁)g;  v ← β₂v + (1 - β₂)g²;
+          w ← w - η/(1 - β₁ᵗ) · m / (√v/√(1 - β₂ᵗ) + ε)      (AMSGrad: max of v over time)
+AdamW     w ← w(1 - ηλ), then Adam without the λw term (decoupled decay)
+RMSprop   g ← ∇ + λw;  s ← αs + (1 - α)g²;  d ← √s + ε (centred: √(s - ḡ²) + ε);
+          b ← μb + g/d, w ← w - η b (μ > 0) or w ← w - η g/d
+========  ====================================================================================
+
+``state_dict()`` holds the hyperparameters, the step count and every moment buffer (host copies
+made with ``backend.to_host``); ``load_state_dict()`` puts them back on the device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from ..errors import ConfigError, FormatError
+from ..layers.base import Layer, ParamRef
+
+Array = Any
+
+
+class Optimizer:
+    """Base class: holds the parameter handles, learning rate, step count and buffers.
+
+    Args:
+        params: a layer/network (all of its ``parameters()``) or an iterable of ``ParamRef``.
+        lr: learning rate. A schedule overwrites ``self.lr`` before each ``step()``;
+            ``self.initial_lr`` keeps the base rate schedules start from.
+    """
+
+    name = ""
+    buffer_names: tuple[str, ...] = ()
+    defaults: dict[str, Any] = {}
+
+    def __init__(self, params: Layer | Iterable[ParamRef], lr: float | None = None, **hyper):
+        refs = list(params.parameters() if isinstance(params, Layer) else params)
+        if not refs:
+            raise ConfigError(f"{type(self).__name__} got no parameters: is the network built?")
+        names = [r.name for r in refs]
+        if len(set(names)) != len(names):
+            raise ConfigError("parameter names are not unique; optimizer state cannot be keyed")
+        self.params = refs
+        self.backend = refs[0].layer.backend
+        unknown = set(hyper) - set(self.defaults)
+        if unknown:
+            raise ConfigError(f"{type(self).__name__} got unknown options {sorted(unknown)}; "
+                              f"known: lr, {', '.join(self.defaults)}")
+        self.hyper = {**self.defaults, **hyper}
+        self.lr = float(self.default_lr if lr is None else lr)
+        self.initial_lr = self.lr
+        if self.lr < 0:
+            raise ConfigError(f"learning rate must be non-negative, got {self.lr}")
+        self._check_hyper()
+        self.step_count = 0
+        self.state: dict[str, dict[str, Array]] = {r.name: {} for r in refs}
+
+    default_lr = 1e-3
+
+    def _check_hyper(self) -> None:
+        """Subclasses validate ``self.hyper`` here."""
+
+    # ------------------------------------------------------------------ stepping
+    def zero_grad(self) -> None:
+        """Set every parameter gradient to zeros (grads add up across backward calls)."""
+        for r in self.params:
+            r.grad = self.backend.xp.zeros_like(r.value)
+
+    def step(self) -> None:
+        """Apply one update to every parameter from its accumulated gradient."""
+        self.step_count += 1
+        for r in self.params:
+            r.value = self._update(r.value, r.grad, self.state[r.name])
+
+    def _update(self, w: Array, g: Array, state: dict[str, Array]) -> Array:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """``{"type", "lr", "hyper", "step", "buffers": {param: {buffer: host array}}}``."""
+        to_host = self.backend.to_host
+        return {"type": self.name, "lr": self.lr, "hyper": dict(self.hyper),
+                "step": self.step_count,
+                "buffers": {name: {k: to_host(v) for k, v in bufs.items()}
+                            for name, bufs in self.state.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` output (buffers go back to this optimizer's device)."""
+        if state.get("type") != self.name:
+            raise FormatError(f"optimizer state is for {state.get('type')!r}, "
+                              f"but this optimizer is {self.name!r}")
+        buffers = state.get("buffers", {})
+        missing = set(self.state) - set(buffers)
+        extra = set(buffers) - set(self.state)
+        if missing or extra:
+            raise FormatError("optimizer state does not match the parameters: "
+                              f"missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}")
+        by_name = {r.name: r for r in self.params}
+        new_state: dict[str, dict[str, Array]] = {}
+        for name, bufs in buffers.items():
+            ref = by_name[name]
+            new_state[name] = {}
+            for k, host in bufs.items():
+                if tuple(host.shape) != tuple(ref.value.shape):
+                    raise FormatError(f"optimizer buffer {name}.{k} has shape "
+                                      f"{list(host.shape)}, parameter has "
+                                      f"{list(ref.value.shape)}")
+                new_state[name][k] = self.backend.from_host(host, dtype=ref.value.dtype)
+        self.state = new_state
+        self.hyper = {**self.defaults, **state.get("hyper", {})}
+        self.lr = float(state.get("lr", self.lr))
+        self.step_count = int(state.get("step", 0))
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v}" for k, v in self.hyper.items())
+        return f"{type(self).__name__}(lr={self.lr}, {opts})"
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with optional momentum, dampening, Nesterov, weight decay
+    (``torch.optim.SGD`` semantics: the momentum buffer starts as the first gradient)."""
+
+    name = "sgd"
+    default_lr = 1e-2
+    defaults = {"momentum": 0.0, "dampening": 0.0, "nesterov": False, "weight_decay": 0.0}
+
+    def _check_hyper(self) -> None:
+        h = self.hyper
+        if h["nesterov"] and (h["momentum"] <= 0 or h["dampening"] != 0):
+            raise ConfigError("Nesterov momentum needs momentum > 0 and dampening = 0")
+
+    def _update(self, w, g, state):
+        h = self.hyper
+        if h["weight_decay"]:
+            g = g + h["weight_decay"] * w
+        mu = h["momentum"]
+        if mu:
+            buf = state.get("momentum_buffer")
+            buf = g if buf is None else mu * buf + (1.0 - h["dampening"]) * g
+            state["momentum_buffer"] = buf
+            g = g + mu * buf if h["nesterov"] else buf
+        return w - self.lr * g
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba) with L2-style ``weight_decay`` and optional AMSGrad
+    (``torch.optim.Adam`` semantics)."""
+
+    name = "adam"
+    defaults = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0,
+                "amsgrad": False}
+    decoupled = False
+
+    def _check_hyper(self) -> None:
+        for k in ("beta1", "beta2"):
+            if not 0.0 <= self.hyper[k] < 1.0:
+                raise ConfigError(f"{k} must be in [0, 1), got {self.hyper[k]}")
+
+    def _update(self, w, g, state):
+        h = self.hyper
+        xp = self.backend.xp
+        b1, b2, wd = h["beta1"], h["beta2"], h["weight_decay"]
+        if wd and self.decoupled:
+            w = w * (1.0 - self.lr * wd)
+        elif wd:
+            g = g + wd * w
+        m = state.get("exp_avg")
+        v = state.get("exp_avg_sq")
+        m = (1.0 - b1) * g if m is None else b1 * m + (1.0 - b1) * g
+        v = (1.0 - b2) * (g * g) if v is None else b2 * v + (1.0 - b2) * (g * g)
+        state["exp_avg"], state["exp_avg_sq"] = m, v
+        if h["amsgrad"]:
+            vmax = state.get("max_exp_avg_sq")
+            vmax = v if vmax is None else xp.maximum(vmax, v)
+            state["max_exp_avg_sq"] = vmax
+            v = vmax
+        t = self.step_count
+        step_size = self.lr / (1.0 - b1 ** t)
+        denom = xp.sqrt(v) / math.sqrt(1.0 - b2 ** t) + h["eps"]
+        return w - step_size * (m / denom)
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay: ``w ← w(1 - η·λ)`` before the Adam step
+    (``torch.optim.AdamW`` semantics, default λ = 0.01)."""
+
+    name = "adamw"
+    defaults = {**Adam.defaults, "weight_decay": 0.01}
+    decoupled = True
+
+
+class RMSprop(Optimizer):
+    """RMSprop (``torch.optim.RMSprop`` semantics: ε outside the square root; Loom puts it
+    inside). Options: ``alpha``, ``eps``, ``momentum``, ``centered``, ``weight_decay``."""
+
+    name = "rmsprop"
+    default_lr = 1e-2
+    defaults = {"alpha": 0.99, "eps": 1e-8, "momentum": 0.0, "centered": False,
+                "weight_decay": 0.0}
+
+    def _update(self, w, g, state):
+        h = self.hyper
+        xp = self.backend.xp
+        a = h["alpha"]
+        if h["weight_decay"]:
+            g = g + h["weight_decay"] * w
+        sq = state.get("square_avg")
+        sq = (1.0 - a) * (g * g) if sq is None else a * sq + (1.0 - a) * (g * g)
+        state["square_avg"] = sq
+        if h["centered"]:
+            ga = state.get("grad_avg")
+            ga = (1.0 - a) * g if ga is None else a * ga + (1.0 - a) * g
+            state["grad_avg"] = ga
+            denom = xp.sqrt(sq - ga * ga) + h["eps"]
+        else:
+            denom = xp.sqrt(sq) + h["eps"]
+        if h["momentum"]:
+            buf = state.get("momentum_buffer")
+            buf = g / denom if buf is None else h["momentum"] * buf + g / denom
+            state["momentum_buffer"] = buf
+            return w - self.lr * buf
+        return w - self.lr * (g / denom)
+
+
+OPTIMIZERS: dict[str, type[Optimizer]] = {"sgd": SGD, "adam": Adam, "adamw": AdamW,
+                                          "rmsprop": RMSprop}
+
+
+def get_optimizer(optimizer: str | Optimizer, params: Layer | Iterable[ParamRef],
+                  lr: float | None = None, **options) -> Optimizer:
+    """An optimizer by name (``sgd``, ``sgd_momentum``, ``nesterov``, ``adam``, ``adamw``,
+    ``rmsprop``) over ``params``, or the given instance (its ``lr`` replaced when given)."""
+    if isinstance(optimizer, Optimizer):
+        if lr is not None:
+            optimizer.lr = optimizer.initial_lr = float(lr)
+        return optimizer
+    key = str(optimizer).lower()
+    if key == "sgd_momentum":
+        key, options = "sgd", {"momentum": 0.9, **options}
+    elif key == "nesterov":
+        key, options = "sgd", {"momentum": 0.9, "nesterov": True, **options}
+    if key not in OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer {optimizer!r}; known: sgd, sgd_momentum, "
+                          "nesterov, adam, adamw, rmsprop")
+    return OPTIMIZERS[key](params, lr=lr, **options)

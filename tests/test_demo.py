@@ -1,0 +1,52 @@
+"""``loomx demo``: trains on digits and reports accuracy, deviation score and backend."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from loomx.cli import main
+from loomx.cli.demo import SECTIONS, DemoSection, add_section
+
+
+def test_demo_prints_accuracy_score_and_backend(capsys):
+    status = main(["demo", "--backend", "numpy", "--epochs", "4", "--no-progress"])
+    out = capsys.readouterr().out
+    assert status == 0
+    accuracy = float(re.search(r"held-out accuracy: ([\d.]+) %", out).group(1))
+    score = float(re.search(r"deviation score: ([\d.]+) / 100", out).group(1))
+    assert accuracy >= 90.0 and 0.0 <= score <= 100.0
+    assert "numpy (device=cpu, float=float32)" in out
+    assert "2×2 grid" in out and "[1/" in out
+
+
+def test_demo_unknown_section_is_a_clear_error(capsys):
+    assert main(["demo", "--sections", "nope", "--no-progress"]) == 2
+    assert "unknown demo sections ['nope']; known: train" in capsys.readouterr().err
+
+
+def test_sections_can_be_added_and_share_results(capsys, monkeypatch):
+    monkeypatch.setattr("loomx.cli.demo.SECTIONS", list(SECTIONS))
+    seen = {}
+
+    def after(ctx):
+        seen.update(ctx.results["train"])
+        ctx.say("extra section ran")
+
+    add_section(DemoSection("extra", "An extra stop", after))
+    assert main(["demo", "--backend", "numpy", "--epochs", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "[2/2] An extra stop" in out and "extra section ran" in out
+    assert 0.0 < seen["accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+def test_demo_command_runs_with_default_backend():
+    r = subprocess.run([sys.executable, "-m", "loomx", "demo", "--epochs", "2"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "held-out accuracy" in r.stdout
+    assert "epoch 2/2" in r.stderr  # the progress bar
