@@ -9,6 +9,7 @@ gradient descent and reports held-out accuracy, Loom's deviation score and the b
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -96,9 +97,9 @@ add_section(DemoSection("train", "Gradient descent on handwritten digits", _trai
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", default="auto",
+    parser.add_argument("--backend", default=None,
                         help="backend spec: auto (CuPy if a GPU is usable, else numpy), numpy, "
-                             "cupy, torch, torch:mps ... (default: auto)")
+                             "cupy, torch, torch:mps ... (default: $LOOMX_BACKEND, else auto)")
     parser.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data split and weights")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     from ..backends import get_backend
     from ..errors import ConfigError
 
-    backend = get_backend(args.backend)
+    backend = get_backend(args.backend or os.environ.get("LOOMX_BACKEND") or "auto")
     wanted = None if not args.sections else [s.strip() for s in args.sections.split(",")]
     known = [s.name for s in SECTIONS]
     if wanted and set(wanted) - set(known):
