@@ -1,0 +1,384 @@
+"""Convolutions over 1, 2 or 3 spatial axes, and their transposes, as gather + one matmul.
+
+One generic N-d implementation serves every layer here (:mod:`loomx.layers._windows`):
+
+- forward of ``ConvND``: view the input channels-last, pad, gather every kernel window
+  (``cols [B·P, K·C]``), then one matrix product with the weight viewed as ``[F, K·C]``
+  (one per group when ``groups > 1``);
+- backward: ``dW`` by one matrix product of ``dz`` with the gathered windows, ``dx`` by the
+  adjoint of the gather (scatter-add of ``dz·W``) and a crop of the padding;
+- ``ConvTransposeND`` is the adjoint of ``ConvND``: its forward is the conv's input gradient and
+  its input gradient is the conv's forward, with the same machinery.
+
+Layouts follow PyTorch: input ``[B, C, *S]``, conv weight ``[F, C/groups, *k]``, transposed-conv
+weight ``[C, F/groups, *k]``, bias ``[F]``. Outputs are ``[B, F, *O]`` arrays that are
+channels-last in memory where the library has views (numpy, CuPy, PyTorch), so a following
+convolution or pooling layer reads them without a copy.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import ClassVar
+
+from ..backends import RandomSource
+from ..errors import ConfigError, ShapeError
+from ._windows import (
+    crop_spatial,
+    gather_windows,
+    pad_spatial,
+    scatter_windows,
+    to_channels_first,
+    to_channels_last,
+    window_count,
+)
+from .activations import get_activation
+from .base import Array, Layer, Shape, register_layer
+from .init import init_weight
+
+IntOrTuple = int | tuple[int, ...] | list[int]
+
+
+def _as_int(value) -> int | None:
+    """``value`` as a Python int when it is an integer (not a bool), else ``None``."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _ntuple(value, n: int, what: str, owner: str, minimum: int) -> tuple[int, ...]:
+    """``int`` → ``(v,)*n``; a length-``n`` sequence of ints → tuple; else ConfigError."""
+    single = _as_int(value)
+    if single is not None:
+        out = (single,) * n
+    elif isinstance(value, (tuple, list)) and len(value) == n and all(
+            _as_int(v) is not None for v in value):
+        out = tuple(_as_int(v) for v in value)
+    else:
+        raise ConfigError(f"{owner} {what} must be an int or a list of {n} ints, got {value!r}")
+    if any(v < minimum for v in out):
+        where = " on every axis" if n > 1 else ""
+        raise ConfigError(f"{owner} {what} must be >= {minimum}{where}, got {value!r}")
+    return out
+
+
+def _config_value(value):
+    """Plain config value: sequences as tuples of ints (``get_config`` writes lists), integers
+    as Python ints, anything else (``None``, padding strings) unchanged."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_as_int(v) if _as_int(v) is not None else v for v in value)
+    single = _as_int(value)
+    return value if single is None else single
+
+
+def _split_groups(xp, a: Array, rows: int, k: int, groups: int) -> Array:
+    """``a`` read as ``[rows, k, C]`` → ``[groups, rows, k·C/groups]``."""
+    if groups == 1:
+        return xp.reshape(a, (1, rows, -1))
+    a = xp.permute_dims(xp.reshape(a, (rows, k, groups, -1)), (2, 0, 1, 3))
+    return xp.reshape(a, (groups, rows, -1))
+
+
+def _merge_groups(xp, a: Array, k: int) -> Array:
+    """Inverse of :func:`_split_groups`: ``[groups, rows, k·C/groups]`` → ``[rows, k, C]``."""
+    groups, rows = a.shape[0], a.shape[1]
+    if groups == 1:
+        return xp.reshape(a, (rows, k, -1))
+    a = xp.permute_dims(xp.reshape(a, (groups, rows, k, -1)), (1, 2, 0, 3))
+    return xp.reshape(a, (rows, k, -1))
+
+
+def _weight_rows(xp, w: Array, groups: int) -> Array:
+    """Weight ``[A, D, *k]`` → ``[groups, A/groups, K·D]`` (kernel offset major, like cols)."""
+    a, d = w.shape[0], w.shape[1]
+    w = xp.reshape(w, (groups, a // groups, d, -1))
+    return xp.reshape(xp.permute_dims(w, (0, 1, 3, 2)), (groups, a // groups, -1))
+
+
+def _weight_from_rows(xp, rows: Array, shape: tuple[int, ...]) -> Array:
+    """Inverse of :func:`_weight_rows`: ``[groups, A/groups, K·D]`` → ``shape = [A, D, *k]``."""
+    g, ag = rows.shape[0], rows.shape[1]
+    rows = xp.reshape(rows, (g, ag, -1, shape[1]))
+    return xp.reshape(xp.permute_dims(rows, (0, 1, 3, 2)), shape)
+
+
+class _ConvBase(Layer):
+    """Shared configuration of convolutions and transposed convolutions over ``ndim`` axes."""
+
+    ndim: ClassVar[int] = 0
+
+    def __init__(self, out_channels: int, kernel_size: IntOrTuple, stride: IntOrTuple = 1,
+                 padding: IntOrTuple | str = 0, dilation: IntOrTuple = 1, groups: int = 1,
+                 bias: bool = True, activation: str = "identity",
+                 in_channels: int | None = None, **kw):
+        super().__init__(**kw)
+        owner = type(self).__name__
+        n = self.ndim
+        (out_channels,) = _ntuple(out_channels, 1, "out_channels", owner, 1)
+        (groups,) = _ntuple(groups, 1, "groups", owner, 1)
+        if out_channels % groups:
+            raise ConfigError(f"{owner} out_channels={out_channels} is not divisible by "
+                              f"groups={groups}: choose groups dividing both channel counts")
+        self.out_channels = out_channels
+        self.kernel_size = _config_value(kernel_size)
+        self.stride = _config_value(stride)
+        self.dilation = _config_value(dilation)
+        self.groups = groups
+        self.bias = bool(bias)
+        self.activation = activation
+        self.in_channels = None if in_channels is None else int(in_channels)
+        self._k = _ntuple(self.kernel_size, n, "kernel_size", owner, 1)
+        self._s = _ntuple(self.stride, n, "stride", owner, 1)
+        self._d = _ntuple(self.dilation, n, "dilation", owner, 1)
+        self._act = get_activation(activation)
+        self.padding = padding.lower() if isinstance(padding, str) else _config_value(padding)
+
+    def _check_in_channels(self, input_shape: Shape) -> int:
+        n = self.ndim
+        if len(input_shape) != n + 1:
+            axes = ", ".join(["C"] + ["D", "H", "W"][3 - n:])
+            raise ShapeError(f"{self.describe()} expects per-sample input [{axes}] "
+                             f"({n} spatial axes) but the input shape is {list(input_shape)}")
+        c = input_shape[0]
+        if self.in_channels is not None and self.in_channels != c:
+            raise ShapeError(f"{self.describe()} expected {self.in_channels} input channels "
+                             f"but the input shape is {list(input_shape)}")
+        if c % self.groups:
+            raise ConfigError(f"{self.describe()}: {c} input channels are not divisible by "
+                              f"groups={self.groups}")
+        self.in_channels = c
+        return c
+
+    def _finish(self, zcl: Array) -> tuple[Array, Array]:
+        """Channels-last pre-activation ``[B, *O, F]`` → ``(z, y)`` as ``[B, F, *O]``."""
+        if self.bias:
+            zcl = zcl + self.params["bias"]
+        z = to_channels_first(self.xp, zcl)
+        return z, self._act.forward(self.backend, z)
+
+    def _bias_grad(self, dz: Array) -> None:
+        if self.bias:
+            self._accumulate("bias", self.xp.sum(dz, axis=(0,) + tuple(range(2, dz.ndim))))
+
+
+class ConvND(_ConvBase):
+    """N-d cross-correlation (PyTorch's ``convNd``), ``y = act(conv(x, W) + b)``.
+
+    Shapes: ``x [B, C, *S]`` → ``y [B, F, *O]`` with, per axis,
+    ``O = floor((S + pad_lo + pad_hi - dilation·(k-1) - 1) / stride) + 1``.
+
+    Padding: an int or one int per axis (zeros on both sides), ``"valid"`` (none) or ``"same"``
+    (``O = S``; stride 1 only; total ``dilation·(k-1)``, the odd extra on the high side, as in
+    PyTorch). Parameters: ``weight [F, C/groups, *k]``, ``bias [F]``.
+    ``init="he"`` is Loom's ``InitConv2DLayer``: N(0, sqrt(2 / (C/groups · prod(k)))), zero bias.
+    """
+
+    config_fields = ("out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                     "bias", "activation", "in_channels", "init")
+
+    def __init__(self, out_channels: int, kernel_size: IntOrTuple, stride: IntOrTuple = 1,
+                 padding: IntOrTuple | str = 0, dilation: IntOrTuple = 1, groups: int = 1,
+                 bias: bool = True, activation: str = "identity",
+                 in_channels: int | None = None, init: str = "he", **kw):
+        super().__init__(out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         activation, in_channels, **kw)
+        self.init = init
+        self._pads = self._resolve_padding()
+
+    def _resolve_padding(self) -> tuple[tuple[int, int], ...]:
+        owner, n, p = type(self).__name__, self.ndim, self.padding
+        if p == "valid":
+            return ((0, 0),) * n
+        if p == "same":
+            if any(s != 1 for s in self._s):
+                raise ConfigError(f"{owner} padding='same' needs stride 1, got stride "
+                                  f"{self.stride!r}: use an explicit padding for strided convs")
+            totals = [d * (k - 1) for k, d in zip(self._k, self._d)]
+            return tuple((t // 2, t - t // 2) for t in totals)
+        if isinstance(p, str):
+            raise ConfigError(f"{owner} padding must be an int, a list of {n} ints, 'same' or "
+                              f"'valid', got {p!r}")
+        return tuple((v, v) for v in _ntuple(p, n, "padding", owner, 0))
+
+    def _build(self, input_shape: Shape, rng: RandomSource) -> Shape:
+        c = self._check_in_channels(input_shape)
+        spatial = input_shape[1:]
+        out = tuple(window_count(s + lo + hi, k, st, d) for s, (lo, hi), k, st, d
+                    in zip(spatial, self._pads, self._k, self._s, self._d))
+        if any(o < 1 for o in out):
+            raise ShapeError(f"{self.describe()}: input {list(input_shape)} is smaller than the "
+                             f"dilated kernel {list(self._k)} (dilation {list(self._d)}) after "
+                             f"padding {list(self._pads)}; use a larger input or more padding")
+        self._out_spatial = out
+        k = math.prod(self._k)
+        fan_in = (c // self.groups) * k
+        dt = self.float_dtype
+        self.params["weight"] = init_weight(
+            rng, self.init, (self.out_channels, c // self.groups, *self._k), fan_in,
+            self.out_channels * k, dt)
+        if self.bias:
+            self.params["bias"] = self.backend.zeros((self.out_channels,), dtype=dt)
+        return (self.out_channels, *out)
+
+    def forward(self, x: Array, train: bool = False):
+        self.check_input(x)
+        xp = self.xp
+        k = math.prod(self._k)
+        xcl = pad_spatial(self.backend, to_channels_last(xp, x), self._pads)
+        cols = gather_windows(self.backend, xcl, self._k, self._s, self._d)  # [B, *O, K, C]
+        rows = x.shape[0] * math.prod(self._out_spatial)
+        cols = _split_groups(xp, cols, rows, k, self.groups)  # [g, B·P, K·C/g]
+        w = _weight_rows(xp, self.params["weight"], self.groups)  # [g, F/g, K·C/g]
+        z = _merge_groups(xp, xp.matmul(cols, xp.matrix_transpose(w)), 1)  # [B·P, 1, F]
+        z, y = self._finish(xp.reshape(z, (x.shape[0], *self._out_spatial, -1)))
+        return y, (cols, z, y)
+
+    def backward(self, dy: Array, ctx) -> Array:
+        cols, z, y = ctx
+        xp = self.xp
+        g, k, rows = self.groups, math.prod(self._k), cols.shape[1]
+        # work channels-last: z and y already are in memory; dy is copied once if it is not
+        shape_cl = (dy.shape[0], *self._out_spatial, self.out_channels)
+        dycl = xp.reshape(xp.reshape(to_channels_last(xp, dy), (rows, -1)), shape_cl)
+        dzcl = self._act.backward(self.backend, to_channels_last(xp, z),
+                                  to_channels_last(xp, y), dycl)
+        dz2 = _split_groups(xp, dzcl, rows, 1, g)  # [g, B·P, F/g]
+        if self.bias:
+            self._accumulate("bias", xp.reshape(xp.sum(dz2, axis=1), (-1,)))
+        dw = xp.matmul(xp.matrix_transpose(dz2), cols)  # [g, F/g, K·C/g]
+        self._accumulate("weight", _weight_from_rows(xp, dw, tuple(self.params["weight"].shape)))
+        w = _weight_rows(xp, self.params["weight"], g)
+        dcols = _merge_groups(xp, xp.matmul(dz2, w), k)  # [B·P, K, C]
+        dcols = xp.reshape(dcols, (dy.shape[0], *self._out_spatial, k, self.in_channels))
+        padded = tuple(s + lo + hi for s, (lo, hi) in zip(self.input_shape[1:], self._pads))
+        dxcl = scatter_windows(self.backend, dcols, padded, self._k, self._s, self._d)
+        return to_channels_first(xp, crop_spatial(dxcl, self._pads))
+
+
+class ConvTransposeND(_ConvBase):
+    """N-d transposed convolution (PyTorch's ``conv_transposeNd``): the adjoint of ``ConvND``.
+
+    Shapes: ``x [B, C, *S]`` → ``y [B, F, *O]`` with, per axis,
+    ``O = (S - 1)·stride - 2·padding + dilation·(k-1) + output_padding + 1``.
+    ``output_padding`` (smaller than stride or dilation) adds zeros' worth of extent on the high
+    side so that strided convs can be inverted to every input size.
+    Parameters: ``weight [C, F/groups, *k]``, ``bias [F]``; initialised
+    N(0, sqrt(2 / (C/groups · prod(k)))), zero bias.
+    """
+
+    config_fields = ("out_channels", "kernel_size", "stride", "padding", "output_padding",
+                     "dilation", "groups", "bias", "activation", "in_channels")
+
+    def __init__(self, out_channels: int, kernel_size: IntOrTuple, stride: IntOrTuple = 1,
+                 padding: IntOrTuple = 0, output_padding: IntOrTuple = 0,
+                 dilation: IntOrTuple = 1, groups: int = 1, bias: bool = True,
+                 activation: str = "identity", in_channels: int | None = None, **kw):
+        super().__init__(out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         activation, in_channels, **kw)
+        owner, n = type(self).__name__, self.ndim
+        if isinstance(self.padding, str):
+            raise ConfigError(f"{owner} padding must be an int or a list of {n} ints, "
+                              f"got {self.padding!r}")
+        self.output_padding = _config_value(output_padding)
+        self._p = _ntuple(self.padding, n, "padding", owner, 0)
+        self._op = _ntuple(self.output_padding, n, "output_padding", owner, 0)
+        for op, s, d in zip(self._op, self._s, self._d):
+            if op >= max(s, d):
+                raise ConfigError(f"{owner} output_padding {self.output_padding!r} must be "
+                                  f"smaller than stride {self.stride!r} or dilation "
+                                  f"{self.dilation!r} on every axis")
+        self._pads = tuple((p, p) for p in self._p)
+
+    def _build(self, input_shape: Shape, rng: RandomSource) -> Shape:
+        c = self._check_in_channels(input_shape)
+        spatial = input_shape[1:]
+        out = tuple((s - 1) * st - 2 * p + d * (k - 1) + op + 1 for s, st, p, d, k, op
+                    in zip(spatial, self._s, self._p, self._d, self._k, self._op))
+        if any(o < 1 for o in out):
+            raise ShapeError(f"{self.describe()}: input {list(input_shape)} gives an empty "
+                             f"output {list(out)} with padding {list(self._p)}; reduce padding")
+        self._out_spatial = out
+        k = math.prod(self._k)
+        g = self.groups
+        dt = self.float_dtype
+        self.params["weight"] = rng.normal((c, self.out_channels // g, *self._k),
+                                           std=math.sqrt(2.0 / ((c // g) * k)), dtype=dt)
+        if self.bias:
+            self.params["bias"] = self.backend.zeros((self.out_channels,), dtype=dt)
+        return (self.out_channels, *out)
+
+    def forward(self, x: Array, train: bool = False):
+        self.check_input(x)
+        xp = self.xp
+        g, k = self.groups, math.prod(self._k)
+        spatial = self.input_shape[1:]
+        rows = x.shape[0] * math.prod(spatial)
+        x2 = _split_groups(xp, to_channels_last(xp, x), rows, 1, g)  # [g, B·P, C/g]
+        w = _weight_rows(xp, self.params["weight"], g)  # [g, C/g, K·F/g]
+        cols = _merge_groups(xp, xp.matmul(x2, w), k)  # [B·P, K, F]
+        cols = xp.reshape(cols, (x.shape[0], *spatial, k, self.out_channels))
+        padded = tuple(o + 2 * p for o, p in zip(self._out_spatial, self._p))
+        zcl = scatter_windows(self.backend, cols, padded, self._k, self._s, self._d)
+        z, y = self._finish(crop_spatial(zcl, self._pads))
+        return y, (x2, z, y)
+
+    def backward(self, dy: Array, ctx) -> Array:
+        x2, z, y = ctx
+        xp = self.xp
+        g, k = self.groups, math.prod(self._k)
+        spatial = self.input_shape[1:]
+        dz = self._act.backward(self.backend, z, y, dy)
+        self._bias_grad(dz)
+        dzcl = pad_spatial(self.backend, to_channels_last(xp, dz), self._pads)
+        cols = gather_windows(self.backend, dzcl, self._k, self._s, self._d,
+                              out_shape=spatial)  # [B, *S, K, F]
+        cols = _split_groups(xp, cols, x2.shape[1], k, g)  # [g, B·P, K·F/g]
+        dw = xp.matmul(xp.matrix_transpose(x2), cols)  # [g, C/g, K·F/g]
+        self._accumulate("weight", _weight_from_rows(xp, dw, tuple(self.params["weight"].shape)))
+        w = _weight_rows(xp, self.params["weight"], g)
+        dx = _merge_groups(xp, xp.matmul(cols, xp.matrix_transpose(w)), 1)  # [B·P, 1, C]
+        return to_channels_first(xp, xp.reshape(dx, (dy.shape[0], *spatial, self.in_channels)))
+
+
+@register_layer
+class Conv1D(ConvND):
+    """1-d convolution: ``[B, C, L]`` → ``[B, F, L']`` (see :class:`ConvND`)."""
+
+    type_name = "conv1d"
+    ndim = 1
+
+
+@register_layer
+class Conv2D(ConvND):
+    """2-d convolution: ``[B, C, H, W]`` → ``[B, F, H', W']`` (see :class:`ConvND`)."""
+
+    type_name = "conv2d"
+    ndim = 2
+
+
+@register_layer
+class Conv3D(ConvND):
+    """3-d convolution: ``[B, C, D, H, W]`` → ``[B, F, D', H', W']`` (see :class:`ConvND`)."""
+
+    type_name = "conv3d"
+    ndim = 3
+
+
+@register_layer
+class ConvTranspose1D(ConvTransposeND):
+    """1-d transposed convolution: ``[B, C, L]`` → ``[B, F, L']`` (see :class:`ConvTransposeND`)."""
+
+    type_name = "conv_transpose1d"
+    ndim = 1
+
+
+@register_layer
+class ConvTranspose2D(ConvTransposeND):
+    """2-d transposed convolution: ``[B, C, H, W]`` → ``[B, F, H', W']``."""
+
+    type_name = "conv_transpose2d"
+    ndim = 2
