@@ -1,0 +1,270 @@
+"""GGUF reader: llama.cpp checkpoints as named host tensors in PyTorch layout.
+
+Built on the ``gguf`` package (the file is memory-mapped by ``gguf.GGUFReader``). What this module
+adds:
+
+- **names**: llama.cpp tensor names (``blk.3.attn_q.weight``) are translated into the Hugging
+  Face scheme (``model.layers.3.self_attn.q_proj.weight``) so one sniffer handles both formats;
+  a name without a translation is kept as it is (and the sniffer lists it as unrecognised);
+- **layout**: GGUF stores dimensions innermost-first; tensors come back as ``[out, in]``;
+- **dequantisation**: quantised tensors (Q4_0, Q4_1, Q8_0, K-quants, ...) are expanded to
+  float32 with ``gguf.quants.dequantize`` when read, one tensor at a time;
+- **RoPE row order**: for llama-family files, llama.cpp's converter permutes the rows of Q and
+  K into interleaved-pair RoPE order; reading undoes it (reshape ``(heads, hd/2, 2, in)``, swap
+  axes 1 and 2) so the weights match the original checkpoint and the half-split RoPE;
+- **metadata**: :meth:`GGUFFile.config` maps GGUF keys onto ``config.json`` names.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import numpy as np
+
+from ..errors import FormatError
+
+#: Architectures whose Q/K rows llama.cpp permutes on conversion.
+PERMUTED_ARCHS = ("llama", "mistral", "granite", "granitemoe")
+
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+_GLOBAL_RE = re.compile(r"^([a-z_]+)\.(weight|bias)$")
+
+#: GGUF metadata key (after ``{arch}.``) → config.json key
+_CONFIG_KEYS = {
+    "block_count": "num_hidden_layers",
+    "embedding_length": "hidden_size",
+    "feed_forward_length": "intermediate_size",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+    "attention.key_length": "head_dim",
+    "rope.freq_base": "rope_theta",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "attention.layer_norm_epsilon": "layer_norm_eps",
+    "context_length": "max_position_embeddings",
+    "vocab_size": "vocab_size",
+}
+
+
+def hf_name(name: str) -> str:
+    """The Hugging Face name of a llama.cpp tensor name (unchanged when unknown)."""
+    m = _BLOCK_RE.match(name)
+    if m and m.group(2) in _BLOCK_NAMES:
+        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    m = _GLOBAL_RE.match(name)
+    if m and m.group(1) in _GLOBAL_NAMES:
+        return f"{_GLOBAL_NAMES[m.group(1)]}.{m.group(2)}"
+    return name
+
+
+def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation: ``[heads·hd, in]`` (or ``[heads·hd]``) rows."""
+    rows = w.shape[0]
+    if rows % n_heads or (rows // n_heads) % 2:
+        raise FormatError(f"cannot undo the RoPE row order of a tensor with {rows} rows for "
+                          f"{n_heads} heads (rows must split into heads of even size)")
+    hd = rows // n_heads
+    rest = w.shape[1:]
+    out = w.reshape(n_heads, hd // 2, 2, *rest).swapaxes(1, 2)
+    return np.ascontiguousarray(out.reshape(rows, *rest))
+
+
+def _field_value(field: Any) -> Any:
+    try:
+        return field.contents()
+    except Exception:  # noqa: BLE001 - exotic field types are reported as missing
+        return None
+
+
+class GGUFFile:
+    """A GGUF checkpoint: tensors by Hugging Face name, dequantised to float32 on read."""
+
+    def __init__(self, path: str | os.PathLike):
+        import gguf
+
+        self.path = str(path)
+        if not os.path.isfile(self.path):
+            raise FormatError(f"{self.path}: no such file")
+        try:
+            self._reader = gguf.GGUFReader(self.path)
+        except Exception as exc:  # noqa: BLE001 - the gguf package raises many kinds
+            raise FormatError(f"{self.path}: not a readable GGUF file ({exc})") from None
+        self.metadata: dict[str, Any] = {}
+        for key, field in self._reader.fields.items():
+            if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+                       "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+                continue
+            self.metadata[key] = _field_value(field)
+        self.architecture = str(self.metadata.get("general.architecture", ""))
+        self._tensors = {}
+        for t in self._reader.tensors:
+            self._tensors[hf_name(t.name)] = t
+
+    # ------------------------------------------------------------------ inspection
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def _get(self, name: str):
+        if name not in self._tensors:
+            raise FormatError(f"{self.path}: no tensor named {name!r}")
+        return self._tensors[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape in PyTorch order (``[out, in]`` for matrices)."""
+        return tuple(int(d) for d in reversed(self._get(name).shape.tolist()))
+
+    def dtype(self, name: str) -> str:
+        """The GGUF tensor type name (``"F32"``, ``"Q4_1"``, ``"Q8_0"`` ...)."""
+        return self._get(name).tensor_type.name
+
+    def source_name(self, name: str) -> str:
+        """The tensor's name inside the GGUF file."""
+        return self._get(name).name
+
+    def config(self) -> dict[str, Any]:
+        """GGUF metadata translated to ``config.json`` keys (only keys that are present)."""
+        arch = self.architecture
+        cfg: dict[str, Any] = {"model_type": arch}
+        for key, hf in _CONFIG_KEYS.items():
+            v = self.metadata.get(f"{arch}.{key}")
+            if v is not None:
+                cfg[hf] = v
+        if "vocab_size" not in cfg and "tokenizer.ggml.tokens" in self._reader.fields:
+            cfg["vocab_size"] = len(self._reader.fields["tokenizer.ggml.tokens"].data)
+        for key, hf in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                        ("padding_token_id", "pad_token_id")):
+            v = self.metadata.get(f"tokenizer.ggml.{key}")
+            if v is not None:
+                cfg[hf] = int(v)
+        cfg["tie_word_embeddings"] = "lm_head.weight" not in self._tensors
+        return cfg
+
+    # ------------------------------------------------------------------ data
+    def host(self, name: str) -> np.ndarray:
+        """Tensor ``name`` as a float32 (or stored-dtype for F16/F32) host array."""
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        t = self._get(name)
+        shape = self.shape(name)
+        try:
+            if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16,
+                                 GGMLQuantizationType.F64, GGMLQuantizationType.I32,
+                                 GGMLQuantizationType.I64, GGMLQuantizationType.I8,
+                                 GGMLQuantizationType.I16):
+                arr = np.asarray(t.data).reshape(shape)
+            else:
+                arr = dequantize(t.data, t.tensor_type).reshape(shape)
+        except (ValueError, NotImplementedError) as exc:
+            raise FormatError(f"{self.path}: cannot decode tensor {t.name!r} of type "
+                              f"{t.tensor_type.name} ({exc})") from None
+        return self._unpermute(name, arr)
+
+    def _unpermute(self, name: str, arr: np.ndarray) -> np.ndarray:
+        if self.architecture not in PERMUTED_ARCHS:
+            return arr
+        arch = self.architecture
+        if name.endswith("self_attn.q_proj.weight") or name.endswith("self_attn.q_proj.bias"):
+            return unpermute_rope_rows(arr, int(self.metadata[f"{arch}.attention.head_count"]))
+        if name.endswith("self_attn.k_proj.weight") or name.endswith("self_attn.k_proj.bias"):
+            heads = self.metadata.get(f"{arch}.attention.head_count_kv",
+                                      self.metadata[f"{arch}.attention.head_count"])
+            return unpermute_rope_rows(arr, int(heads))
+        return arr
+
+    def load(self, name: str, backend: Any = None, dtype: Any = None):
+        """Tensor ``name`` placed on ``backend`` in ``dtype`` (default: its float dtype)."""
+        from ..backends import get_backend
+        from .safetensors import place
+
+        return place(self.host(name), get_backend(backend), dtype)
+
+    # ------------------------------------------------------------------ tokenizer
+    def tokenizer(self):
+        """A ``tokenizers.Tokenizer`` built from the GGUF vocabulary (byte-level BPE only)."""
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+        fields = self._reader.fields
+        kind = self.metadata.get("tokenizer.ggml.model")
+        if kind != "gpt2" or "tokenizer.ggml.tokens" not in fields:
+            raise FormatError(f"{self.path}: building a tokenizer from GGUF supports the "
+                              f"byte-level BPE ('gpt2') vocabulary only, found {kind!r}; "
+                              "pass a tokenizer.json instead")
+        tokens = [str(s) for s in fields["tokenizer.ggml.tokens"].contents()]
+        merges = [tuple(str(m).split(" ", 1)) for m in fields["tokenizer.ggml.merges"].contents()]
+        types = (fields["tokenizer.ggml.token_type"].contents()
+                 if "tokenizer.ggml.token_type" in fields else [1] * len(tokens))
+        vocab = {tok: i for i, tok in enumerate(tokens)}
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        special = [AddedToken(t, special=True, normalized=False)
+                   for t, kind in zip(tokens, types) if int(kind) == 3]
+        tok.add_special_tokens(special)
+        return tok
+
+    def to_safetensors(self, out_dir: str | os.PathLike) -> str:
+        """Write the dequantised weights as a Hugging Face folder; returns its path.
+
+        Creates ``model.safetensors`` (float32, tensors written one at a time, so memory stays at
+        one tensor), ``config.json`` (from the GGUF metadata, llama-family keys) and, for
+        byte-level BPE vocabularies, ``tokenizer.json``.
+        """
+        import json
+
+        out = os.fspath(out_dir)
+        os.makedirs(out, exist_ok=True)
+        names = self.names()
+        header, offset = {}, 0
+        for name in names:
+            shape = self.shape(name)
+            nbytes = 4 * int(np.prod(shape, dtype=np.int64))
+            header[name] = {"dtype": "F32", "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)
+        with open(os.path.join(out, "model.safetensors"), "wb") as fh:
+            fh.write(len(raw).to_bytes(8, "little"))
+            fh.write(raw)
+            for name in names:
+                fh.write(np.ascontiguousarray(self.host(name), dtype="<f4").tobytes())
+        cfg = self.config()
+        arch = cfg.get("model_type", "llama")
+        cfg.setdefault("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
+        cfg.update(architectures=[f"{arch.capitalize()}ForCausalLM"], hidden_act="silu")
+        with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as fh:
+            json.dump(cfg, fh, indent=2)
+        try:
+            self.tokenizer().save(os.path.join(out, "tokenizer.json"))
+        except FormatError:
+            pass
+        return out
+
+    def close(self) -> None:
+        self._reader = None
+
+    def __repr__(self) -> str:
+        return f"GGUFFile({self.path!r}, {self.architecture}, {len(self._tensors)} tensors)"

@@ -1,0 +1,183 @@
+"""Every family, built by the one generic assembly, against transformers on the same file.
+
+Tiny random checkpoints are written offline by transformers (``tests/tiny_models.py``); loomx
+must give the same logits (within 1e-4 in float32) with and without its KV cache, and the same
+greedy continuations as ``transformers.generate``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import loomx
+from loomx.errors import ConfigError
+from loomx.models import stream
+from tests.conftest import assert_close
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from tests.tiny_models import FAMILIES, VOCAB, tiny_model  # noqa: E402
+
+DECODERS = [f for f in FAMILIES if f != "bert"]
+IDS = np.random.default_rng(0).integers(3, VOCAB, size=(2, 9))
+
+
+def _reference(family: str, variant: str = "f32", ids=IDS) -> np.ndarray:
+    _, model = tiny_model(family, variant)
+    with torch.no_grad():
+        out = model(torch.tensor(ids))
+    return (out.last_hidden_state if family == "bert" else out.logits).numpy()
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    cache = {}
+
+    def get(family: str, variant: str = "f32", backend: str = "numpy"):
+        key = (family, variant, backend)
+        if key not in cache:
+            cache[key] = loomx.load_model(tiny_model(family, variant)[0], backend=backend)
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_transformers(family, loaded):
+    model = loaded(family)
+    y = model.backend.to_host(model(model.ids(IDS)))
+    ref = _reference(family)
+    assert y.shape == ref.shape
+    np.testing.assert_allclose(y, ref, atol=1e-4, rtol=0)
+    assert np.abs(ref).max() > 1.0  # the comparison is not between near-zero numbers
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_kv_cache_gives_the_same_logits(family, loaded):
+    model = loaded(family)
+    cache = model.new_cache(2, 16)
+    parts = [model.backend.to_host(model(model.ids(IDS[:, :4]), cache))]
+    for t in range(4, IDS.shape[1]):
+        parts.append(model.backend.to_host(model(model.ids(IDS[:, t:t + 1]), cache)))
+    assert cache[0].length == IDS.shape[1]
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), _reference(family), atol=1e-4,
+                               rtol=0)
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_greedy_generation_matches_transformers(family, loaded):
+    _, ref_model = tiny_model(family)
+    prompt = [5, 17, 42, 99]
+    with torch.no_grad():
+        out = ref_model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)
+    want = out[0, len(prompt):].tolist()
+    model = loaded(family)
+    assert list(stream(model, prompt, 12, stop=[])) == want
+    assert list(stream(model, prompt, 12, stop=[], use_cache=False)) == want
+
+
+@pytest.mark.parametrize("variant", ["f16", "bf16", "sharded"])
+def test_half_precision_and_sharded_files(variant, loaded):
+    folder, _ = tiny_model("llama", variant)
+    if variant == "sharded":
+        assert (folder / "model.safetensors.index.json").is_file()
+        assert len(list(folder.glob("*.safetensors"))) > 1
+    model = loaded("llama", variant)
+    y = model.backend.to_host(model(model.ids(IDS)))
+    np.testing.assert_allclose(y, _reference("llama", variant), atol=1e-4, rtol=0)
+
+
+def test_every_backend_gives_the_same_logits(backend):
+    model = loomx.load_model(tiny_model("qwen3")[0], backend=backend)
+    cache = model.new_cache(2, 12)
+    first = model(model.ids(IDS[:, :6]), cache)
+    nxt = model(model.ids(IDS[:, 6:7]), cache)
+    ref = _reference("qwen3")
+    assert_close(first, ref[:, :6], backend, rtol=0, atol=1e-4)
+    assert_close(nxt, ref[:, 6:7], backend, rtol=0, atol=1e-4)
+
+
+def test_float64_backend_is_closer(loaded):
+    model = loomx.load_model(tiny_model("llama")[0], backend="numpy", dtype="float64")
+    y = model.backend.to_host(model(model.ids(IDS)))
+    assert y.dtype == np.float64
+    np.testing.assert_allclose(y, _reference("llama"), atol=1e-4, rtol=0)
+
+
+def test_bert_padding_mask_matches_transformers(loaded):
+    model = loaded("bert")
+    ids = IDS.copy()
+    mask = np.ones_like(ids)
+    mask[1, 5:] = 0
+    _, ref_model = tiny_model("bert")
+    with torch.no_grad():
+        ref = ref_model(torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state
+    be = model.backend
+    y = be.to_host(model(model.ids(ids), attention_mask=be.from_host(mask.astype(bool))))
+    np.testing.assert_allclose(y[0], ref[0].numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(y[1, :5], ref[1, :5].numpy(), atol=1e-4, rtol=0)
+
+
+def test_network_view_runs_the_same_weights(loaded):
+    model = loaded("llama")
+    net = model.to_network(IDS.shape[1])
+    y, _ = net.forward(model.ids(IDS))
+    np.testing.assert_allclose(model.backend.to_host(y), _reference("llama"), atol=1e-4, rtol=0)
+    kinds = [type(layer).__name__ for _, layer in net.layers()]
+    assert kinds[:7] == ["Embedding", "RMSNorm", "MultiHeadAttention", "Residual", "RMSNorm",
+                         "SwiGLU", "Residual"]
+    with pytest.raises(ConfigError, match="to_network supports"):
+        loaded("gpt2").to_network(4)
+
+
+def test_wrong_rope_theta_is_visible(tmp_path):
+    """A sanity check that the tolerance can catch a subtle configuration error."""
+    folder, _ = tiny_model("llama")
+    import json
+
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["rope_parameters"]["rope_theta"] = 10000.0
+    model = loomx.load_model(folder, config=cfg)
+    y = model.backend.to_host(model(model.ids(IDS)))
+    assert np.abs(y - _reference("llama")).max() > 1e-2
+
+
+def test_sampling_is_seeded_and_respects_top_k(loaded):
+    model = loaded("llama")
+    prompt = [5, 17, 42]
+    a = list(stream(model, prompt, 10, temperature=1.0, top_k=5, seed=3, stop=[]))
+    b = list(stream(model, prompt, 10, temperature=1.0, top_k=5, seed=3, stop=[]))
+    c = list(stream(model, prompt, 10, temperature=1.0, top_k=5, seed=4, stop=[]))
+    assert a == b and a != c
+    greedy = list(stream(model, prompt, 10, stop=[]))
+    assert list(stream(model, prompt, 10, temperature=1.0, top_k=1, seed=9, stop=[])) == greedy
+    assert list(stream(model, prompt, 10, temperature=0.7, top_p=1e-9, seed=9,
+                       stop=[])) == greedy
+
+
+def test_stop_tokens_end_generation(loaded):
+    model = loaded("llama")
+    greedy = list(stream(model, [5, 17, 42], 10, stop=[]))
+    cut = list(stream(model, [5, 17, 42], 10, stop=[greedy[3]]))
+    assert cut == greedy[:greedy.index(greedy[3])]
+
+
+def test_choose_token_rules():
+    from loomx.backends import get_backend
+
+    from loomx.models.generate import choose_token
+
+    logits = np.log(np.array([0.1, 0.6, 0.3]))
+    assert choose_token(logits) == 1
+    rng = get_backend("numpy").random(0)
+    draws = [choose_token(logits, 1.0, rng=rng) for _ in range(3000)]
+    freq = np.bincount(draws, minlength=3) / len(draws)
+    np.testing.assert_allclose(freq, [0.1, 0.6, 0.3], atol=0.03)
+    assert {choose_token(logits, 1.0, top_k=2, rng=rng) for _ in range(300)} == {1, 2}
+    assert {choose_token(logits, 1.0, top_p=0.5, rng=rng) for _ in range(100)} == {1}
+    assert {choose_token(logits, 1.0, top_p=0.8, rng=rng) for _ in range(300)} == {1, 2}
+    with pytest.raises(ConfigError, match="temperature"):
+        choose_token(logits, -1.0)

@@ -1,0 +1,90 @@
+"""Tiny random checkpoints written by ``transformers`` (offline, from config objects).
+
+``tiny_model(family)`` builds the model once per process in a temporary folder with
+``save_pretrained`` and returns ``(folder, torch_model)``. Weights are drawn with a larger
+initialiser range than the default so that logits differ visibly between positions and tokens
+(a wrong RoPE, norm or layout then shows up far above the tolerance).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+VOCAB = 160
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+              initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+#: families loomx is checked on, plus two built from the same parts (phi, starcoder2)
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2", "gpt_neox", "bert",
+            "phi", "starcoder2")
+
+
+def _config(family: str):
+    import transformers as T
+
+    c = dict(COMMON)
+    if family == "llama":
+        return T.LlamaConfig(**c, rope_theta=500000.0)
+    if family == "mistral":
+        return T.MistralConfig(**c, sliding_window=None)
+    if family == "qwen2":
+        return T.Qwen2Config(**c, tie_word_embeddings=True)
+    if family == "qwen3":
+        return T.Qwen3Config(**c, head_dim=16)
+    if family == "gemma":
+        return T.GemmaConfig(**c, head_dim=16)
+    if family == "phi3":
+        return T.Phi3Config(**c)
+    if family == "gpt2":
+        return T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                            initializer_range=0.2, bos_token_id=1, eos_token_id=2)
+    if family == "gpt_neox":
+        c.pop("num_key_value_heads")
+        return T.GPTNeoXConfig(**c, rotary_pct=0.5)
+    if family == "bert":
+        c.pop("num_key_value_heads")
+        return T.BertConfig(**c)
+    if family == "phi":
+        c.pop("num_key_value_heads")
+        return T.PhiConfig(**c, partial_rotary_factor=0.5)
+    if family == "starcoder2":
+        return T.Starcoder2Config(**c, sliding_window=None)
+    raise KeyError(family)
+
+
+@functools.cache
+def _root() -> Path:
+    return Path(tempfile.mkdtemp(prefix="loomx-tiny-"))
+
+
+@functools.cache
+def tiny_model(family: str, variant: str = "f32"):
+    """``(folder, torch_model)`` for ``family``; ``variant`` is f32, f16, bf16 or sharded."""
+    import torch
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = _config(family)
+    if family == "bert":
+        model = T.BertModel(cfg, add_pooling_layer=True)
+    else:
+        model = T.AutoModelForCausalLM.from_config(cfg)
+    model.eval()
+    folder = _root() / f"{family}-{variant}"
+    if variant == "f32":
+        model.save_pretrained(folder)
+    elif variant == "sharded":
+        model.save_pretrained(folder, max_shard_size="20KB")
+    else:
+        base, _ = tiny_model(family, "f32")
+        dtype = {"f16": torch.float16, "bf16": torch.bfloat16}[variant]
+        kind = T.AutoModel if family == "bert" else T.AutoModelForCausalLM
+        kind.from_pretrained(base, dtype=dtype).save_pretrained(folder)
+        model = kind.from_pretrained(folder, dtype=torch.float32).eval()
+    return folder, model
