@@ -139,6 +139,9 @@ def make_cupy_backend(name: str = "cupy", index: int | None = None) -> CupyBacke
     i = index or 0
     if i >= count:
         raise BackendUnavailableError(f"cupy:{i} requested but only {count} CUDA device(s) exist.")
+    from .cupy_kernels import cupy_kernels
+
     return CupyBackend(name=name, xp=xp, device=cupy.cuda.Device(i), library="cupy",
                        kernels={"window_gather": _cupy_window_gather,
-                                "window_scatter_add": _cupy_window_scatter_add})
+                                "window_scatter_add": _cupy_window_scatter_add,
+                                **cupy_kernels()})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import numpy as np
@@ -34,6 +35,25 @@ def _window_scatter_add(out, cols, kernel: tuple[int, ...], stride: tuple[int, .
         view = out[idx]
         np.add(view, cols[..., j, :], out=view)
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _ones(n: int, dtype: str) -> np.ndarray:
+    """A cached read-only vector of ``n`` ones."""
+    ones = np.ones(n, dtype=dtype)
+    ones.flags.writeable = False
+    return ones
+
+
+def _sum_rows(a):
+    """Sum of ``a [R, N]`` over its rows → ``[N]`` as ``ones [R] @ a`` (BLAS gemv).
+
+    Several times faster than ``np.sum(a, axis=0)`` for tall matrices (the reduction runs in
+    BLAS, not in numpy's strided add loop); integer and half-precision input use ``np.sum``.
+    """
+    if a.ndim != 2 or a.dtype not in (np.float32, np.float64):
+        return np.sum(a, axis=0)
+    return _ones(a.shape[0], a.dtype.str) @ a
 
 
 # Cephes ``ndtr.c`` rational approximations: erf(x) = x·T(x²)/U(x²) for |x| < 1, and
@@ -98,4 +118,5 @@ def make_numpy_backend(name: str = "numpy", index: int | None = None) -> NumpyBa
         raise BackendUnavailableError(f"numpy has only the 'cpu' device; got index {index}.")
     return NumpyBackend(name=name, xp=xp, device="cpu", library="numpy",
                         kernels={"window_gather": _window_gather,
-                                 "window_scatter_add": _window_scatter_add})
+                                 "window_scatter_add": _window_scatter_add,
+                                 "sum_rows": _sum_rows})

@@ -2,9 +2,37 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from .base import Backend
+
+
+def _torch_window_gather(x, window: tuple[int, ...], stride: tuple[int, ...]):
+    """Strided windows over the trailing ``len(window)`` axes as a view (``Tensor.unfold``).
+
+    Shapes: ``x [*lead, *spatial]`` → ``[*lead, *out_spatial, *window]``: each ``unfold``
+    turns one spatial axis into its window count and appends the window axis; no data moves.
+    """
+    first = x.ndim - len(window)
+    for axis, (w, s) in enumerate(zip(window, stride)):
+        x = x.unfold(first + axis, w, s)
+    return x
+
+
+def _torch_window_scatter_add(out, cols, kernel: tuple[int, ...], stride: tuple[int, ...],
+                              dilation: tuple[int, ...]):
+    """Add every window of ``cols [B, *O, K, C]`` into ``out [B, *S, C]`` in place.
+
+    One in-place ``add_`` on a strided view per kernel offset (no temporaries).
+    """
+    out_shape = cols.shape[1:-2]
+    for j, off in enumerate(itertools.product(*(range(k) for k in kernel))):
+        idx = (slice(None),) + tuple(slice(o * d, o * d + s * (m - 1) + 1, s) for o, d, s, m
+                                     in zip(off, dilation, stride, out_shape)) + (slice(None),)
+        out[idx].add_(cols[..., j, :])
+    return out
 
 
 class TorchBackend(Backend):
@@ -72,7 +100,10 @@ def make_torch_backend(name: str = "torch", device: str | None = None) -> TorchB
             "(a CPU-only torch build, no NVIDIA driver, or no GPU).")
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
         raise BackendUnavailableError(
-            f"torch device {dev} requested but only {torch.cuda.device_count()} CUDA devices exist.")
+            f"torch device {dev} requested but only {torch.cuda.device_count()} CUDA devices "
+            "exist.")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise BackendUnavailableError("torch device mps requested but MPS is not available.")
-    return TorchBackend(name=name, xp=xp, device=dev, library="torch")
+    return TorchBackend(name=name, xp=xp, device=dev, library="torch",
+                        kernels={"window_gather": _torch_window_gather,
+                                 "window_scatter_add": _torch_window_scatter_add})

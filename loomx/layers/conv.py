@@ -33,8 +33,9 @@ from ._windows import (
     to_channels_last,
     window_count,
 )
-from .activations import get_activation
+from .activations import activation_backward, bias_activation, get_activation
 from .base import Array, Layer, Shape, register_layer
+from .dense import sum_rows
 from .init import init_weight
 
 IntOrTuple = int | tuple[int, ...] | list[int]
@@ -155,14 +156,16 @@ class _ConvBase(Layer):
 
     def _finish(self, zcl: Array) -> tuple[Array, Array]:
         """Channels-last pre-activation ``[B, *O, F]`` → ``(z, y)`` as ``[B, F, *O]``."""
-        if self.bias:
-            zcl = zcl + self.params["bias"]
-        z = to_channels_first(self.xp, zcl)
-        return z, self._act.forward(self.backend, z)
+        zcl, ycl = bias_activation(self.backend, self._act, zcl,
+                                   self.params["bias"] if self.bias else None)
+        return to_channels_first(self.xp, zcl), to_channels_first(self.xp, ycl)
 
-    def _bias_grad(self, dz: Array) -> None:
+    def _bias_grad(self, dzcl: Array) -> None:
+        """Accumulate the bias gradient from a channels-last ``dz [B, *O, F]``."""
         if self.bias:
-            self._accumulate("bias", self.xp.sum(dz, axis=(0,) + tuple(range(2, dz.ndim))))
+            xp = self.xp
+            self._accumulate("bias", sum_rows(self.backend,
+                                              xp.reshape(dzcl, (-1, dzcl.shape[-1]))))
 
 
 class ConvND(_ConvBase):
@@ -237,6 +240,24 @@ class ConvND(_ConvBase):
         z, y = self._finish(xp.reshape(z, (x.shape[0], *self._out_spatial, -1)))
         return y, (cols, z, y)
 
+    def _window_grads(self, dz2: Array, batch: int, k: int) -> Array:
+        """Gradient of the gathered windows, ``dz2 [g, B·P, F/g]`` → ``[B, *O, K, C]``.
+
+        Without groups it is computed kernel-offset major (``[K, B·P, C]``, one batched matrix
+        product) and returned as a permuted view, so that the scatter-add reads each offset's
+        slice contiguously (measured 1.6× faster scatter on numpy).
+        """
+        xp, n, c = self.xp, self.ndim, self.in_channels
+        lead = (batch, *self._out_spatial)
+        if self.groups == 1:
+            w = self.params["weight"]
+            wk = xp.permute_dims(xp.reshape(w, (w.shape[0], c, k)), (2, 0, 1))  # [K, F, C]
+            dk = xp.reshape(xp.matmul(dz2[0, ...], wk), (k, *lead, c))  # [K, B, *O, C]
+            return xp.permute_dims(dk, tuple(range(1, n + 2)) + (0, n + 2))
+        w = _weight_rows(xp, self.params["weight"], self.groups)
+        dcols = _merge_groups(xp, xp.matmul(dz2, w), k)  # [B·P, K, C]
+        return xp.reshape(dcols, (*lead, k, c))
+
     def backward(self, dy: Array, ctx) -> Array:
         cols, z, y = ctx
         xp = self.xp
@@ -244,16 +265,13 @@ class ConvND(_ConvBase):
         # work channels-last: z and y already are in memory; dy is copied once if it is not
         shape_cl = (dy.shape[0], *self._out_spatial, self.out_channels)
         dycl = xp.reshape(xp.reshape(to_channels_last(xp, dy), (rows, -1)), shape_cl)
-        dzcl = self._act.backward(self.backend, to_channels_last(xp, z),
-                                  to_channels_last(xp, y), dycl)
+        dzcl = activation_backward(self.backend, self._act, to_channels_last(xp, z),
+                                   to_channels_last(xp, y), dycl)
+        self._bias_grad(dzcl)
         dz2 = _split_groups(xp, dzcl, rows, 1, g)  # [g, B·P, F/g]
-        if self.bias:
-            self._accumulate("bias", xp.reshape(xp.sum(dz2, axis=1), (-1,)))
         dw = xp.matmul(xp.matrix_transpose(dz2), cols)  # [g, F/g, K·C/g]
         self._accumulate("weight", _weight_from_rows(xp, dw, tuple(self.params["weight"].shape)))
-        w = _weight_rows(xp, self.params["weight"], g)
-        dcols = _merge_groups(xp, xp.matmul(dz2, w), k)  # [B·P, K, C]
-        dcols = xp.reshape(dcols, (dy.shape[0], *self._out_spatial, k, self.in_channels))
+        dcols = self._window_grads(dz2, dy.shape[0], k)
         padded = tuple(s + lo + hi for s, (lo, hi) in zip(self.input_shape[1:], self._pads))
         dxcl = scatter_windows(self.backend, dcols, padded, self._k, self._s, self._d)
         return to_channels_first(xp, crop_spatial(dxcl, self._pads))
@@ -331,9 +349,10 @@ class ConvTransposeND(_ConvBase):
         xp = self.xp
         g, k = self.groups, math.prod(self._k)
         spatial = self.input_shape[1:]
-        dz = self._act.backward(self.backend, z, y, dy)
-        self._bias_grad(dz)
-        dzcl = pad_spatial(self.backend, to_channels_last(xp, dz), self._pads)
+        dzcl = activation_backward(self.backend, self._act, to_channels_last(xp, z),
+                                   to_channels_last(xp, y), to_channels_last(xp, dy))
+        self._bias_grad(dzcl)
+        dzcl = pad_spatial(self.backend, dzcl, self._pads)
         cols = gather_windows(self.backend, dzcl, self._k, self._s, self._d,
                               out_shape=spatial)  # [B, *S, K, F]
         cols = _split_groups(xp, cols, x2.shape[1], k, g)  # [g, B·P, K·F/g]

@@ -171,6 +171,14 @@ class Adam(Optimizer):
         h = self.hyper
         xp = self.backend.xp
         b1, b2, wd = h["beta1"], h["beta2"], h["weight_decay"]
+        fused = None if h["amsgrad"] else self.backend.kernel("adam_update")
+        if fused is not None:
+            for key in ("exp_avg", "exp_avg_sq"):
+                if state.get(key) is None:
+                    state[key] = xp.zeros_like(w)
+            return fused(w, g, state["exp_avg"], state["exp_avg_sq"], lr=self.lr, beta1=b1,
+                         beta2=b2, eps=h["eps"], weight_decay=wd, step=self.step_count,
+                         decoupled=self.decoupled)
         if wd and self.decoupled:
             w = w * (1.0 - self.lr * wd)
         elif wd:

@@ -1,0 +1,480 @@
+"""Fused CuPy kernels for the hot elementwise and row-wise chains (contracts: docs/kernels.md).
+
+Every kernel here is compiled on first use (``functools.cache`` around the CuPy kernel object;
+CuPy caches the compiled binary on disk as well) and registered by name in the CuPy backend's
+``kernels`` dict. Layers ask for them with ``backend.kernel(name)`` and fall back to their
+array-API reference path when a backend has no such kernel; every kernel is tested against
+that reference (tests/test_kernels.py).
+
+- ``bias_act:<activation>``: ``(x [..., N], bias [N] | None) -> (z, y)``, ``z = x + bias``,
+  ``y = act(z)``, one pass;
+- ``act_backward:<activation>``: ``(z, y, dy) -> dz``, one pass;
+- ``softmax`` / ``log_softmax`` and ``softmax_backward`` / ``log_softmax_backward``: over the
+  last axis, one thread block per row;
+- ``layer_norm_forward`` / ``layer_norm_backward`` and ``rms_norm_forward`` /
+  ``rms_norm_backward``: one block per row for the row statistics, one fused column reduction
+  per parameter gradient;
+- ``adam_update``: one elementwise kernel updating param, first and second moment in place.
+
+float32 and float64 run natively; other float dtypes (float16) are computed in float32 and cast
+back.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_ROW_THREADS = 256
+
+
+def _c(value: float) -> str:
+    """A literal of the kernel's element type ``T``."""
+    return f"((T){value!r})"
+
+
+_SIG = f"({_c(0.5)} * tanh({_c(0.5)} * t) + {_c(0.5)})"
+
+#: activation name -> (forward body setting ``y`` from ``t``, backward body setting ``dz``
+#: from ``z``, ``y``, ``dy``). Formulas match loomx/layers/activations.py.
+ACTIVATION_BODIES: dict[str, tuple[str, str]] = {
+    "identity": ("y = t;", "dz = dy;"),
+    "relu": (f"y = t > {_c(0.0)} ? t : {_c(0.0)};",
+             f"dz = z > {_c(0.0)} ? dy : {_c(0.0)};"),
+    "scaled_relu": (f"y = t > {_c(0.0)} ? t * {_c(1.1)} : {_c(0.0)};",
+                    f"dz = z > {_c(0.0)} ? dy * {_c(1.1)} : {_c(0.0)};"),
+    "leaky_relu": (f"y = t >= {_c(0.0)} ? t : t * {_c(0.01)};",
+                   f"dz = z >= {_c(0.0)} ? dy : dy * {_c(0.01)};"),
+    "loom_leaky_relu": (f"y = t >= {_c(0.0)} ? t : t * {_c(0.1)};",
+                        f"dz = z >= {_c(0.0)} ? dy : dy * {_c(0.1)};"),
+    "sigmoid": (f"y = {_SIG};", f"dz = dy * y * ({_c(1.0)} - y);"),
+    "tanh": ("y = tanh(t);", f"dz = dy * ({_c(1.0)} - y * y);"),
+    "gelu": (f"y = {_c(0.5)} * t * ({_c(1.0)} + erf(t * {_c(_INV_SQRT2)}));",
+             f"dz = dy * ({_c(0.5)} * ({_c(1.0)} + erf(z * {_c(_INV_SQRT2)})) "
+             f"+ z * exp({_c(-0.5)} * z * z) * {_c(_INV_SQRT_2PI)});"),
+    "gelu_tanh": (f"y = {_c(0.5)} * t * ({_c(1.0)} + tanh({_c(_SQRT_2_OVER_PI)} * "
+                  f"(t + {_c(0.044715)} * t * t * t)));",
+                  f"T u = tanh({_c(_SQRT_2_OVER_PI)} * (z + {_c(0.044715)} * z * z * z)); "
+                  f"T du = {_c(_SQRT_2_OVER_PI)} * ({_c(1.0)} + {_c(3 * 0.044715)} * z * z); "
+                  f"dz = dy * ({_c(0.5)} * ({_c(1.0)} + u) "
+                  f"+ {_c(0.5)} * z * ({_c(1.0)} - u * u) * du);"),
+    "silu": (f"y = t * {_SIG};",
+             f"T t = z; T s = {_SIG}; dz = dy * (s + z * s * ({_c(1.0)} - s));"),
+}
+
+
+def _cupy():
+    import cupy
+
+    return cupy
+
+
+def _native(a) -> bool:
+    return a.dtype in (np.float32, np.float64)
+
+
+def _up(*arrays):
+    """Cast non-native float arrays (float16) to float32; ``None`` passes through."""
+    return tuple(None if a is None or _native(a) else a.astype(np.float32) for a in arrays)
+
+
+# ---------------------------------------------------------------------- bias + activation
+@functools.cache
+def _bias_act_kernel(name: str, with_bias: bool):
+    cp = _cupy()
+    fwd, _ = ACTIVATION_BODIES[name]
+    if with_bias:
+        return cp.ElementwiseKernel("T x, T b", "T z, T y", f"T t = x + b; z = t; {fwd}",
+                                    f"loomx_bias_{name}")
+    return cp.ElementwiseKernel("T t", "T y", fwd, f"loomx_act_{name}")
+
+
+@functools.cache
+def _act_backward_kernel(name: str):
+    _, bwd = ACTIVATION_BODIES[name]
+    return _cupy().ElementwiseKernel("T z, T y, T dy", "T dz", bwd, f"loomx_act_bwd_{name}")
+
+
+def make_bias_act(name: str):
+    """``bias_act:<name>``: ``(x [..., N], bias [N] | None) -> (z, y)`` in one pass."""
+
+    def bias_act(x, bias=None):
+        dtype = x.dtype
+        if not _native(x):
+            z, y = bias_act(*_up(x, bias))
+            return z.astype(dtype), y.astype(dtype)
+        if bias is None:
+            return x, _bias_act_kernel(name, False)(x)
+        return _bias_act_kernel(name, True)(x, bias)
+
+    bias_act.__name__ = f"bias_act_{name}"
+    return bias_act
+
+
+def make_act_backward(name: str):
+    """``act_backward:<name>``: ``(z, y, dy) -> dz`` in one pass."""
+
+    def act_backward(z, y, dy):
+        if not _native(dy):
+            return act_backward(*_up(z, y, dy)).astype(dy.dtype)
+        return _act_backward_kernel(name)(z, y, dy)
+
+    act_backward.__name__ = f"act_backward_{name}"
+    return act_backward
+
+
+# ---------------------------------------------------------------------- row kernels
+_ROW_SOURCE = r"""
+template <typename T>
+__device__ T block_sum(T v, T* red) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) red[wid] = v;
+    __syncthreads();
+    const int nw = (blockDim.x + 31) >> 5;
+    v = ((int)threadIdx.x < nw) ? red[threadIdx.x] : (T)0;
+    if (wid == 0) {
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+        if (lane == 0) red[0] = v;
+    }
+    __syncthreads();
+    const T r = red[0];
+    __syncthreads();
+    return r;
+}
+
+template <typename T>
+__device__ T block_max(T v, T* red) {
+    for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_down_sync(0xffffffffu, v, o));
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) red[wid] = v;
+    __syncthreads();
+    const int nw = (blockDim.x + 31) >> 5;
+    v = ((int)threadIdx.x < nw) ? red[threadIdx.x] : red[0];
+    if (wid == 0) {
+        for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_down_sync(0xffffffffu, v, o));
+        if (lane == 0) red[0] = v;
+    }
+    __syncthreads();
+    const T r = red[0];
+    __syncthreads();
+    return r;
+}
+
+#define ROW_LOOP(i) for (long long i = threadIdx.x; i < n; i += blockDim.x)
+
+template <typename T>
+__global__ void softmax_fwd(const T* x, T* y, long long n, int log_out) {
+    __shared__ T red[32];
+    const T* xr = x + (long long)blockIdx.x * n;
+    T* yr = y + (long long)blockIdx.x * n;
+    T m = xr[0];
+    ROW_LOOP(i) m = max(m, xr[i]);
+    m = block_max(m, red);
+    T s = (T)0;
+    ROW_LOOP(i) s += exp(xr[i] - m);
+    s = block_sum(s, red);
+    if (log_out) {
+        const T shift = m + log(s);
+        ROW_LOOP(i) yr[i] = xr[i] - shift;
+    } else {
+        const T inv = (T)1 / s;
+        ROW_LOOP(i) yr[i] = exp(xr[i] - m) * inv;
+    }
+}
+
+template <typename T>
+__global__ void softmax_bwd(const T* y, const T* g, T* dx, long long n, int log_out) {
+    __shared__ T red[32];
+    const long long off = (long long)blockIdx.x * n;
+    const T* yr = y + off; const T* gr = g + off; T* dr = dx + off;
+    T s = (T)0;
+    if (log_out) { ROW_LOOP(i) s += gr[i]; } else { ROW_LOOP(i) s += gr[i] * yr[i]; }
+    s = block_sum(s, red);
+    if (log_out) { ROW_LOOP(i) dr[i] = gr[i] - exp(yr[i]) * s; }
+    else { ROW_LOOP(i) dr[i] = yr[i] * (gr[i] - s); }
+}
+
+template <typename T>
+__global__ void layer_norm_fwd(const T* x, const T* w, const T* b, T* y, T* xhat, T* rstd,
+                               long long n, T eps, int has_w, int has_b) {
+    __shared__ T red[32];
+    const long long off = (long long)blockIdx.x * n;
+    const T* xr = x + off; T* yr = y + off; T* hr = xhat + off;
+    T s = (T)0;
+    ROW_LOOP(i) s += xr[i];
+    const T mean = block_sum(s, red) / (T)n;
+    T q = (T)0;
+    ROW_LOOP(i) { const T c = xr[i] - mean; q += c * c; }
+    const T r = (T)1 / sqrt(block_sum(q, red) / (T)n + eps);
+    if (threadIdx.x == 0) rstd[blockIdx.x] = r;
+    ROW_LOOP(i) {
+        const T h = (xr[i] - mean) * r;
+        hr[i] = h;
+        T v = has_w ? h * w[i] : h;
+        yr[i] = has_b ? v + b[i] : v;
+    }
+}
+
+template <typename T>
+__global__ void layer_norm_bwd(const T* dy, const T* xhat, const T* rstd, const T* w, T* dx,
+                               long long n, int has_w) {
+    __shared__ T red[32];
+    const long long off = (long long)blockIdx.x * n;
+    const T* gr = dy + off; const T* hr = xhat + off; T* dr = dx + off;
+    T sg = (T)0, sgx = (T)0;
+    ROW_LOOP(i) { const T g = has_w ? gr[i] * w[i] : gr[i]; sg += g; sgx += g * hr[i]; }
+    const T mg = block_sum(sg, red) / (T)n;
+    const T mgx = block_sum(sgx, red) / (T)n;
+    const T r = rstd[blockIdx.x];
+    ROW_LOOP(i) {
+        const T g = has_w ? gr[i] * w[i] : gr[i];
+        dr[i] = r * (g - mg - hr[i] * mgx);
+    }
+}
+
+template <typename T>
+__global__ void rms_norm_fwd(const T* x, const T* w, T* y, T* rinv, long long n, T eps,
+                             int unit_offset) {
+    __shared__ T red[32];
+    const long long off = (long long)blockIdx.x * n;
+    const T* xr = x + off; T* yr = y + off;
+    T q = (T)0;
+    ROW_LOOP(i) q += xr[i] * xr[i];
+    const T r = (T)1 / sqrt(block_sum(q, red) / (T)n + eps);
+    if (threadIdx.x == 0) rinv[blockIdx.x] = r;
+    ROW_LOOP(i) yr[i] = xr[i] * r * (unit_offset ? (T)1 + w[i] : w[i]);
+}
+
+template <typename T>
+__global__ void rms_norm_bwd(const T* dy, const T* x, const T* rinv, const T* w, T* dx,
+                             long long n, int unit_offset) {
+    __shared__ T red[32];
+    const long long off = (long long)blockIdx.x * n;
+    const T* gr = dy + off; const T* xr = x + off; T* dr = dx + off;
+    T sgx = (T)0;
+    ROW_LOOP(i) sgx += gr[i] * (unit_offset ? (T)1 + w[i] : w[i]) * xr[i];
+    const T mgx = block_sum(sgx, red) / (T)n;
+    const T r = rinv[blockIdx.x];
+    const T r3 = r * r * r;
+    ROW_LOOP(i) dr[i] = r * gr[i] * (unit_offset ? (T)1 + w[i] : w[i]) - xr[i] * r3 * mgx;
+}
+"""
+
+_ROW_KERNELS = ("softmax_fwd", "softmax_bwd", "layer_norm_fwd", "layer_norm_bwd",
+                "rms_norm_fwd", "rms_norm_bwd")
+_CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+
+
+@functools.cache
+def _row_module():
+    names = [f"{k}<{t}>" for k in _ROW_KERNELS for t in _CTYPES.values()]
+    return _cupy().RawModule(code=_ROW_SOURCE, options=("-std=c++14",), name_expressions=names)
+
+
+def _row_kernel(name: str, dtype):
+    return _row_module().get_function(f"{name}<{_CTYPES[np.dtype(dtype)]}>")
+
+
+def _rows(x):
+    """``x [..., N]`` as a C-contiguous ``[R, N]`` array (a view when already contiguous)."""
+    cp = _cupy()
+    x = cp.ascontiguousarray(x)
+    n = x.shape[-1]
+    return x.reshape(-1, n), n
+
+
+def _launch(name: str, rows: int, args, dtype) -> None:
+    if rows:
+        _row_kernel(name, dtype)((rows,), (_ROW_THREADS,), args)
+
+
+def _softmax_forward(x, log_out: bool):
+    cp = _cupy()
+    if not _native(x):
+        return _softmax_forward(*_up(x), log_out).astype(x.dtype)
+    x2, n = _rows(x)
+    y = cp.empty_like(x2)
+    _launch("softmax_fwd", x2.shape[0], (x2, y, np.int64(n), np.int32(log_out)), x2.dtype)
+    return y.reshape(x.shape)
+
+
+def _softmax_backward(y, g, log_out: bool):
+    cp = _cupy()
+    if not _native(g):
+        return _softmax_backward(*_up(y, g), log_out).astype(g.dtype)
+    y2, n = _rows(y)
+    g2, _ = _rows(g)
+    dx = cp.empty_like(g2)
+    _launch("softmax_bwd", y2.shape[0], (y2, g2, dx, np.int64(n), np.int32(log_out)),
+            g2.dtype)
+    return dx.reshape(g.shape)
+
+
+def softmax(x):
+    """``softmax``: ``x [..., N] -> y [..., N]`` over the last axis."""
+    return _softmax_forward(x, False)
+
+
+def log_softmax(x):
+    """``log_softmax``: ``x [..., N] -> x - max - log Σ exp(x - max)`` over the last axis."""
+    return _softmax_forward(x, True)
+
+
+def softmax_backward(y, g):
+    """``softmax_backward``: ``(y, g) -> y ⊙ (g - Σ g·y)``."""
+    return _softmax_backward(y, g, False)
+
+
+def log_softmax_backward(y, g):
+    """``log_softmax_backward``: ``(y = log_softmax(x), g) -> g - exp(y) · Σ g``."""
+    return _softmax_backward(y, g, True)
+
+
+@functools.cache
+def _dot_columns(n_inputs: int):
+    """Column sums of a product of ``n_inputs`` broadcast arrays (one fused reduction)."""
+    names = ("p", "q", "r")[:n_inputs]
+    return _cupy().ReductionKernel(", ".join(f"T {a}" for a in names), "T out",
+                                   " * ".join(names), "a + b", "out = a", "0",
+                                   f"loomx_dot_columns{n_inputs}")
+
+
+def _column_sum(*arrays):
+    """``Σ_rows prod(arrays)`` for ``[R, N]`` (or ``[R, 1]``) arrays → ``[N]``."""
+    if len(arrays) == 1:
+        return _cupy().sum(arrays[0], axis=0)
+    return _dot_columns(len(arrays))(*arrays, axis=0)
+
+
+def layer_norm_forward(x, weight, bias, eps: float):
+    """``layer_norm_forward``: ``(x [..., D], weight [D] | None, bias [D] | None, eps)``
+    → ``(y [..., D], xhat [..., D], rstd [..., 1])``."""
+    cp = _cupy()
+    if not _native(x):
+        y, xhat, rstd = layer_norm_forward(*_up(x, weight, bias), eps)
+        return y.astype(x.dtype), xhat.astype(x.dtype), rstd.astype(x.dtype)
+    x2, n = _rows(x)
+    rows = x2.shape[0]
+    y, xhat = cp.empty_like(x2), cp.empty_like(x2)
+    rstd = cp.empty((rows, 1), dtype=x2.dtype)
+    w = x2 if weight is None else cp.ascontiguousarray(weight)
+    b = x2 if bias is None else cp.ascontiguousarray(bias)
+    _launch("layer_norm_fwd", rows,
+            (x2, w, b, y, xhat, rstd, np.int64(n), x2.dtype.type(eps),
+             np.int32(weight is not None), np.int32(bias is not None)), x2.dtype)
+    lead = tuple(x.shape[:-1])
+    return y.reshape(x.shape), xhat.reshape(x.shape), rstd.reshape(lead + (1,))
+
+
+def layer_norm_backward(dy, xhat, rstd, weight):
+    """``layer_norm_backward``: ``(dy, xhat, rstd, weight | None)``
+    → ``(dx [..., D], dweight [D] | None, dbias [D])``."""
+    cp = _cupy()
+    if not _native(dy):
+        dx, dw, db = layer_norm_backward(*_up(dy, xhat, rstd, weight))
+        return (dx.astype(dy.dtype), None if dw is None else dw.astype(dy.dtype),
+                db.astype(dy.dtype))
+    g2, n = _rows(dy)
+    h2, _ = _rows(xhat)
+    r2 = cp.ascontiguousarray(rstd).reshape(-1, 1)
+    dx = cp.empty_like(g2)
+    w = g2 if weight is None else cp.ascontiguousarray(weight)
+    _launch("layer_norm_bwd", g2.shape[0],
+            (g2, h2, r2, w, dx, np.int64(n), np.int32(weight is not None)), g2.dtype)
+    dweight = None if weight is None else _column_sum(g2, h2)
+    return dx.reshape(dy.shape), dweight, _column_sum(g2)
+
+
+def rms_norm_forward(x, weight, eps: float, unit_offset: bool = False):
+    """``rms_norm_forward``: ``(x [..., D], weight [D], eps, unit_offset)``
+    → ``(y [..., D], rinv [..., 1])``; the scale is ``weight`` or ``1 + weight``."""
+    cp = _cupy()
+    if not _native(x):
+        y, rinv = rms_norm_forward(*_up(x, weight), eps, unit_offset)
+        return y.astype(x.dtype), rinv.astype(x.dtype)
+    x2, n = _rows(x)
+    rows = x2.shape[0]
+    y = cp.empty_like(x2)
+    rinv = cp.empty((rows, 1), dtype=x2.dtype)
+    _launch("rms_norm_fwd", rows,
+            (x2, cp.ascontiguousarray(weight), y, rinv, np.int64(n), x2.dtype.type(eps),
+             np.int32(bool(unit_offset))), x2.dtype)
+    return y.reshape(x.shape), rinv.reshape(tuple(x.shape[:-1]) + (1,))
+
+
+def rms_norm_backward(dy, x, rinv, weight, unit_offset: bool = False):
+    """``rms_norm_backward``: ``(dy, x, rinv, weight, unit_offset)``
+    → ``(dx [..., D], dweight [D])``."""
+    cp = _cupy()
+    if not _native(dy):
+        dx, dw = rms_norm_backward(*_up(dy, x, rinv, weight), unit_offset)
+        return dx.astype(dy.dtype), dw.astype(dy.dtype)
+    g2, n = _rows(dy)
+    x2, _ = _rows(x)
+    r2 = cp.ascontiguousarray(rinv).reshape(-1, 1)
+    dx = cp.empty_like(g2)
+    _launch("rms_norm_bwd", g2.shape[0],
+            (g2, x2, r2, cp.ascontiguousarray(weight), dx, np.int64(n),
+             np.int32(bool(unit_offset))), g2.dtype)
+    return dx.reshape(dy.shape), _column_sum(g2, x2, r2)
+
+
+# ---------------------------------------------------------------------- Adam / AdamW
+@functools.cache
+def _adam_kernel():
+    body = """
+    T gg = g + wd * w;
+    w = w * decay;
+    m = b1 * m + ((T)1 - b1) * gg;
+    v = b2 * v + ((T)1 - b2) * (gg * gg);
+    w = w - step_size * (m / (sqrt(v) / bc2_sqrt + eps));
+    """
+    return _cupy().ElementwiseKernel(
+        "T g, T step_size, T b1, T b2, T eps, T wd, T bc2_sqrt, T decay", "T w, T m, T v",
+        body, "loomx_adam_update")
+
+
+def adam_update(w, g, m, v, *, lr: float, beta1: float, beta2: float, eps: float,
+                weight_decay: float, step: int, decoupled: bool):
+    """``adam_update``: one Adam/AdamW step on ``w``, ``m``, ``v`` **in place**; returns ``w``.
+
+    ``m`` and ``v`` start as zeros; ``step`` is the 1-based step count (bias corrections).
+    ``decoupled=True`` is AdamW (``w ← w(1 - lr·wd)`` first), else L2 decay (``g + wd·w``).
+    """
+    if not _native(w):
+        w32, m32, v32 = (a.astype(np.float32) for a in (w, m, v))
+        adam_update(w32, g.astype(np.float32), m32, v32, lr=lr, beta1=beta1, beta2=beta2,
+                    eps=eps, weight_decay=weight_decay, step=step, decoupled=decoupled)
+        for dst, src in ((w, w32), (m, m32), (v, v32)):
+            dst[...] = src.astype(dst.dtype)
+        return w
+    t = w.dtype.type
+    l2 = 0.0 if decoupled else weight_decay
+    decay = 1.0 - lr * weight_decay if decoupled else 1.0
+    _adam_kernel()(g, t(lr / (1.0 - beta1 ** step)), t(beta1), t(beta2), t(eps), t(l2),
+                   t(math.sqrt(1.0 - beta2 ** step)), t(decay), w, m, v)
+    return w
+
+
+def cupy_kernels() -> dict:
+    """Every kernel of this module by its registered name (nothing is compiled yet)."""
+    kernels = {}
+    for name in ACTIVATION_BODIES:
+        kernels[f"bias_act:{name}"] = make_bias_act(name)
+        kernels[f"act_backward:{name}"] = make_act_backward(name)
+    kernels.update({
+        "softmax": softmax, "log_softmax": log_softmax, "softmax_backward": softmax_backward,
+        "log_softmax_backward": log_softmax_backward,
+        "layer_norm_forward": layer_norm_forward, "layer_norm_backward": layer_norm_backward,
+        "rms_norm_forward": rms_norm_forward, "rms_norm_backward": rms_norm_backward,
+        "adam_update": adam_update,
+    })
+    return kernels

@@ -1,0 +1,310 @@
+"""Every fast kernel a backend registers, against the array-API reference path it replaces.
+
+The kernel checks are keyed by kernel name; :func:`test_every_registered_kernel_matches_reference`
+runs the check of every kernel the backend under test registers (numpy and torch here, the fused
+CuPy kernels where a GPU is usable) and fails on a registered kernel that has no check. The
+layer tests at the end run whole layers and optimizers with and without the kernels.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import pathlib
+
+import numpy as np
+import pytest
+
+from loomx.layers import LayerNorm, RMSNorm, Softmax
+from loomx.layers._windows import (
+    gather_windows,
+    gather_windows_reference,
+    scatter_windows,
+    scatter_windows_reference,
+)
+from loomx.layers.activations import ACTIVATIONS
+from loomx.layers.conv import Conv1D, Conv2D, Conv3D, ConvTranspose2D
+from loomx.layers.dense import Activation, Dense
+from loomx.layers.softmax import log_softmax, log_softmax_vjp, softmax, softmax_vjp
+from loomx.train.optim import Adam, AdamW
+from tests.conftest import assert_close
+
+FUSED_ACTIVATIONS = ("identity", "relu", "scaled_relu", "leaky_relu", "loom_leaky_relu",
+                     "sigmoid", "tanh", "gelu", "gelu_tanh", "silu")
+
+
+def reference_backend(backend):
+    """The same backend without fast kernels: every caller takes its reference path."""
+    return type(backend)(name=backend.name, xp=backend.xp, device=backend.device,
+                         float_dtype=backend.float_dtype, library=backend.library, kernels={})
+
+
+def _rand(backend, shape, seed, scale=1.0, shift=0.0):
+    rng = np.random.default_rng(seed)
+    return backend.from_host(rng.standard_normal(shape) * scale + shift)
+
+
+# ---------------------------------------------------------------------- kernel checks
+def check_bias_act(backend, kernel, name):
+    act = ACTIVATIONS[name.split(":", 1)[1]]
+    x = _rand(backend, (3, 5, 7), 0, scale=2.0)
+    bias = _rand(backend, (7,), 1)
+    z, y = kernel(x, bias)
+    ref_z = x + bias
+    assert_close(z, backend.to_host(ref_z), backend)
+    assert_close(y, backend.to_host(act.forward(backend, ref_z)), backend, rtol=1e-5,
+                 atol=2e-6)
+    z0, y0 = kernel(x, None)
+    assert_close(z0, backend.to_host(x), backend)
+    assert_close(y0, backend.to_host(act.forward(backend, x)), backend, rtol=1e-5, atol=2e-6)
+
+
+def check_act_backward(backend, kernel, name):
+    act = ACTIVATIONS[name.split(":", 1)[1]]
+    z = _rand(backend, (4, 9), 2, scale=2.0)
+    y = act.forward(backend, z)
+    dy = _rand(backend, (4, 9), 3)
+    expected = act.backward(backend, z, y, dy)
+    assert_close(kernel(z, y, dy), backend.to_host(expected), backend, rtol=1e-5, atol=2e-6)
+
+
+def check_softmax(backend, kernel, name):
+    xp = backend.xp
+    x = _rand(backend, (2, 3, 37), 4, scale=3.0)
+    ref = softmax(xp, x) if name == "softmax" else log_softmax(xp, x)
+    assert_close(kernel(x), backend.to_host(ref), backend, rtol=1e-5, atol=1e-6)
+
+
+def check_softmax_backward(backend, kernel, name):
+    xp = backend.xp
+    x = _rand(backend, (5, 300), 5, scale=2.0)
+    g = _rand(backend, (5, 300), 6)
+    if name == "softmax_backward":
+        y = softmax(xp, x)
+        ref = softmax_vjp(xp, y, g)
+    else:
+        y = log_softmax(xp, x)
+        ref = log_softmax_vjp(xp, y, g)
+    assert_close(kernel(y, g), backend.to_host(ref), backend, rtol=1e-5, atol=1e-6)
+
+
+def _norm_pair(backend, cls, opts):
+    """The same randomised norm layer built on ``backend`` and on its reference copy."""
+    layers = []
+    for b in (backend, reference_backend(backend)):
+        layer = cls(**opts)
+        layer.build((3, 40), b)
+        for i, ref in enumerate(layer.parameters()):
+            ref.value = _rand(b, tuple(ref.value.shape), 10 + i, scale=0.5, shift=1.0)
+        layers.append(layer)
+    return layers
+
+
+def _check_norm_layer(backend, cls, opts):
+    fast, slow = _norm_pair(backend, cls, opts)
+    x = _rand(backend, (2, 3, 40), 7, scale=2.0, shift=0.5)
+    dy = _rand(backend, (2, 3, 40), 8)
+    results = []
+    for layer in (fast, slow):
+        layer.zero_grad()
+        y, ctx = layer.forward(x, True)
+        dx = layer.backward(dy, ctx)
+        results.append((y, dx, {r.name: r.grad for r in layer.parameters()}))
+    (y1, dx1, g1), (y2, dx2, g2) = results
+    assert_close(y1, backend.to_host(y2), backend, rtol=1e-5, atol=1e-5)
+    assert_close(dx1, backend.to_host(dx2), backend, rtol=1e-4, atol=1e-5)
+    assert g1.keys() == g2.keys()
+    for k in g1:
+        assert_close(g1[k], backend.to_host(g2[k]), backend, rtol=1e-4, atol=1e-4)
+
+
+def check_layer_norm(backend, kernel, name):
+    for opts in (dict(), dict(bias=False), dict(affine=False), dict(eps=1e-3)):
+        _check_norm_layer(backend, LayerNorm, opts)
+
+
+def check_rms_norm(backend, kernel, name):
+    for opts in (dict(), dict(unit_offset=True)):
+        _check_norm_layer(backend, RMSNorm, opts)
+
+
+def check_adam(backend, kernel, name):
+    for cls, opts in ((Adam, {}), (Adam, {"weight_decay": 0.1}), (AdamW, {})):
+        results = []
+        for b in (backend, reference_backend(backend)):
+            layer = Dense(6)
+            layer.build((5,), b, rng=0)
+            opt = cls(layer, lr=0.01, **opts)
+            for step in range(3):
+                layer.zero_grad()
+                for i, ref in enumerate(layer.parameters()):
+                    ref.grad = _rand(b, tuple(ref.value.shape), 20 + 3 * i + step)
+                opt.step()
+            results.append((layer, opt))
+        (fast, fast_opt), (slow, slow_opt) = results
+        for r1, r2 in zip(fast.parameters(), slow.parameters()):
+            assert_close(r1.value, backend.to_host(r2.value), backend, rtol=1e-5, atol=1e-6)
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert_close(fast_opt.state[r1.name][key],
+                             backend.to_host(slow_opt.state[r2.name][key]), backend,
+                             rtol=1e-5, atol=1e-7)
+
+
+def check_sum_rows(backend, kernel, name):
+    a = _rand(backend, (513, 7), 30)
+    assert_close(kernel(a), backend.to_host(backend.xp.sum(a, axis=0)), backend, rtol=1e-5,
+                 atol=1e-4)
+
+
+WINDOW_CASES = [  # kernel, stride, dilation, spatial
+    ((3,), (1,), (1,), (11,)),
+    ((3, 3), (1, 1), (1, 1), (7, 6)),
+    ((3, 3), (2, 2), (1, 1), (9, 8)),
+    ((2, 3), (2, 1), (2, 1), (9, 7)),
+    ((2, 2, 2), (1, 2, 1), (1, 1, 2), (4, 5, 5)),
+]
+
+
+def check_window_gather(backend, kernel, name):
+    xp = backend.xp
+    for k, s, d, spatial in WINDOW_CASES:
+        x = _rand(backend, (2, *spatial, 3), 31)
+        fast = gather_windows(backend, x, k, s, d)
+        out = tuple(fast.shape[1:-2])
+        assert_close(fast, backend.to_host(gather_windows_reference(xp, x, k, s, d, out)),
+                     backend, rtol=0, atol=0)
+        fewer = tuple(max(o - 1, 1) for o in out)
+        assert_close(gather_windows(backend, x, k, s, d, fewer),
+                     backend.to_host(gather_windows_reference(xp, x, k, s, d, fewer)),
+                     backend, rtol=0, atol=0)
+
+
+def check_window_scatter_add(backend, kernel, name):
+    xp = backend.xp
+    for k, s, d, spatial in WINDOW_CASES:
+        out = tuple((n - dd * (kk - 1) - 1) // ss + 1 for n, kk, ss, dd in zip(spatial, k, s, d))
+        kk = math.prod(k)
+        cols = _rand(backend, (2, *out, kk, 3), 32)
+        expected = scatter_windows_reference(backend, backend.zeros((2, *spatial, 3)), cols,
+                                             k, s, d)
+        got = scatter_windows(backend, cols, spatial, k, s, d)
+        assert_close(got, backend.to_host(expected), backend, rtol=1e-6, atol=1e-6)
+        # offset-major windows seen through a permuted view (as convolutions pass them)
+        major = _rand(backend, (kk, 2, *out, 3), 33)
+        n = len(k)
+        view = xp.permute_dims(major, tuple(range(1, n + 2)) + (0, n + 2))
+        expected = scatter_windows_reference(backend, backend.zeros((2, *spatial, 3)), view,
+                                             k, s, d)
+        assert_close(scatter_windows(backend, view, spatial, k, s, d),
+                     backend.to_host(expected), backend, rtol=1e-6, atol=1e-6)
+
+
+KERNEL_CHECKS = {
+    **{f"bias_act:{a}": check_bias_act for a in FUSED_ACTIVATIONS},
+    **{f"act_backward:{a}": check_act_backward for a in FUSED_ACTIVATIONS},
+    "softmax": check_softmax,
+    "log_softmax": check_softmax,
+    "softmax_backward": check_softmax_backward,
+    "log_softmax_backward": check_softmax_backward,
+    "layer_norm_forward": check_layer_norm,
+    "layer_norm_backward": check_layer_norm,
+    "rms_norm_forward": check_rms_norm,
+    "rms_norm_backward": check_rms_norm,
+    "adam_update": check_adam,
+    "sum_rows": check_sum_rows,
+    "window_gather": check_window_gather,
+    "window_scatter_add": check_window_scatter_add,
+}
+
+
+def test_every_registered_kernel_matches_reference(backend):
+    names = sorted(backend.kernels)
+    unchecked = [n for n in names if n not in KERNEL_CHECKS]
+    assert not unchecked, f"kernels without a reference check: {unchecked}"
+    if not names:
+        pytest.skip(f"{backend.name} registers no fast kernels")
+    for name in names:
+        KERNEL_CHECKS[name](backend, backend.kernel(name), name)
+
+
+def test_kernel_lookup_of_unknown_name_is_none(backend):
+    assert backend.kernel("no_such_kernel") is None
+
+
+# ---------------------------------------------------------------------- layers with kernels
+def _same_layer_both_ways(backend, make, input_shape, x_shape, train=True):
+    """Forward + backward of a layer with the backend's kernels and on the reference path."""
+    results = []
+    for b in (backend, reference_backend(backend)):
+        layer = make()
+        layer.build(input_shape, b, rng=0)
+        for i, ref in enumerate(layer.parameters()):
+            ref.value = _rand(b, tuple(ref.value.shape), 40 + i, scale=0.5)
+        x = _rand(b, x_shape, 50, scale=2.0)
+        layer.zero_grad()
+        y, ctx = layer.forward(x, train)
+        dx = layer.backward(_rand(b, tuple(y.shape), 51), ctx)
+        results.append((y, dx, [r.grad for r in layer.parameters()]))
+    (y1, dx1, g1), (y2, dx2, g2) = results
+    assert_close(y1, backend.to_host(y2), backend, rtol=1e-5, atol=1e-5)
+    assert_close(dx1, backend.to_host(dx2), backend, rtol=1e-4, atol=1e-5)
+    for a, b in zip(g1, g2):
+        assert_close(a, backend.to_host(b), backend, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "sigmoid", "scaled_relu"])
+def test_dense_and_activation_layers_same_with_and_without_kernels(backend, activation):
+    _same_layer_both_ways(backend, lambda: Dense(6, activation=activation), (5,), (4, 5))
+    _same_layer_both_ways(backend, lambda: Activation(activation), (3, 5), (2, 3, 5))
+
+
+@pytest.mark.parametrize("make, input_shape", [
+    (lambda: Conv2D(4, 3, stride=2, padding=1, activation="relu"), (3, 9, 8)),
+    (lambda: Conv2D(4, 3, groups=2, activation="tanh"), (4, 6, 6)),
+    (lambda: Conv1D(3, 3, dilation=2, padding="same"), (2, 10)),
+    (lambda: Conv3D(2, 2, stride=(1, 2, 1)), (2, 4, 5, 4)),
+    (lambda: ConvTranspose2D(3, 3, stride=2, padding=1, activation="gelu"), (2, 4, 5)),
+])
+def test_conv_layers_same_with_and_without_kernels(backend, make, input_shape):
+    _same_layer_both_ways(backend, make, input_shape, (2, *input_shape))
+
+
+@pytest.mark.parametrize("variant", ["standard", "temperature", "masked", "adaptive"])
+def test_softmax_layer_same_with_and_without_kernels(backend, variant):
+    opts = {"masked": {"mask": [True, False, True, True, True, False, True]},
+            "temperature": {"temperature": 0.7}}.get(variant, {})
+    _same_layer_both_ways(backend, lambda: Softmax(variant, **opts), (7,), (3, 7))
+
+
+# ---------------------------------------------------------------------- CuPy sources
+def _cupy_kernels_module():
+    path = pathlib.Path(__file__).resolve().parents[1] / "backends" / "cupy_kernels.py"
+    spec = importlib.util.spec_from_file_location("loomx_cupy_kernels_source", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cupy_kernel_names_all_have_checks_and_activations_exist():
+    """Runs without a GPU: the CuPy registry (built without importing CuPy) is fully checked
+    by the GPU tests, and every fused activation is a loomx activation of the same name."""
+    module = _cupy_kernels_module()
+    names = set(module.cupy_kernels())
+    assert names <= set(KERNEL_CHECKS), sorted(names - set(KERNEL_CHECKS))
+    assert set(module.ACTIVATION_BODIES) == set(FUSED_ACTIVATIONS)
+    for name in FUSED_ACTIVATIONS:
+        assert ACTIVATIONS[name].name == name
+
+
+@pytest.mark.gpu
+def test_cupy_backend_registers_the_fused_kernels():
+    from loomx.backends import get_backend
+    from loomx.backends.cupy_backend import cupy_status
+
+    ok, reason = cupy_status()
+    if not ok:
+        pytest.skip(f"cupy backend unusable: {reason}")
+    backend = get_backend("cupy")
+    for name in ("bias_act:relu", "act_backward:gelu", "softmax", "log_softmax",
+                 "layer_norm_forward", "rms_norm_backward", "adam_update"):
+        assert backend.kernel(name) is not None, name
