@@ -25,7 +25,8 @@ def test_demo_prints_accuracy_score_and_backend(capsys):
 
 def test_demo_unknown_section_is_a_clear_error(capsys):
     assert main(["demo", "--sections", "nope", "--no-progress"]) == 2
-    assert "unknown demo sections ['nope']; known: train" in capsys.readouterr().err
+    assert "unknown demo sections ['nope']; known: train, tween, loader" in \
+        capsys.readouterr().err
 
 
 def test_sections_can_be_added_and_share_results(capsys, monkeypatch):
@@ -37,7 +38,8 @@ def test_sections_can_be_added_and_share_results(capsys, monkeypatch):
         ctx.say("extra section ran")
 
     add_section(DemoSection("extra", "An extra stop", after))
-    assert main(["demo", "--backend", "numpy", "--epochs", "1", "--no-progress"]) == 0
+    assert main(["demo", "--backend", "numpy", "--epochs", "1", "--no-progress",
+                 "--sections", "train,extra"]) == 0
     out = capsys.readouterr().out
     assert "[2/2] An extra stop" in out and "extra section ran" in out
     assert 0.0 < seen["accuracy"] <= 1.0
@@ -50,3 +52,12 @@ def test_demo_command_runs_with_default_backend():
     assert r.returncode == 0, r.stderr[-2000:]
     assert "held-out accuracy" in r.stdout
     assert "epoch 2/2" in r.stderr  # the progress bar
+
+
+def test_demo_tweening_and_loader_sections(capsys):
+    assert main(["demo", "--backend", "numpy", "--no-progress", "--sections", "tween,loader"]) == 0
+    out = capsys.readouterr().out
+    accuracies = [float(a) for a in re.findall(r"held-out accuracy\s+([\d.]+) %", out)]
+    assert len(accuracies) == 3 and min(accuracies) > 50.0  # tweening, DTP, SGD
+    assert "decoder (llama): 2 blocks, d=64, vocab=128" in out
+    assert "with the KV cache and without it: identical" in out

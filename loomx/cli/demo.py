@@ -96,6 +96,43 @@ def _train_section(ctx: DemoContext) -> None:
 add_section(DemoSection("train", "Gradient descent on handwritten digits", _train_section))
 
 
+def _tween_section(ctx: DemoContext) -> None:
+    from ..tween import demo_section
+
+    for line in demo_section(ctx.backend, quick=True):
+        ctx.say(line)
+
+
+add_section(DemoSection("tween", "Neural Tweening next to gradient descent", _tween_section))
+
+
+def _loader_section(ctx: DemoContext) -> None:
+    import tempfile
+
+    from ..models import generate, load_model, sniff
+    from ..models.toy import write_toy_llama
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_toy_llama(tmp, seed=ctx.args.seed)
+        ctx.say("a random Llama-shaped checkpoint (model.safetensors + config.json), "
+                "written offline; no model class, only tensor names and shapes:")
+        report = sniff(folder)
+        for line in str(report).splitlines()[:14]:
+            ctx.say("  " + line)
+        model = load_model(report, backend=ctx.backend)
+        prompt = [1, 17, 42, 7]
+        cached = generate(model, prompt, max_new_tokens=8, use_cache=True, stop=[])
+        full = generate(model, prompt, max_new_tokens=8, use_cache=False, stop=[])
+        ctx.say(f"greedy continuation of token ids {prompt}: {cached.token_ids}")
+        same = "identical" if cached.token_ids == full.token_ids else "DIFFERENT"
+        ctx.say(f"with the KV cache and without it: {same}")
+    ctx.say("real checkpoints: loomx sniff FILE, loomx generate MODEL --prompt '...'")
+    ctx.results["loader"] = {"tokens": cached.token_ids, "cache_matches": same == "identical"}
+
+
+add_section(DemoSection("loader", "The shape-sniffing loader", _loader_section))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default=None,
                         help="backend spec: auto (CuPy if a GPU is usable, else numpy), numpy, "
