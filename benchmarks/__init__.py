@@ -1,0 +1,7 @@
+"""Side-by-side speed comparisons of loomx and PyTorch eager (``python -m benchmarks``).
+
+Modules: ``runner`` (command line, one process per thread count), ``worker`` (times the cases
+at one thread count), ``workloads`` (the cases), ``loomx_side`` / ``torch_side`` /
+``plain_numpy`` (the three implementations), ``timing``, ``machine``, ``report`` and
+``probe_fixes`` (what-if timing of a proposed library change). See README.md.
+"""

@@ -1,0 +1,125 @@
+"""The benchmark runner: ``python -m benchmarks`` and ``loomx bench``.
+
+Starts one worker process per thread count (BLAS thread pools are fixed when a library loads),
+collects their JSON, prints the Markdown report and optionally writes ``RESULTS.md`` and JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+
+from . import report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUITES = ("main", "layers", "all")
+ALIASES = {"a": "a_mlp", "b": "b_cnn", "c": "c_lstm", "d": "d_transformer",
+           "e": "e_prompt,e_decode", "f": "f_sample,f_tick"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The runner's options (shared by ``python -m benchmarks`` and ``loomx bench``)."""
+    parser.add_argument("--suite", choices=SUITES, default="main",
+                        help="main: workloads a–f; layers: forward+backward of single layers")
+    parser.add_argument("--cases", default=None,
+                        help="comma-separated case keys or letters a–f (overrides --suite), "
+                             "e.g. 'a,c' or 'a_mlp,layer_dense'")
+    parser.add_argument("--backend", default="numpy,torch",
+                        help="comma-separated loomx backends to time (default numpy,torch); "
+                             "'cupy' compares against PyTorch CUDA")
+    parser.add_argument("--threads", default="1,2",
+                        help="comma-separated CPU thread counts, one process each (default 1,2)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes and few repeats: a smoke run, not a measurement")
+    parser.add_argument("--batch-scale", type=int, default=1, metavar="N",
+                        help="multiply the batch of workloads a–d and of the layer cases by N "
+                             "(larger batches for GPUs; default 1)")
+    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                        help="before each case, wait up to SECONDS for other processes to use "
+                             "under 0.3 cores (default 0: do not wait)")
+    parser.add_argument("--write", metavar="PATH", default=None,
+                        help="update the 'Latest' table of PATH (e.g. benchmarks/RESULTS.md) "
+                             "and append a history line")
+    parser.add_argument("--json", metavar="PATH", default=None, help="write all results as JSON")
+    parser.add_argument("--timeout", type=float, default=900.0,
+                        help="seconds allowed per worker process (default 900)")
+
+
+def _case_keys(args: argparse.Namespace) -> list[str]:
+    from .workloads import all_cases
+
+    cases = all_cases(quick=True)
+    order = [c.key for c in cases]
+    if args.cases:
+        wanted = []
+        for token in args.cases.split(","):
+            token = token.strip()
+            wanted += ALIASES.get(token, token).split(",")
+        unknown = [k for k in wanted if k not in order]
+        if unknown:
+            raise SystemExit(f"unknown case(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(list(ALIASES) + order)}")
+        return [k for k in order if k in wanted]
+    return [c.key for c in cases if args.suite in ("all", c.suite)]
+
+
+def _run_worker(threads: int, keys: list[str], args: argparse.Namespace) -> dict:
+    env = dict(os.environ)
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(threads)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        cmd = [sys.executable, "-m", "benchmarks.worker", "--threads", str(threads),
+               "--backends", args.backend, "--cases", ",".join(keys), "--out", out]
+        if args.quick:
+            cmd.append("--quick")
+        if args.wait_quiet > 0:
+            cmd += ["--wait-quiet", str(args.wait_quiet)]
+        if args.batch_scale != 1:
+            cmd += ["--batch-scale", str(args.batch_scale)]
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, timeout=args.timeout)
+        if proc.returncode != 0:
+            raise SystemExit(f"benchmark worker for {threads} thread(s) failed "
+                             f"(exit status {proc.returncode}); see the output above")
+        with open(out) as f:
+            return json.load(f)
+
+
+def run(args: argparse.Namespace, command: str | None = None) -> int:
+    """Run the benchmark described by ``args``; print the report; return an exit status."""
+    keys = _case_keys(args)
+    threads = [int(t) for t in str(args.threads).split(",") if t.strip()]
+    runs = [_run_worker(n, keys, args) for n in threads]
+    doc = {
+        "date": report.now(),
+        "command": command or "python -m benchmarks " + " ".join(
+            shlex.quote(a) for a in sys.argv[1:]),
+        "quick": bool(args.quick),
+        "backends": args.backend.split(","),
+        "order": keys,
+        "machine": runs[0]["machine"],
+        "runs": runs,
+    }
+    text = report.markdown(doc)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
+    if args.write:
+        report.write_results(args.write, doc)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Time loomx and PyTorch eager side by side on the same workloads.")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run(args)

@@ -1,0 +1,110 @@
+"""The benchmark runner end to end in ``--quick`` mode: tables and JSON are well formed.
+
+No timing thresholds: these tests check that the runner measures every contender of a tiny
+workload, reports ratios and writes its files, not how fast anything is.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    results = tmp / "RESULTS.md"
+    results.write_text("# Benchmark results\n\nNotes kept across runs.\n\n## Latest\n\n"
+                       "<!-- latest:begin -->\nold table\n<!-- latest:end -->\n\n"
+                       "## History\n\n- an earlier run\n")
+    out_json = tmp / "result.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--cases", "a,f_tick",
+         "--threads", "1", "--backend", "numpy", "--json", str(out_json),
+         "--write", str(results)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout, json.loads(out_json.read_text()), results.read_text()
+
+
+def test_json_has_machine_and_a_timing_per_contender(quick_run):
+    _, doc, _ = quick_run
+    machine = doc["machine"]
+    for key in ("cpu", "cores", "numpy", "numpy_blas", "torch", "python", "git_commit"):
+        assert key in machine
+    assert doc["quick"] is True and doc["order"] == ["a_mlp", "f_tick"]
+    [run] = doc["runs"]
+    assert run["threads"] == 1 and run["sgemm_gflops"] > 0
+    assert run["machine"]["torch_threads"] == 1
+    mlp = next(r for r in run["results"] if r["key"] == "a_mlp")
+    assert set(mlp["timings"]) == {"loomx[numpy]", "torch", "numpy (plain)"}
+    assert mlp["missing"] == {}
+    for t in mlp["timings"].values():
+        assert t["n"] >= 2
+        assert 0 < t["p25_s"] <= t["median_s"] <= t["p75_s"]
+    assert mlp["flops"] > 0 and mlp["target"] == 1.0
+
+
+def test_markdown_table_reports_ratios_and_overhead(quick_run):
+    stdout, doc, _ = quick_run
+    lines = stdout.splitlines()
+    header = next(line for line in lines if line.startswith("| case | thr |"))
+    assert "loomx[numpy] / PyTorch" in header
+    row = next(line for line in lines if line.startswith("| a. MLP"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == len(header.strip("|").split("|"))
+    t = next(r for r in doc["runs"][0]["results"] if r["key"] == "a_mlp")["timings"]
+    expected = t["loomx[numpy]"]["median_s"] / t["torch"]["median_s"]
+    assert cells[4] == f"**{expected:.2f}×**"
+    assert any("overhead" in line and "plain numpy" in line for line in lines)
+    assert "sgemm peak" in stdout
+
+
+def test_results_file_keeps_notes_replaces_latest_and_appends_history(quick_run):
+    _, _, text = quick_run
+    assert "Notes kept across runs." in text
+    assert "old table" not in text
+    assert "| a. MLP" in text
+    history = text.split("## History", 1)[1]
+    assert "- an earlier run" in history
+    assert "--quick" in history.splitlines()[-1] and "a_mlp" in history.splitlines()[-1]
+
+
+def test_missing_parts_are_reported_not_raised():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.cases import Missing, loomx_attr, loomx_layer
+
+    with pytest.raises(Missing, match="loomx.layers.NoSuchLayer"):
+        loomx_layer("NoSuchLayer")
+    with pytest.raises(Missing, match="loomx.no_such_module.thing"):
+        loomx_attr("loomx.no_such_module", "thing")
+
+
+def test_unknown_case_is_a_clear_error():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--cases", "zz"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "unknown case(s) zz" in proc.stderr
+
+
+def test_loomx_bench_runs_the_same_runner(tmp_path):
+    out_json = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "loomx", "bench", "--quick", "--cases", "f_sample",
+         "--threads", "1", "--backend", "numpy", "--json", str(out_json)],
+        cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| f. 3 × Dense 64" in proc.stdout
+    doc = json.loads(out_json.read_text())
+    [record] = doc["runs"][0]["results"]
+    assert record["key"] == "f_sample"
+    assert set(record["timings"]) == {"loomx[numpy]", "torch"}
+    assert doc["command"].startswith("loomx bench")
