@@ -281,3 +281,22 @@ def test_bad_bundles_raise_format_errors(backend):
     doc["models"][0]["cfg"]["layers"][1]["input_height"] = 5
     with pytest.raises(FormatError, match="expects 5 values per sample"):
         load_loom_bundle(json.dumps(doc), backend=backend)
+
+
+@pytest.mark.parametrize("entry, message", [
+    (7, "must be an object"),
+    ({"shape": [4, 5], "dtype": "float32", "data": [0.0] * 3}, "does not have shape"),
+    ({"shape": [4, 5], "dtype": "nonsense", "data": [0.0] * 20}, "unknown dtype"),
+])
+def test_bad_loomx_extension_params_raise_format_errors(backend, entry, message):
+    """A layer Loom cannot express travels as a loomx extension; damaged params are named."""
+    import base64
+
+    net = Network.chain([{"type": "embedding", "num_embeddings": 4, "embedding_dim": 5}],
+                        input_shape=(3,), backend=backend)
+    doc = json.loads(save_loom_bundle(net))
+    w = json.loads(base64.b64decode(doc["models"][0]["weights"]["data"]))
+    w["layers"][0]["loomx_params"]["weight"] = entry
+    doc["models"][0]["weights"]["data"] = base64.b64encode(json.dumps(w).encode()).decode()
+    with pytest.raises(FormatError, match=rf"layer 0: loomx parameter 'weight' .*{message}"):
+        load_loom_bundle(json.dumps(doc), backend=backend)

@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import assert_close
-from tests.gradcheck import finite_difference_check, run_layer, torch_params
-
 from loomx.errors import ShapeError
 from loomx.layers import ACTIVATIONS, Activation, Dense, layer_from_config
+from tests.conftest import assert_close
+from tests.gradcheck import finite_difference_check, run_layer, torch_params
 
 TORCH_ACT = {
     "identity": lambda z: z,
@@ -99,3 +98,19 @@ def test_float64_on_request(backend64):
     layer.build((3,), backend64)
     y = layer(backend64.from_host(np.ones((1, 3))))
     assert y.dtype == backend64.xp.float64
+
+
+@pytest.mark.parametrize("activation", sorted(TORCH_ACT))
+def test_activation_extreme_inputs_match_torch(backend, activation):
+    """Large |z| neither overflows nor loses the value: forward and derivative match torch."""
+    z = np.array([[-200.0, -60.0, -20.0, -1e-3, 0.0, 1e-3, 20.0, 60.0, 200.0]], np.float32)
+    layer = Activation(activation)
+    layer.build((z.shape[1],), backend)
+    y, ctx = layer.forward(backend.from_host(z))
+    dz = layer.backward(backend.ones(z.shape), ctx)
+    zt = torch.tensor(z, dtype=torch.float64, requires_grad=True)
+    yt = TORCH_ACT[activation](zt)
+    yt.backward(torch.ones_like(zt))
+    # relative tolerance for large outputs, absolute below one float32 ulp of 1 for tiny ones
+    assert_close(y, yt.detach().numpy(), backend, rtol=1e-6, atol=1e-7)
+    assert_close(dz, zt.grad.numpy(), backend, rtol=1e-6, atol=1e-7)

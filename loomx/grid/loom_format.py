@@ -35,14 +35,13 @@ from typing import Any
 from ..backends import Backend, get_backend
 from ..errors import ConfigError, FormatError, LoomxError
 from ..io import loom_bundle as lb
+from ..layers.activations import LOOM_ACTIVATIONS
 from ..layers.base import Array, Layer, Shape, layer_from_config
 from .network import Network
 from .parallel import Parallel
 from .residual import Residual
 
-LOOM_TO_ACT = {"relu": "scaled_relu", "sigmoid": "sigmoid", "tanh": "tanh",
-               "softplus": "softplus", "leaky_relu": "loom_leaky_relu", "linear": "identity",
-               "": "scaled_relu"}
+LOOM_TO_ACT = {**LOOM_ACTIVATIONS, "": "scaled_relu"}  # Loom's default activation is "relu"
 ACT_TO_LOOM = {"scaled_relu": "relu", "loom_relu": "relu", "sigmoid": "sigmoid",
                "tanh": "tanh", "softplus": "softplus", "loom_leaky_relu": "leaky_relu",
                "identity": "linear", "linear": "linear", "none": "linear"}
@@ -470,7 +469,8 @@ def _softmax_def(layer: Layer) -> dict | None:
              "sparsemax": "sparse", "entmax": "entmax"}
     if v not in names or (len(layer.input_shape) != 1 and v != "grid"):
         return None
-    if v in ("sparsemax", "entmax") and layer.temperature != 1.0 or (
+    # Loom ignores the temperature of these two and has no entmax iteration count
+    if (v in ("sparsemax", "entmax") and layer.temperature != 1.0) or (
             v == "entmax" and layer.iterations != 50):
         return None
     d: dict[str, Any] = {"type": "softmax", "activation": "relu", "softmax_variant": names[v]}
@@ -652,6 +652,6 @@ def loom_input(flat: Sequence[float] | Array, net: Network, batch_size: int | No
     return b.from_host(host)
 
 
-def loom_output(y: Array, net: Network):
+def loom_output(y: Array, net: Network) -> Any:
     """A ``[B, ...]`` output of ``net`` as Loom's flat host vector (sample-major)."""
     return lb.batch_to_flat(net.backend.to_host(y))

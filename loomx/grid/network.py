@@ -24,6 +24,20 @@ Position = tuple[int, int, int]
 Observer = Callable[[dict], None]
 
 
+def backward_slot(layer: Layer, dy: Array, ctx: Any, source: int | None,
+                  pending: dict[int, Array]) -> Array:
+    """One slot's backward pass; returns the gradient of its input.
+
+    For a residual (``source`` not ``None``) the skip gradient is added to ``pending[source]``,
+    which the caller adds to the input gradient of that slot (or stage) when it gets there.
+    """
+    if source is None:
+        return layer.backward(dy, ctx)
+    dx, dskip = layer.backward(dy, ctx)
+    pending[source] = dskip if source not in pending else pending[source] + dskip
+    return dx
+
+
 @register_layer
 class Network(Layer):
     """A grid of layers.
@@ -247,7 +261,7 @@ class Network(Layer):
         self.zero_grad()
         return shape
 
-    def check_input(self, x: Array, min_ndim: int | None = None) -> None:
+    def check_input(self, x: Array) -> None:
         if not self.built:
             raise LoomxError("the network is not built yet: call build(input_shape) or pass "
                              "input_shape= to the constructor")
@@ -296,11 +310,7 @@ class Network(Layer):
                 layer = self.slots[i]
                 layer_ctx, src = by_index[i]
                 d_out = dy
-                if src is not None:
-                    dy, dskip = layer.backward(dy, layer_ctx)
-                    pending[src] = dskip if src not in pending else pending[src] + dskip
-                else:
-                    dy = layer.backward(dy, layer_ctx)
+                dy = backward_slot(layer, dy, layer_ctx, src, pending)
                 if self._observers:
                     self._notify("backward", i, layer, d_out, dy)
             if i in pending:

@@ -22,20 +22,15 @@ gradients (``children()`` exposes every branch, so every optimizer trains them a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 from ..backends import RandomSource
 from ..errors import ConfigError, ShapeError
 from ..layers.base import Array, Layer, Shape, layer_from_config, register_layer
 
 COMBINE_MODES = ("concat", "add", "avg", "grid_scatter")
-
-
-def _prod(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 @register_layer
@@ -89,7 +84,7 @@ class Parallel(Layer):
             self._check_grid()
 
     @staticmethod
-    def _position(p) -> list[int]:
+    def _position(p: Sequence[int] | dict) -> list[int]:
         if isinstance(p, dict):
             return [int(p.get("target_row", 0)), int(p.get("target_col", 0)),
                     int(p.get("target_layer", 0))]
@@ -142,16 +137,16 @@ class Parallel(Layer):
                 raise ShapeError(f"Parallel {mode} needs equal branch output shapes, got {listing}")
             return outs[0]
         if mode == "grid_scatter":
-            return (sum(_prod(s) for s in outs),)
+            return (sum(math.prod(s) for s in outs),)
         if self.loom_compat:
-            return (sum(_prod(s) for s in outs),)
+            return (sum(math.prod(s) for s in outs),)
         if any(len(s) == 0 or s[:-1] != outs[0][:-1] for s in outs):
             raise ShapeError(f"Parallel concat joins along the last axis; branch outputs must "
                              f"agree on the other axes, got {listing}")
         return (*outs[0][:-1], sum(s[-1] for s in outs))
 
     # ------------------------------------------------------------------ run
-    def forward(self, x: Array, train: bool = False):
+    def forward(self, x: Array, train: bool = False) -> tuple[Array, Any]:
         self.check_input(x)
         xp = self.xp
         ys, ctxs = [], []
@@ -175,7 +170,7 @@ class Parallel(Layer):
             out = xp.concat(ys, axis=-1)
         return out, ctxs
 
-    def backward(self, dy: Array, ctx) -> Array:
+    def backward(self, dy: Array, ctx: Any) -> Array:
         xp = self.xp
         batch = dy.shape[0]
         mode = self.combine_mode
@@ -189,14 +184,14 @@ class Parallel(Layer):
             dys = [None] * len(self.branches)
             off = 0
             for k in self._order:
-                n = _prod(shapes[k])
+                n = math.prod(shapes[k])
                 dys[k] = xp.reshape(dy[:, off:off + n], (batch, *shapes[k]))
                 off += n
         elif self.loom_compat:
             flat = xp.reshape(dy, (-1,))
             dys, off = [], 0
             for s in shapes:
-                n = batch * _prod(s)
+                n = batch * math.prod(s)
                 dys.append(xp.reshape(flat[off:off + n], (batch, *s)))
                 off += n
         else:

@@ -21,6 +21,7 @@ gradient. Shapes: ``x [B, *S]``, ``skip [B, *S]`` → ``y [B, *S]``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from ..backends import RandomSource
 from ..errors import ConfigError, LoomxError, ShapeError
@@ -55,7 +56,8 @@ class Residual(Layer):
                              "; choose a source whose input has the same shape")
         return input_shape
 
-    def forward(self, x: Array, train: bool = False, skip: Array | None = None):
+    def forward(self, x: Array, train: bool = False,
+                skip: Array | None = None) -> tuple[Array, None]:
         """``x [B, *S]`` + ``skip [B, *S]``; ``skip`` is supplied by the network executor."""
         if skip is None:
             raise LoomxError(f"{self.describe()} needs the skip tensor: run it inside a Network "
@@ -65,6 +67,6 @@ class Residual(Layer):
                              f"{list(x.shape)}")
         return x + skip, None
 
-    def backward(self, dy: Array, ctx) -> tuple[Array, Array]:
+    def backward(self, dy: Array, ctx: Any) -> tuple[Array, Array]:
         """Returns ``(dx, dskip)``, both equal to ``dy``."""
         return dy, dy

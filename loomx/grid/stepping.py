@@ -24,13 +24,14 @@ constant for ``depth`` ticks.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..errors import LoomxError, ShapeError
 from ..layers.base import Array, Layer
-from .network import Network, Position
+from .network import Network, Position, backward_slot
 
 
 class StepState:
@@ -173,12 +174,7 @@ class Stepper:
         for k in range(self.depth - 1, -1, -1):
             layer = self.stages[k][1]
             d_out = dy
-            if k in self.sources:
-                dy, dskip = layer.backward(dy, self.state.ctxs[k])
-                j = self.sources[k]
-                pending[j] = dskip if j not in pending else pending[j] + dskip
-            else:
-                dy = layer.backward(dy, self.state.ctxs[k])
+            dy = backward_slot(layer, dy, self.state.ctxs[k], self.sources.get(k), pending)
             if self.net._observers:
                 self.net._notify("backward", self.stages[k][0], layer, d_out, dy, mode="step",
                                  step=self.state.step_count)
@@ -190,9 +186,7 @@ class Stepper:
 def mse_loss(xp, y: Array, target: Array) -> tuple[Array, Array]:
     """Mean squared error and its gradient: ``(mean((y - t)²), 2 (y - t) / n)``."""
     d = y - target
-    n = 1
-    for s in y.shape:
-        n *= int(s)
+    n = math.prod(y.shape)
     return xp.sum(d * d) / n, d * (2.0 / n)
 
 

@@ -15,14 +15,17 @@ import html
 from typing import TYPE_CHECKING, Any
 
 from ..errors import LoomxError
-from ..layers.base import Array, Layer
+from ..layers.base import Array, Layer, Shape
 
 if TYPE_CHECKING:
     from .network import Network
 
 
-def _shape(s) -> str:
-    return "?" if s is None else "[B, " + ", ".join(map(str, s)) + "]" if s else "[B]"
+def _shape(s: Shape | None) -> str:
+    """``[B, d1, d2]`` for a per-sample shape (``?`` when unknown)."""
+    if s is None:
+        return "?"
+    return "[" + ", ".join(["B", *map(str, s)]) + "]"
 
 
 def _rows(net: Network) -> list[tuple[str, str, str, str, str, str]]:
@@ -57,7 +60,7 @@ def summary_text(net: Network) -> str:
     widths = [max(len(r[c]) for r in [HEADER, *rows]) for c in range(len(HEADER))]
     line = "  ".join("-" * w for w in widths).rstrip()
 
-    def fmt(r):
+    def fmt(r: tuple[str, ...]) -> str:
         return "  ".join(v.rjust(w) if c in (0, 4) else v.ljust(w)
                          for c, (v, w) in enumerate(zip(r, widths, strict=True))).rstrip()
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import os
 
 import numpy as np
 
 from ..errors import FormatError
-from .loomx_format import atomic_write_bytes
+from .loomx_format import atomic_write_bytes, np_dtype
 
 BUNDLE_TYPE = "modelhost/bundle"
 WEIGHTS_FMT = "jsonModelB64"
@@ -74,7 +75,7 @@ def _encode(obj, indent: int | None, level: int, float_keys: bool = False) -> st
         return json.dumps(obj, ensure_ascii=False).replace("<", "\\u003c").replace(
             ">", "\\u003e").replace("&", "\\u0026")
     if isinstance(obj, dict):
-        items = [(k, v) for k, v in obj.items()]
+        items = list(obj.items())
         if not items:
             return "{}"
         if indent is None:
@@ -247,7 +248,7 @@ def loom_weights_to_params(kind: str, w: dict, dims: dict, where: str) -> dict[s
         p["bias"] = _vec(w, "biases", dims["out"], where, 0.0)
     elif kind == "conv2d":
         shape = tuple(dims["shape"])
-        p["weight"] = _vec(w, "kernel", int(np.prod(shape)), where).reshape(shape)
+        p["weight"] = _vec(w, "kernel", math.prod(shape), where).reshape(shape)
         p["bias"] = _vec(w, "conv_bias", shape[0], where, 0.0)
     elif kind == "multi_head_attention":
         dm, kv = dims["d_model"], dims["kv"]
@@ -345,19 +346,26 @@ def ext_params_from_json(stored: dict, shapes: dict[str, tuple], where: str
     out = {}
     for name, shape in shapes.items():
         entry = stored[name]
-        data = np.asarray(entry.get("data", []), np.float32) if isinstance(entry, dict) \
-            else np.zeros(0, np.float32)
-        if list(entry.get("shape", [])) != list(shape) or data.size != int(np.prod(shape)):
+        if not isinstance(entry, dict):
+            raise FormatError(f"{where}: loomx parameter {name!r} must be an object with "
+                              f"shape, dtype and data, got {type(entry).__name__}")
+        data = np.asarray(entry.get("data", []), np.float32)
+        if list(entry.get("shape", [])) != list(shape) or data.size != math.prod(shape):
             raise FormatError(f"{where}: loomx parameter {name!r} does not have shape "
                               f"{list(shape)}")
-        out[name] = data.astype(entry.get("dtype", "float32")).reshape(shape)
+        try:
+            dtype = np_dtype(str(entry.get("dtype", "float32")))
+        except TypeError:
+            raise FormatError(f"{where}: loomx parameter {name!r} has unknown dtype "
+                              f"{entry.get('dtype')!r}") from None
+        out[name] = data.astype(dtype).reshape(shape)
     return out
 
 
 def flat_to_batch(flat, batch: int | None, shape: tuple[int, ...]) -> np.ndarray:
     """A Loom flat vector (sample-major) → host ``[batch, *shape]`` float32."""
     host = np.asarray(flat, dtype=np.float32).ravel()
-    per = int(np.prod(shape))
+    per = math.prod(shape)
     bs = host.size // per if batch is None and per else batch
     if bs is None or host.size != bs * per:
         raise FormatError(f"a Loom input of {host.size} values is not batch_size={bs} × "

@@ -34,7 +34,8 @@ _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat
            "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool"}
 
 
-def _np_dtype(name: str) -> np.dtype:
+def np_dtype(name: str) -> np.dtype:
+    """The numpy dtype called ``name`` (``"bfloat16"`` through ml_dtypes)."""
     if name == "bfloat16":
         import ml_dtypes
 
@@ -84,7 +85,7 @@ def _fail(path: str, what: str) -> FormatError:
                        "loomx.save, or check that the download/copy is complete)")
 
 
-def read_header(path: str, blob) -> tuple[dict, dict, int]:
+def read_header(path: str, blob: bytes | mmap.mmap) -> tuple[dict, dict, int]:
     """Parse and validate a safetensors header; returns ``(entries, metadata, data_start)``."""
     size = len(blob)
     if size < 8:
@@ -113,7 +114,7 @@ def read_header(path: str, blob) -> tuple[dict, dict, int]:
             raise _fail(path, f"tensor {name!r} has a bad shape or offsets")
         begin, end = offs
         count = int(np.prod(shape)) if shape else 1
-        want = count * _np_dtype(_DTYPES[e["dtype"]]).itemsize
+        want = count * np_dtype(_DTYPES[e["dtype"]]).itemsize
         if not 0 <= begin <= end <= data_len or end - begin != want:
             raise _fail(path, f"tensor {name!r} ({e['dtype']} {shape}) claims bytes "
                               f"[{begin}, {end}) but needs {want} bytes within {data_len}")
@@ -153,7 +154,7 @@ def read_loomx(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
     tensors = {}
     for name, e in header.items():
         begin, end = e["data_offsets"]
-        dt = _np_dtype(_DTYPES[e["dtype"]]).newbyteorder("<")
+        dt = np_dtype(_DTYPES[e["dtype"]]).newbyteorder("<")
         arr = np.frombuffer(blob, dtype=dt, count=(end - begin) // dt.itemsize,
                             offset=start + begin) if end > begin else np.zeros(0, dt)
         tensors[name] = arr.reshape(e["shape"])

@@ -25,8 +25,11 @@ import math
 from ..backends import RandomSource
 from ..errors import ConfigError, LoomxError, ShapeError
 from .base import Array, Layer, Shape, register_layer
+from .dense import linear, linear_backward
 from .init import init_weight
+from .norm import rms_input_grad, rms_inverse
 from .rope import ROPE_STYLES, apply_rope, rope_tables, rotary_dims
+from .softmax import softmax, softmax_vjp
 
 
 class KVCache:
@@ -68,7 +71,11 @@ class KVCache:
 
 
 class AttentionContext:
-    """Saved forward values for :meth:`MultiHeadAttention.backward`."""
+    """Saved forward values for :meth:`MultiHeadAttention.backward`.
+
+    ``qg`` holds the (normed, rotated) queries grouped per KV head, ``[B, KV, G·T, hd]``,
+    already multiplied by ``1/sqrt(hd)``; ``p`` the attention weights ``[B, H, T, Tk]``.
+    """
 
     __slots__ = ("x2", "shape", "q_raw", "k_raw", "q_r", "k_r", "qg", "k", "v", "p", "merged",
                  "cos", "sin", "cached")
@@ -192,18 +199,14 @@ class MultiHeadAttention(Layer):
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty :class:`KVCache` for ``batch`` sequences of up to ``max_len`` positions."""
         if not self.built:
-            raise LoomxError(f"{self.describe()} is not built yet: call build(input_shape)")
+            raise self._not_built()
         shape = (int(batch), self.kv_heads, int(max_len), self.head_dim)
         return KVCache(self.backend.zeros(shape, dtype=self.float_dtype),
                        self.backend.zeros(shape, dtype=self.float_dtype))
 
     # ------------------------------------------------------------------ checks
-    def check_input(self, x: Array, min_ndim: int | None = None) -> None:
-        if not self.built:
-            super().check_input(x)
-        if x.ndim != 3 or x.shape[-1] != self.d_model or x.shape[1] < 1:
-            raise ShapeError(f"{self.describe()} expected input [B, T, {self.d_model}] (T ≥ 1) "
-                             f"but received {list(x.shape)}")
+    def check_input(self, x: Array) -> None:
+        self.check_sequence(x, self.d_model)
 
     # ------------------------------------------------------------------ pieces
     def _split_heads(self, y: Array, b: int, t: int, heads: int) -> Array:
@@ -213,10 +216,7 @@ class MultiHeadAttention(Layer):
 
     def _project(self, x2: Array, p: str, heads: int, b: int, t: int) -> Array:
         """``x2 [B·T, D]`` → ``[B, heads, T, hd]``."""
-        xp = self.xp
-        y = xp.matmul(x2, xp.matrix_transpose(self.params[f"{p}_weight"]))
-        if getattr(self, f"{p}_bias"):
-            y = y + self.params[f"{p}_bias"]
+        y = linear(self.xp, x2, self.params[f"{p}_weight"], self.params.get(f"{p}_bias"))
         return self._split_heads(y, b, t, heads)
 
     def _project_back(self, g: Array, p: str, x2: Array) -> Array:
@@ -224,24 +224,25 @@ class MultiHeadAttention(Layer):
         xp = self.xp
         b, heads, t, hd = g.shape
         g2 = xp.reshape(xp.permute_dims(g, (0, 2, 1, 3)), (b * t, heads * hd))
-        self._accumulate(f"{p}_weight", xp.matmul(xp.matrix_transpose(g2), x2))
-        if getattr(self, f"{p}_bias"):
-            self._accumulate(f"{p}_bias", xp.sum(g2, axis=0))
-        return xp.matmul(g2, self.params[f"{p}_weight"])
+        return linear_backward(self, x2, g2, f"{p}_weight", self._bias_key(p))
+
+    def _bias_key(self, p: str) -> str | None:
+        """``"{p}_bias"`` when projection ``p`` (q, k, v, o) has a bias, else ``None``."""
+        return f"{p}_bias" if getattr(self, f"{p}_bias") else None
 
     def _rms(self, z: Array, key: str) -> tuple[Array, Array]:
         """Per-head RMSNorm over ``hd``: returns ``(z·r·w, r)`` with ``r = 1/sqrt(mean z² + ε)``."""
-        xp = self.xp
-        r = 1.0 / xp.sqrt(xp.mean(z * z, axis=-1, keepdims=True) + self.qk_norm_eps)
+        r = rms_inverse(self.xp, z, self.qk_norm_eps)
         return z * r * self.params[key], r
 
     def _rms_back(self, g: Array, z: Array, r: Array, key: str) -> Array:
+        """Backward of :meth:`_rms`: adds the ``key`` gradient, returns the gradient of ``z``."""
         xp = self.xp
         self._accumulate(key, xp.sum(xp.reshape(g * z * r, (-1, z.shape[-1])), axis=0))
-        gw = g * self.params[key]
-        return r * gw - z * (r * r * r) * xp.mean(gw * z, axis=-1, keepdims=True)
+        return rms_input_grad(xp, z, r, g * self.params[key])
 
-    def _mask_bias(self, b: int, t: int, tk: int, offset: int, key_padding_mask):
+    def _mask_bias(self, b: int, t: int, tk: int, offset: int,
+                   key_padding_mask: Array | None) -> Array | None:
         """Additive mask ``[B or 1, 1, T or 1, Tk]`` (0 or a large negative), or ``None``."""
         xp, dev = self.xp, self.backend.device
         masked = None
@@ -265,7 +266,7 @@ class MultiHeadAttention(Layer):
 
     # ------------------------------------------------------------------ forward / backward
     def forward(self, x: Array, train: bool = False, cache: KVCache | None = None,
-                key_padding_mask: Array | None = None):
+                key_padding_mask: Array | None = None) -> tuple[Array, AttentionContext]:
         """``x [B, T, D]`` → ``(y [B, T, D], ctx)``; with ``cache``, append and attend to it."""
         self.check_input(x)
         xp = self.xp
@@ -295,20 +296,17 @@ class MultiHeadAttention(Layer):
         if cache is not None:
             k, v = cache.append(k, v)
         tk = k.shape[2]
-        qg = xp.reshape(q, (b, kv, g * t, hd))
-        s = xp.matmul(qg, xp.matrix_transpose(k)) * (1.0 / math.sqrt(hd))
-        s = xp.reshape(s, (b, h, t, tk))
+        # the 1/sqrt(hd) scale is applied to q ([.., T, hd]), not to the scores ([.., T, Tk])
+        qg = xp.reshape(q, (b, kv, g * t, hd)) * (1.0 / math.sqrt(hd))
+        s = xp.reshape(xp.matmul(qg, xp.matrix_transpose(k)), (b, h, t, tk))
         bias = self._mask_bias(b, t, tk, offset, key_padding_mask)
         if bias is not None:
             s = s + bias
-        e = xp.exp(s - xp.max(s, axis=-1, keepdims=True))
-        p = e / xp.sum(e, axis=-1, keepdims=True)
+        p = softmax(xp, s)
         a = xp.matmul(xp.reshape(p, (b, kv, g * t, tk)), v)
         merged = xp.reshape(xp.permute_dims(xp.reshape(a, (b, h, t, hd)), (0, 2, 1, 3)),
                             (b * t, h * hd))
-        y = xp.matmul(merged, xp.matrix_transpose(self.params["o_weight"]))
-        if self.o_bias:
-            y = y + self.params["o_bias"]
+        y = linear(xp, merged, self.params["o_weight"], self.params.get("o_bias"))
         ctx = AttentionContext(x2=x2, shape=(b, t, d), q_raw=q_raw, k_raw=k_raw, q_r=q_r,
                                k_r=k_r, qg=qg, k=k, v=v, p=p, merged=merged, cos=cos, sin=sin,
                                cached=cache is not None)
@@ -323,18 +321,15 @@ class MultiHeadAttention(Layer):
         b, t, d = ctx.shape
         h, kv, hd = self.num_heads, self.kv_heads, self.head_dim
         g, tk = h // kv, ctx.k.shape[2]
-        dy2 = xp.reshape(dy, (b * t, d))
-        self._accumulate("o_weight", xp.matmul(xp.matrix_transpose(dy2), ctx.merged))
-        if self.o_bias:
-            self._accumulate("o_bias", xp.sum(dy2, axis=0))
-        dmerged = xp.matmul(dy2, self.params["o_weight"])
+        dmerged = linear_backward(self, ctx.merged, xp.reshape(dy, (b * t, d)), "o_weight",
+                                  self._bias_key("o"))
         dag = xp.reshape(self._split_heads(dmerged, b, t, h), (b, kv, g * t, hd))
         pg = xp.reshape(ctx.p, (b, kv, g * t, tk))
         dv = xp.matmul(xp.matrix_transpose(pg), dag)
         dp = xp.matmul(dag, xp.matrix_transpose(ctx.v))
-        ds = pg * (dp - xp.sum(dp * pg, axis=-1, keepdims=True)) * (1.0 / math.sqrt(hd))
-        dq = xp.reshape(xp.matmul(ds, ctx.k), (b, h, t, hd))
-        dk = xp.matmul(xp.matrix_transpose(ds), ctx.qg)
+        ds = softmax_vjp(xp, pg, dp)
+        dq = xp.reshape(xp.matmul(ds, ctx.k), (b, h, t, hd)) * (1.0 / math.sqrt(hd))
+        dk = xp.matmul(xp.matrix_transpose(ds), ctx.qg)  # qg carries the scale
         rot = self.rotary
         if rot:
             dq = apply_rope(xp, dq, ctx.cos, -ctx.sin, rot, self.rope_style)

@@ -20,6 +20,7 @@ and ``self.backend`` for the few non-standard operations.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -124,10 +125,10 @@ class Layer:
 
     # ------------------------------------------------------------------ building
     @property
-    def xp(self):
+    def xp(self) -> Any:
         """The array-API namespace of this layer's backend."""
         if self.backend is None:
-            raise LoomxError(f"{self.describe()} is not built yet: call build(input_shape)")
+            raise self._not_built()
         return self.backend.xp
 
     @property
@@ -135,7 +136,7 @@ class Layer:
         return self.output_shape is not None
 
     @property
-    def float_dtype(self):
+    def float_dtype(self) -> Any:
         """The dtype of this layer's parameters and activations."""
         return getattr(self.xp, self.dtype) if self.dtype else self.backend.float_dtype
 
@@ -200,13 +201,7 @@ class Layer:
 
     def param_count(self) -> int:
         """Total number of scalar parameters (nested included)."""
-        total = 0
-        for p in self.parameters():
-            n = 1
-            for d in p.value.shape:
-                n *= int(d)
-            total += n
-        return total
+        return sum(math.prod(p.value.shape) for p in self.parameters())
 
     def to(self, backend: Backend | str, dtype: str | None = None) -> Layer:
         """Move parameters (and nested layers) to another backend and/or dtype, in place."""
@@ -215,8 +210,7 @@ class Layer:
         if old is not None:
             for k, v in list(self.params.items()):
                 host = old.to_host(v)
-                kind = host.dtype.kind
-                self.params[k] = new.from_host(host, dtype=None if kind == "f" or kind == "V"
+                self.params[k] = new.from_host(host, dtype=None if host.dtype.kind in "fV"
                                                else getattr(new.xp, str(host.dtype)))
         for _, child in self.children():
             child.to(new)
@@ -233,15 +227,41 @@ class Layer:
         label = type(self).__name__
         return f"{label} {self.name!r}" if self.name else label
 
-    def check_input(self, x: Array, min_ndim: int | None = None) -> None:
+    def _not_built(self) -> LoomxError:
+        return LoomxError(f"{self.describe()} is not built yet: call build(input_shape)")
+
+    def check_input(self, x: Array) -> None:
         """Raise :class:`ShapeError` unless ``x`` is ``[B, *input_shape]``."""
         if self.input_shape is None:
-            raise LoomxError(f"{self.describe()} is not built yet: call build(input_shape)")
+            raise self._not_built()
         got = tuple(x.shape)
         if got[1:] != self.input_shape:
             raise ShapeError(
                 f"{self.describe()} expected input of shape [B, "
                 f"{', '.join(map(str, self.input_shape))}] but received {list(got)}")
+
+    def last_axis_size(self, input_shape: Shape) -> int:
+        """At build, for layers acting on the last axis: its size (``ShapeError`` for ``[]``)."""
+        if not input_shape:
+            raise ShapeError(f"{self.describe()} acts on the last axis and needs at least one "
+                             "input axis; received a per-sample shape []")
+        return input_shape[-1]
+
+    def check_last_axis(self, x: Array, features: int | None) -> None:
+        """For layers acting on the last axis: raise unless ``x`` is ``[B, ..., features]``."""
+        if not self.built:
+            raise self._not_built()
+        if x.ndim < 2 or x.shape[-1] != features:
+            raise ShapeError(f"{self.describe()} expected input [B, ..., {features}] "
+                             f"but received {list(x.shape)}")
+
+    def check_sequence(self, x: Array, features: int | None) -> None:
+        """For sequence layers: raise unless ``x`` is ``[B, T, features]`` with ``T ≥ 1``."""
+        if not self.built:
+            raise self._not_built()
+        if x.ndim != 3 or x.shape[-1] != features or x.shape[1] < 1:
+            raise ShapeError(f"{self.describe()} expected input [B, T, {features}] (T ≥ 1) "
+                             f"but received {list(x.shape)}")
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{f}={getattr(self, f)!r}" for f in self.config_fields)

@@ -4,9 +4,45 @@ from __future__ import annotations
 
 from ..backends import RandomSource
 from ..errors import ConfigError, ShapeError
-from .activations import get_activation
+from .activations import activation_backward, bias_activation, get_activation
 from .base import Array, Layer, Shape, register_layer
 from .init import init_weight
+
+
+def linear(xp, x: Array, weight: Array, bias: Array | None = None) -> Array:
+    """``x [..., in] @ weight[out, in]ᵀ (+ bias [out])`` → ``[..., out]``."""
+    z = xp.matmul(x, xp.matrix_transpose(weight))
+    return z if bias is None else z + bias
+
+
+def sum_rows(backend, a: Array) -> Array:
+    """Sum of ``a [R, N]`` over its rows → ``[N]`` (through the backend's ``sum_rows`` kernel,
+    a matrix-vector product with ones on numpy, where it has one)."""
+    fast = backend.kernel("sum_rows")
+    return backend.xp.sum(a, axis=0) if fast is None else fast(a)
+
+
+def accumulate_linear_grads(layer: Layer, x: Array, dz: Array, weight_key: str,
+                            bias_key: str | None = None) -> None:
+    """Add the gradients of a :func:`linear` map with ``layer.params[weight_key] [out, in]``.
+
+    ``x [..., in]`` is the map's input and ``dz [..., out]`` the gradient of its output; the
+    leading axes are flattened, so each gradient is one matrix product (or one sum).
+    """
+    xp = layer.xp
+    out_f, in_f = layer.params[weight_key].shape
+    dz2 = xp.reshape(dz, (-1, out_f))
+    layer._accumulate(weight_key, xp.matmul(xp.matrix_transpose(dz2),
+                                            xp.reshape(x, (-1, in_f))))
+    if bias_key is not None:
+        layer._accumulate(bias_key, sum_rows(layer.backend, dz2))
+
+
+def linear_backward(layer: Layer, x: Array, dz: Array, weight_key: str,
+                    bias_key: str | None = None) -> Array:
+    """:func:`accumulate_linear_grads`, then return the input gradient ``dx [..., in]``."""
+    accumulate_linear_grads(layer, x, dz, weight_key, bias_key)
+    return layer.xp.matmul(dz, layer.params[weight_key])
 
 
 @register_layer
@@ -43,9 +79,7 @@ class Dense(Layer):
         self._act = get_activation(activation)
 
     def _build(self, input_shape: Shape, rng: RandomSource) -> Shape:
-        if not input_shape:
-            raise ShapeError(f"{self.describe()} needs at least one input axis")
-        fan_in = input_shape[-1]
+        fan_in = self.last_axis_size(input_shape)
         if self.in_features is None:
             self.in_features = fan_in
         elif self.in_features != fan_in:
@@ -58,30 +92,19 @@ class Dense(Layer):
             self.params["bias"] = self.backend.zeros((self.out_features,), dtype=dt)
         return (*input_shape[:-1], self.out_features)
 
-    def check_input(self, x: Array, min_ndim: int | None = None) -> None:
-        if x.ndim < 2 or x.shape[-1] != self.in_features:
-            raise ShapeError(f"{self.describe()} expected input [B, ..., {self.in_features}] "
-                             f"but received {list(x.shape)}")
+    def check_input(self, x: Array) -> None:
+        self.check_last_axis(x, self.in_features)
 
-    def forward(self, x: Array, train: bool = False):
+    def forward(self, x: Array, train: bool = False) -> tuple[Array, tuple]:
         self.check_input(x)
-        xp = self.xp
-        z = xp.matmul(x, xp.matrix_transpose(self.params["weight"]))
-        if self.bias:
-            z = z + self.params["bias"]
-        y = self._act.forward(self.backend, z)
+        z, y = bias_activation(self.backend, self._act, linear(self.xp, x, self.params["weight"]),
+                               self.params.get("bias"))
         return y, (x, z, y)
 
-    def backward(self, dy: Array, ctx) -> Array:
+    def backward(self, dy: Array, ctx: tuple) -> Array:
         x, z, y = ctx
-        xp = self.xp
-        dz = self._act.backward(self.backend, z, y, dy)
-        dz2 = xp.reshape(dz, (-1, self.out_features))
-        x2 = xp.reshape(x, (-1, self.in_features))
-        self._accumulate("weight", xp.matmul(xp.matrix_transpose(dz2), x2))
-        if self.bias:
-            self._accumulate("bias", xp.sum(dz2, axis=0))
-        return xp.matmul(dz, self.params["weight"])
+        dz = activation_backward(self.backend, self._act, z, y, dy)
+        return linear_backward(self, x, dz, "weight", "bias" if self.bias else None)
 
 
 @register_layer
@@ -96,10 +119,10 @@ class Activation(Layer):
         self.activation = activation
         self._act = get_activation(activation)
 
-    def forward(self, x: Array, train: bool = False):
-        y = self._act.forward(self.backend, x)
+    def forward(self, x: Array, train: bool = False) -> tuple[Array, tuple]:
+        _, y = bias_activation(self.backend, self._act, x)
         return y, (x, y)
 
-    def backward(self, dy: Array, ctx) -> Array:
+    def backward(self, dy: Array, ctx: tuple) -> Array:
         x, y = ctx
-        return self._act.backward(self.backend, x, y, dy)
+        return activation_backward(self.backend, self._act, x, y, dy)

@@ -101,14 +101,14 @@ class Embedding(Layer):
         """Check ids (host or device) against this table; see :func:`validate_ids`."""
         validate_ids(ids, self.num_embeddings, self.describe(), self.backend)
 
-    def check_input(self, x: Array, min_ndim: int | None = None) -> None:
+    def check_input(self, x: Array) -> None:
         super().check_input(x)
         if not self.xp.isdtype(x.dtype, "integral"):
             raise ShapeError(f"{self.describe()} expected integer token ids [B, "
                              f"{', '.join(map(str, self.input_shape))}] but received dtype "
                              f"{x.dtype}; convert them with xp.astype(ids, xp.int64)")
 
-    def forward(self, x: Array, train: bool = False):
+    def forward(self, x: Array, train: bool = False) -> tuple[Array, Any]:
         self.check_input(x)
         xp = self.xp
         flat = xp.reshape(x, (-1,))
@@ -119,10 +119,10 @@ class Embedding(Layer):
         y = xp.reshape(rows, (*x.shape, self.embedding_dim))
         return y, (safe, valid)
 
-    def backward(self, dy: Array, ctx) -> None:
+    def backward(self, dy: Array, ctx: Any) -> None:
         safe, valid = ctx
         xp = self.xp
         rows = xp.where(valid[:, None], xp.reshape(dy, (-1, self.embedding_dim)), 0.0)
-        weight = self.params["weight"]
-        self._accumulate("weight", self.backend.scatter_add(xp.zeros_like(weight), safe, rows))
+        # scatter_add is functional: adding into the gradient itself spares a [V, D] temporary
+        self.grads["weight"] = self.backend.scatter_add(self.grads["weight"], safe, rows)
         return None

@@ -8,9 +8,10 @@ Weights use the PyTorch layout ``[out, in]`` and are initialised with the ``"tor
 from __future__ import annotations
 
 from ..backends import RandomSource
-from ..errors import ConfigError, ShapeError
-from .activations import _sigmoid, get_activation
+from ..errors import ConfigError
+from .activations import get_activation, sigmoid
 from .base import Array, Layer, Shape, register_layer
+from .dense import linear, linear_backward
 from .init import init_weight
 
 
@@ -26,10 +27,7 @@ class _Block(Layer):
         self.features: int | None = None
 
     def _build(self, input_shape: Shape, rng: RandomSource) -> Shape:
-        if not input_shape:
-            raise ShapeError(f"{self.describe()} needs at least one input axis; received a "
-                             "per-sample shape []")
-        self.features = d = input_shape[-1]
+        self.features = d = self.last_axis_size(input_shape)
         m, dt = self.hidden_features, self.float_dtype
         for name, shape in self._weights(d, m):
             self.params[name] = init_weight(rng, "torch", shape, shape[1], shape[0], dt)
@@ -43,30 +41,19 @@ class _Block(Layer):
     def _biases(self, d: int, m: int) -> list[tuple[str, int]]:
         raise NotImplementedError
 
-    def check_input(self, x: Array, min_ndim: int | None = None) -> None:
-        if self.features is None:
-            super().check_input(x)
-        if x.ndim < 2 or x.shape[-1] != self.features:
-            raise ShapeError(f"{self.describe()} expected input [B, ..., {self.features}] "
-                             f"but received {list(x.shape)}")
+    def check_input(self, x: Array) -> None:
+        self.check_last_axis(x, self.features)
 
     def _linear(self, x: Array, prefix: str) -> Array:
         """``x @ W.T (+ b)`` with parameters ``{prefix}_weight`` / ``{prefix}_bias``."""
-        xp = self.xp
-        z = xp.matmul(x, xp.matrix_transpose(self.params[f"{prefix}_weight"]))
-        bias = self.params.get(f"{prefix}_bias")
-        return z if bias is None else z + bias
+        return linear(self.xp, x, self.params[f"{prefix}_weight"],
+                      self.params.get(f"{prefix}_bias"))
 
     def _linear_backward(self, x: Array, dz: Array, prefix: str) -> Array:
         """Accumulate the gradients of ``{prefix}_*`` and return ``dx``."""
-        xp = self.xp
-        w = self.params[f"{prefix}_weight"]
-        dz2 = xp.reshape(dz, (-1, w.shape[0]))
-        x2 = xp.reshape(x, (-1, w.shape[1]))
-        self._accumulate(f"{prefix}_weight", xp.matmul(xp.matrix_transpose(dz2), x2))
-        if f"{prefix}_bias" in self.params:
-            self._accumulate(f"{prefix}_bias", xp.sum(dz2, axis=0))
-        return xp.matmul(dz, w)
+        bias = f"{prefix}_bias"
+        return linear_backward(self, x, dz, f"{prefix}_weight",
+                               bias if bias in self.params else None)
 
 
 @register_layer
@@ -86,21 +73,21 @@ class SwiGLU(_Block):
         super().__init__(hidden_features, **kw)
         self.bias = bool(bias)
 
-    def _weights(self, d, m):
+    def _weights(self, d: int, m: int) -> list[tuple[str, tuple[int, int]]]:
         return [("gate_weight", (m, d)), ("up_weight", (m, d)), ("down_weight", (d, m))]
 
-    def _biases(self, d, m):
+    def _biases(self, d: int, m: int) -> list[tuple[str, int]]:
         return [("gate_bias", m), ("up_bias", m), ("down_bias", d)] if self.bias else []
 
-    def forward(self, x: Array, train: bool = False):
+    def forward(self, x: Array, train: bool = False) -> tuple[Array, tuple]:
         self.check_input(x)
         g = self._linear(x, "gate")
         u = self._linear(x, "up")
-        s = _sigmoid(self.xp, g)
+        s = sigmoid(self.xp, g)
         h = g * s * u
         return self._linear(h, "down"), (x, g, u, s, h)
 
-    def backward(self, dy: Array, ctx) -> Array:
+    def backward(self, dy: Array, ctx: tuple) -> Array:
         x, g, u, s, h = ctx
         dh = self._linear_backward(h, dy, "down")
         dg = dh * u * (s + g * s * (1.0 - s))
@@ -129,19 +116,19 @@ class MLPBlock(_Block):
         self.bias = bool(bias)
         self._act = get_activation(activation)
 
-    def _weights(self, d, m):
+    def _weights(self, d: int, m: int) -> list[tuple[str, tuple[int, int]]]:
         return [("up_weight", (m, d)), ("down_weight", (d, m))]
 
-    def _biases(self, d, m):
+    def _biases(self, d: int, m: int) -> list[tuple[str, int]]:
         return [("up_bias", m), ("down_bias", d)] if self.bias else []
 
-    def forward(self, x: Array, train: bool = False):
+    def forward(self, x: Array, train: bool = False) -> tuple[Array, tuple]:
         self.check_input(x)
         z = self._linear(x, "up")
         h = self._act.forward(self.backend, z)
         return self._linear(h, "down"), (x, z, h)
 
-    def backward(self, dy: Array, ctx) -> Array:
+    def backward(self, dy: Array, ctx: tuple) -> Array:
         x, z, h = ctx
         dh = self._linear_backward(h, dy, "down")
         dz = self._act.backward(self.backend, z, h, dh)

@@ -16,6 +16,7 @@ scheme             distribution
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from ..backends import RandomSource
 from ..errors import ConfigError
@@ -24,8 +25,8 @@ INIT_SCHEMES = ("he", "xavier", "xavier_uniform", "torch", "loom_uniform", "norm
 
 
 def init_weight(rng: RandomSource, scheme: str, shape: tuple[int, ...], fan_in: int,
-                fan_out: int, dtype):
-    """Draw a weight array of ``shape`` on ``rng``'s backend with the named scheme."""
+                fan_out: int, dtype: Any) -> Any:
+    """Draw a weight array of ``shape`` and ``dtype`` on ``rng``'s backend with ``scheme``."""
     if scheme == "he":
         return rng.normal(shape, std=math.sqrt(2.0 / fan_in), dtype=dtype)
     if scheme == "xavier":

@@ -3,8 +3,23 @@
 from __future__ import annotations
 
 from ..backends import RandomSource
-from ..errors import ConfigError, ShapeError
+from ..errors import ConfigError
 from .base import Array, Layer, Shape, register_layer
+from .dense import sum_rows
+
+
+def rms_inverse(xp, x: Array, eps: float) -> Array:
+    """``1 / sqrt(mean(x²) + eps)`` over the last axis: ``x [..., D]`` → ``[..., 1]``."""
+    return 1.0 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+def rms_input_grad(xp, x: Array, rinv: Array, g: Array) -> Array:
+    """Gradient w.r.t. ``x [..., D]`` of ``x · rinv`` (``rinv = rms_inverse(x)``) given ``g``.
+
+    ``g [..., D]`` is the gradient of ``x · rinv``; the result is
+    ``rinv·g − x·rinv³·mean(g·x)`` (the mean over the last axis).
+    """
+    return rinv * g - x * (rinv * rinv * rinv) * xp.mean(g * x, axis=-1, keepdims=True)
 
 
 class _LastAxisNorm(Layer):
@@ -18,27 +33,19 @@ class _LastAxisNorm(Layer):
         self.features: int | None = None
 
     def _build(self, input_shape: Shape, rng: RandomSource) -> Shape:
-        if not input_shape:
-            raise ShapeError(f"{self.describe()} needs at least one input axis (the features "
-                             "to normalise); received a per-sample shape []")
-        self.features = input_shape[-1]
+        self.features = self.last_axis_size(input_shape)
         self._make_params(self.features)
         return input_shape
 
     def _make_params(self, d: int) -> None:
         raise NotImplementedError
 
-    def check_input(self, x: Array, min_ndim: int | None = None) -> None:
-        if self.features is None:
-            super().check_input(x)
-        if x.ndim < 2 or x.shape[-1] != self.features:
-            raise ShapeError(f"{self.describe()} expected input [B, ..., {self.features}] "
-                             f"but received {list(x.shape)}")
+    def check_input(self, x: Array) -> None:
+        self.check_last_axis(x, self.features)
 
     def _sum_rows(self, a: Array) -> Array:
         """Sum ``a [..., D]`` over every axis but the last → ``[D]``."""
-        xp = self.xp
-        return xp.sum(xp.reshape(a, (-1, self.features)), axis=0)
+        return sum_rows(self.backend, self.xp.reshape(a, (-1, self.features)))
 
 
 @register_layer
@@ -71,8 +78,12 @@ class LayerNorm(_LastAxisNorm):
             if self.bias:
                 self.params["bias"] = self.backend.zeros((d,), dtype=self.float_dtype)
 
-    def forward(self, x: Array, train: bool = False):
+    def forward(self, x: Array, train: bool = False) -> tuple[Array, tuple]:
         self.check_input(x)
+        fused = self.backend.kernel("layer_norm_forward")
+        if fused is not None:
+            y, xhat, rstd = fused(x, self.params.get("weight"), self.params.get("bias"), self.eps)
+            return y, (xhat, rstd)
         xp = self.xp
         mean = xp.mean(x, axis=-1, keepdims=True)
         xc = x - mean
@@ -86,8 +97,16 @@ class LayerNorm(_LastAxisNorm):
                 y = y + self.params["bias"]
         return y, (xhat, rstd)
 
-    def backward(self, dy: Array, ctx) -> Array:
+    def backward(self, dy: Array, ctx: tuple) -> Array:
         xhat, rstd = ctx
+        fused = self.backend.kernel("layer_norm_backward")
+        if fused is not None:
+            dx, dweight, dbias = fused(dy, xhat, rstd, self.params.get("weight"))
+            if self.affine:
+                self._accumulate("weight", dweight)
+                if self.bias:
+                    self._accumulate("bias", dbias)
+            return dx
         xp = self.xp
         g = dy
         if self.affine:
@@ -130,16 +149,21 @@ class RMSNorm(_LastAxisNorm):
         w = self.params["weight"]
         return 1.0 + w if self.unit_offset else w
 
-    def forward(self, x: Array, train: bool = False):
+    def forward(self, x: Array, train: bool = False) -> tuple[Array, tuple]:
         self.check_input(x)
-        xp = self.xp
-        rinv = 1.0 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        fused = self.backend.kernel("rms_norm_forward")
+        if fused is not None:
+            y, rinv = fused(x, self.params["weight"], self.eps, self.unit_offset)
+            return y, (x, rinv)
+        rinv = rms_inverse(self.xp, x, self.eps)
         return x * rinv * self._scale(), (x, rinv)
 
-    def backward(self, dy: Array, ctx) -> Array:
+    def backward(self, dy: Array, ctx: tuple) -> Array:
         x, rinv = ctx
-        xp = self.xp
+        fused = self.backend.kernel("rms_norm_backward")
+        if fused is not None:
+            dx, dweight = fused(dy, x, rinv, self.params["weight"], self.unit_offset)
+            self._accumulate("weight", dweight)
+            return dx
         self._accumulate("weight", self._sum_rows(dy * x * rinv))
-        g = dy * self._scale()
-        mean_gx = xp.mean(g * x, axis=-1, keepdims=True)
-        return rinv * g - x * (rinv * rinv * rinv) * mean_gx
+        return rms_input_grad(self.xp, x, rinv, dy * self._scale())

@@ -17,12 +17,26 @@ initial state (for truncated backpropagation across calls).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ..backends import RandomSource
 from ..errors import ConfigError, ShapeError
+from .activations import sigmoid
 from .base import Array, Layer, Shape, register_layer
+from .dense import accumulate_linear_grads, linear, linear_backward
 from .init import init_weight
+
+#: ``step_back(t, dh) -> (d_pre_x, d_pre_h, dh_prev)`` for one step of backpropagation
+#: through time; ``d_pre_h=None`` means the same array as ``d_pre_x``.
+StepBack = Callable[[int, Array], tuple[Array, Array | None, Array]]
+
+
+def _add(a: Array | None, b: Array | None) -> Array | None:
+    """``a + b`` where either may be ``None`` (a missing gradient)."""
+    if a is None:
+        return b
+    return a if b is None else a + b
 
 
 class RecurrentContext:
@@ -89,17 +103,13 @@ class RecurrentLayer(Layer):
         self._build_biases(dt)
         return (t, h) if self.return_sequences else (h,)
 
-    def _build_biases(self, dt) -> None:
+    def _build_biases(self, dt: Any) -> None:
         if self.bias:
             self.params["bias"] = self.backend.zeros((self.gates * self.hidden_size,), dtype=dt)
 
     # ------------------------------------------------------------------ checks
-    def check_input(self, x: Array, min_ndim: int | None = None) -> None:
-        if not self.built:
-            super().check_input(x)
-        if x.ndim != 3 or x.shape[-1] != self.input_size or x.shape[1] < 1:
-            raise ShapeError(f"{self.describe()} expected input [B, T, {self.input_size}] "
-                             f"(T ≥ 1) but received {list(x.shape)}")
+    def check_input(self, x: Array) -> None:
+        self.check_sequence(x, self.input_size)
 
     def _check_state(self, s: Array, batch: int, what: str) -> Array:
         want = (batch, self.hidden_size)
@@ -111,22 +121,31 @@ class RecurrentLayer(Layer):
     def _zeros_state(self, batch: int) -> Array:
         return self.backend.zeros((batch, self.hidden_size), dtype=self.float_dtype)
 
+    def _initial_h(self, initial_state: Array | None, batch: int) -> Array:
+        """The checked ``initial_state`` ``h [B, H]``, or zeros."""
+        if initial_state is None:
+            return self._zeros_state(batch)
+        return self._check_state(initial_state, batch, "initial_state h")
+
     # ------------------------------------------------------------------ helpers
     def _project_inputs(self, x: Array, bias_key: str | None) -> tuple[Array, Array]:
         """``x [B, T, I]`` → ``(x_tb [T·B, I], x @ W_ih.T + b`` time-major ``[T, B, G·H])``."""
         xp = self.xp
         b, t, i = x.shape
         x_tb = xp.reshape(xp.permute_dims(x, (1, 0, 2)), (t * b, i))
-        xw = xp.matmul(x_tb, xp.matrix_transpose(self.params["weight_ih"]))
-        if bias_key is not None:
-            xw = xw + self.params[bias_key]
+        xw = linear(xp, x_tb, self.params["weight_ih"],
+                    None if bias_key is None else self.params[bias_key])
         return x_tb, xp.reshape(xw, (t, b, xw.shape[-1]))
 
-    def _output(self, ctx: RecurrentContext) -> Array:
+    def _finish(self, ctx: RecurrentContext, hs: list[Array],
+                state: Any) -> tuple[Array, RecurrentContext]:
+        """Store the per-step hidden states ``hs`` and the final ``state``; return ``(y, ctx)``."""
         xp = self.xp
+        ctx.hs = xp.stack(hs, axis=0)
+        ctx.state = state
         if self.return_sequences:
-            return xp.permute_dims(ctx.hs, (1, 0, 2))
-        return ctx.hs[-1, ...]
+            return xp.permute_dims(ctx.hs, (1, 0, 2)), ctx
+        return hs[-1], ctx
 
     def _dy_time_major(self, dy: Array, steps: int) -> list[Array | None]:
         """Per-step output gradients ``[B, H]`` (``None`` where the output had no step)."""
@@ -136,42 +155,43 @@ class RecurrentLayer(Layer):
             return [dyt[t, ...] for t in range(steps)]
         return [None] * (steps - 1) + [dy]
 
-    def _weight_grads(self, ctx: RecurrentContext, d_pre_x: Array, d_pre_h: Array,
-                      h_prev: Array, bias_x: str | None, bias_h: str | None) -> Array:
-        """Accumulate W_ih, W_hh and bias grads with one product each; return dx ``[B, T, I]``.
+    def _bptt(self, dy: Array, ctx: RecurrentContext, step_back: StepBack,
+              bias_x: str | None, bias_h: str | None) -> Array:
+        """Backpropagation through time; returns ``dx [B, T, I]``, sets ``ctx.d_initial``.
 
-        ``d_pre_x``/``d_pre_h``: gradients of the input-side and hidden-side pre-activations,
-        time-major ``[T, B, G·H]``; ``h_prev``: hidden state before each step ``[T, B, H]``.
+        ``step_back`` runs from the last step to the first with the gradient ``dh`` of the
+        hidden state after step ``t``. The per-step pre-activation gradients (time-major
+        ``[T, B, G·H]``) then give W_ih, W_hh and the biases (``bias_x`` on the input side,
+        ``bias_h`` on the hidden side) with one product each.
         """
         xp = self.xp
-        t, b, gh = d_pre_x.shape
-        dpx = xp.reshape(d_pre_x, (t * b, gh))
-        dph = xp.reshape(d_pre_h, (t * b, gh))
-        hp = xp.reshape(h_prev, (t * b, self.hidden_size))
-        self._accumulate("weight_ih", xp.matmul(xp.matrix_transpose(dpx), ctx.x_tb))
-        self._accumulate("weight_hh", xp.matmul(xp.matrix_transpose(dph), hp))
-        if bias_x is not None:
-            self._accumulate(bias_x, xp.sum(dpx, axis=0))
-        if bias_h is not None:
-            self._accumulate(bias_h, xp.sum(dph, axis=0))
-        dx = xp.matmul(dpx, self.params["weight_ih"])
-        return xp.permute_dims(xp.reshape(dx, (t, b, dx.shape[-1])), (1, 0, 2))
-
-    def _h_prev(self, ctx: RecurrentContext) -> Array:
-        """Hidden state entering each step, time-major ``[T, B, H]``."""
-        xp = self.xp
-        return xp.concat([ctx.h0[None, ...], ctx.hs[:-1, ...]], axis=0)
+        steps = ctx.hs.shape[0]
+        dys = self._dy_time_major(dy, steps)
+        d_x: list[Array] = [None] * steps
+        d_h: list[Array] = [None] * steps
+        dh_next = None
+        for t in range(steps - 1, -1, -1):
+            d_x[t], d_pre_h, dh_next = step_back(t, _add(dys[t], dh_next))
+            d_h[t] = d_x[t] if d_pre_h is None else d_pre_h
+        ctx.d_initial = dh_next
+        b, gh = ctx.batch, self.gates * self.hidden_size
+        dpx = xp.reshape(xp.stack(d_x, axis=0), (steps * b, gh))
+        dph = dpx if d_h[0] is d_x[0] else xp.reshape(xp.stack(d_h, axis=0), (steps * b, gh))
+        h_prev = xp.concat([ctx.h0[None, ...], ctx.hs[:-1, ...]], axis=0)
+        accumulate_linear_grads(self, h_prev, dph, "weight_hh", bias_h)
+        dx = linear_backward(self, ctx.x_tb, dpx, "weight_ih", bias_x)
+        return xp.permute_dims(xp.reshape(dx, (steps, b, dx.shape[-1])), (1, 0, 2))
 
     # ------------------------------------------------------------------ public extras
-    def final_state(self, ctx: RecurrentContext):
+    def final_state(self, ctx: RecurrentContext) -> Any:
         """The state after the last step: ``h [B, H]`` (LSTM: ``(h, c)``)."""
         return ctx.state
 
-    def initial_state_grad(self, ctx: RecurrentContext):
+    def initial_state_grad(self, ctx: RecurrentContext) -> Any:
         """After ``backward``: the gradient of the initial state (same structure as it)."""
         return ctx.d_initial
 
-    def __call__(self, x: Array, train: bool = False, initial_state=None) -> Array:
+    def __call__(self, x: Array, train: bool = False, initial_state: Any = None) -> Array:
         return self.forward(x, train, initial_state)[0]
 
 
@@ -188,12 +208,12 @@ class RNN(RecurrentLayer):
 
     type_name = "rnn"
 
-    def forward(self, x: Array, train: bool = False, initial_state=None):
+    def forward(self, x: Array, train: bool = False,
+                initial_state: Array | None = None) -> tuple[Array, RecurrentContext]:
         self.check_input(x)
         xp = self.xp
         batch = x.shape[0]
-        h = self._zeros_state(batch) if initial_state is None else self._check_state(
-            initial_state, batch, "initial_state h")
+        h = self._initial_h(initial_state, batch)
         x_tb, xw = self._project_inputs(x, "bias" if self.bias else None)
         ctx = RecurrentContext(x_tb, batch, h)
         w_hh_t = xp.matrix_transpose(self.params["weight_hh"])
@@ -201,31 +221,18 @@ class RNN(RecurrentLayer):
         for t in range(xw.shape[0]):
             h = xp.tanh(xw[t, ...] + xp.matmul(h, w_hh_t))
             hs.append(h)
-        ctx.hs = xp.stack(hs, axis=0)
-        ctx.state = h
-        return self._output(ctx), ctx
+        return self._finish(ctx, hs, h)
 
     def backward(self, dy: Array, ctx: RecurrentContext) -> Array:
         xp = self.xp
-        steps = ctx.hs.shape[0]
-        dys = self._dy_time_major(dy, steps)
         w_hh = self.params["weight_hh"]
-        dh_next = None
-        das: list[Array] = [None] * steps
-        for t in range(steps - 1, -1, -1):
-            dh = dys[t] if dh_next is None else (dh_next if dys[t] is None else dys[t] + dh_next)
+
+        def step_back(t: int, dh: Array) -> tuple[Array, None, Array]:
             h = ctx.hs[t, ...]
             da = dh * (1.0 - h * h)
-            das[t] = da
-            dh_next = xp.matmul(da, w_hh)
-        ctx.d_initial = dh_next
-        d_pre = xp.stack(das, axis=0)
-        bias = "bias" if self.bias else None
-        return self._weight_grads(ctx, d_pre, d_pre, self._h_prev(ctx), bias, None)
+            return da, None, xp.matmul(da, w_hh)
 
-
-def _sigmoid(xp, z: Array) -> Array:
-    return 1.0 / (1.0 + xp.exp(-z))
+        return self._bptt(dy, ctx, step_back, "bias" if self.bias else None, None)
 
 
 @register_layer
@@ -243,7 +250,7 @@ class LSTM(RecurrentLayer):
     type_name = "lstm"
     gates = 4
 
-    def _build_biases(self, dt) -> None:
+    def _build_biases(self, dt: Any) -> None:
         if self.bias:
             h = self.hidden_size
             xp = self.xp
@@ -251,7 +258,9 @@ class LSTM(RecurrentLayer):
             ones = self.backend.ones((h,), dtype=dt)
             self.params["bias"] = xp.concat([zeros, ones, zeros, zeros])
 
-    def forward(self, x: Array, train: bool = False, initial_state=None):
+    def forward(self, x: Array, train: bool = False,
+                initial_state: tuple[Array, Array] | None = None,
+                ) -> tuple[Array, RecurrentContext]:
         self.check_input(x)
         xp = self.xp
         batch, hs_ = x.shape[0], self.hidden_size
@@ -269,45 +278,39 @@ class LSTM(RecurrentLayer):
         hs = []
         for t in range(xw.shape[0]):
             pre = xw[t, ...] + xp.matmul(h, w_hh_t)
-            i = _sigmoid(xp, pre[:, :hs_])
-            f = _sigmoid(xp, pre[:, hs_:2 * hs_])
+            i = sigmoid(xp, pre[:, :hs_])
+            f = sigmoid(xp, pre[:, hs_:2 * hs_])
             g = xp.tanh(pre[:, 2 * hs_:3 * hs_])
-            o = _sigmoid(xp, pre[:, 3 * hs_:])
+            o = sigmoid(xp, pre[:, 3 * hs_:])
             c_prev = c
             c = f * c_prev + i * g
             tc = xp.tanh(c)
             h = o * tc
             ctx.steps.append((i, f, g, o, c_prev, tc))
             hs.append(h)
-        ctx.hs = xp.stack(hs, axis=0)
-        ctx.state = (h, c)
-        return self._output(ctx), ctx
+        return self._finish(ctx, hs, (h, c))
 
     def backward(self, dy: Array, ctx: RecurrentContext) -> Array:
         xp = self.xp
-        steps = ctx.hs.shape[0]
-        dys = self._dy_time_major(dy, steps)
         w_hh = self.params["weight_hh"]
-        dh_next = dc_next = None
-        d_pres: list[Array] = [None] * steps
-        for t in range(steps - 1, -1, -1):
+        dc_next = None
+
+        def step_back(t: int, dh: Array) -> tuple[Array, None, Array]:
+            nonlocal dc_next
             i, f, g, o, c_prev, tc = ctx.steps[t]
-            dh = dys[t] if dh_next is None else (dh_next if dys[t] is None else dys[t] + dh_next)
-            dc = dh * o * (1.0 - tc * tc)
-            if dc_next is not None:
-                dc = dc + dc_next
-            d_pres[t] = xp.concat([
+            dc = _add(dh * o * (1.0 - tc * tc), dc_next)
+            d_pre = xp.concat([
                 dc * g * i * (1.0 - i),
                 dc * c_prev * f * (1.0 - f),
                 dc * i * (1.0 - g * g),
                 dh * tc * o * (1.0 - o),
             ], axis=1)
-            dh_next = xp.matmul(d_pres[t], w_hh)
             dc_next = dc * f
-        ctx.d_initial = (dh_next, dc_next)
-        d_pre = xp.stack(d_pres, axis=0)
-        bias = "bias" if self.bias else None
-        return self._weight_grads(ctx, d_pre, d_pre, self._h_prev(ctx), bias, None)
+            return d_pre, None, xp.matmul(d_pre, w_hh)
+
+        dx = self._bptt(dy, ctx, step_back, "bias" if self.bias else None, None)
+        ctx.d_initial = (ctx.d_initial, dc_next)
+        return dx
 
 
 @register_layer
@@ -324,17 +327,17 @@ class GRU(RecurrentLayer):
     type_name = "gru"
     gates = 3
 
-    def _build_biases(self, dt) -> None:
+    def _build_biases(self, dt: Any) -> None:
         if self.bias:
             self.params["bias_ih"] = self.backend.zeros((3 * self.hidden_size,), dtype=dt)
             self.params["bias_hh"] = self.backend.zeros((3 * self.hidden_size,), dtype=dt)
 
-    def forward(self, x: Array, train: bool = False, initial_state=None):
+    def forward(self, x: Array, train: bool = False,
+                initial_state: Array | None = None) -> tuple[Array, RecurrentContext]:
         self.check_input(x)
         xp = self.xp
         batch, hs_ = x.shape[0], self.hidden_size
-        h = self._zeros_state(batch) if initial_state is None else self._check_state(
-            initial_state, batch, "initial_state h")
+        h = self._initial_h(initial_state, batch)
         x_tb, xw = self._project_inputs(x, "bias_ih" if self.bias else None)
         ctx = RecurrentContext(x_tb, batch, h)
         w_hh_t = xp.matrix_transpose(self.params["weight_hh"])
@@ -344,36 +347,28 @@ class GRU(RecurrentLayer):
             hw = xp.matmul(h, w_hh_t)
             if self.bias:
                 hw = hw + self.params["bias_hh"]
-            r = _sigmoid(xp, xt[:, :hs_] + hw[:, :hs_])
-            z = _sigmoid(xp, xt[:, hs_:2 * hs_] + hw[:, hs_:2 * hs_])
+            r = sigmoid(xp, xt[:, :hs_] + hw[:, :hs_])
+            z = sigmoid(xp, xt[:, hs_:2 * hs_] + hw[:, hs_:2 * hs_])
             hn = hw[:, 2 * hs_:]
             n = xp.tanh(xt[:, 2 * hs_:] + r * hn)
             h_prev = h
             h = (1.0 - z) * n + z * h_prev
             ctx.steps.append((r, z, n, hn, h_prev))
             hs.append(h)
-        ctx.hs = xp.stack(hs, axis=0)
-        ctx.state = h
-        return self._output(ctx), ctx
+        return self._finish(ctx, hs, h)
 
     def backward(self, dy: Array, ctx: RecurrentContext) -> Array:
         xp = self.xp
-        steps = ctx.hs.shape[0]
-        dys = self._dy_time_major(dy, steps)
         w_hh = self.params["weight_hh"]
-        dh_next = None
-        dxs: list[Array] = [None] * steps
-        dhs: list[Array] = [None] * steps
-        for t in range(steps - 1, -1, -1):
+
+        def step_back(t: int, dh: Array) -> tuple[Array, Array, Array]:
             r, z, n, hn, h_prev = ctx.steps[t]
-            dh = dys[t] if dh_next is None else (dh_next if dys[t] is None else dys[t] + dh_next)
             dn_pre = dh * (1.0 - z) * (1.0 - n * n)
             dz_pre = dh * (h_prev - n) * z * (1.0 - z)
             dr_pre = dn_pre * hn * r * (1.0 - r)
-            dxs[t] = xp.concat([dr_pre, dz_pre, dn_pre], axis=1)
-            dhs[t] = xp.concat([dr_pre, dz_pre, dn_pre * r], axis=1)
-            dh_next = dh * z + xp.matmul(dhs[t], w_hh)
-        ctx.d_initial = dh_next
+            d_pre_h = xp.concat([dr_pre, dz_pre, dn_pre * r], axis=1)
+            return (xp.concat([dr_pre, dz_pre, dn_pre], axis=1), d_pre_h,
+                    dh * z + xp.matmul(d_pre_h, w_hh))
+
         bx, bh = ("bias_ih", "bias_hh") if self.bias else (None, None)
-        return self._weight_grads(ctx, xp.stack(dxs, axis=0), xp.stack(dhs, axis=0),
-                                  self._h_prev(ctx), bx, bh)
+        return self._bptt(dy, ctx, step_back, bx, bh)

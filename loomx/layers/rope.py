@@ -15,7 +15,9 @@ its adjoint (used by backward) is the same rotation with ``sin`` negated.
 from __future__ import annotations
 
 import math
+from typing import Any
 
+from ..backends import Backend
 from ..errors import ConfigError
 from .base import Array
 
@@ -31,7 +33,7 @@ def rotary_dims(head_dim: int, fraction: float) -> int:
     return rot
 
 
-def rope_tables(backend, dtype, start: int, length: int, rot: int,
+def rope_tables(backend: Backend, dtype: Any, start: int, length: int, rot: int,
                 theta: float) -> tuple[Array, Array]:
     """``(cos, sin)``, each ``[length, rot/2]``, for absolute positions ``start … start+length-1``.
 

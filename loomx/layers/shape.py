@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from ..backends import RandomSource
 from ..errors import ConfigError, ShapeError
@@ -38,7 +39,7 @@ class Dropout(Layer):
         self._rng = rng.spawn()
         return input_shape
 
-    def forward(self, x: Array, train: bool = False):
+    def forward(self, x: Array, train: bool = False) -> tuple[Array, Any]:
         self.check_input(x)
         if not train or self.rate == 0.0:
             return x, None
@@ -46,7 +47,7 @@ class Dropout(Layer):
         mask = self.xp.astype(u >= self.rate, x.dtype) * (1.0 / (1.0 - self.rate))
         return x * mask, mask
 
-    def backward(self, dy: Array, ctx) -> Array:
+    def backward(self, dy: Array, ctx: Any) -> Array:
         return dy if ctx is None else dy * ctx
 
 
@@ -59,11 +60,11 @@ class Flatten(Layer):
     def _build(self, input_shape: Shape, rng: RandomSource) -> Shape:
         return (math.prod(input_shape),)
 
-    def forward(self, x: Array, train: bool = False):
+    def forward(self, x: Array, train: bool = False) -> tuple[Array, Any]:
         self.check_input(x)
         return self.xp.reshape(x, (x.shape[0], -1)), tuple(x.shape)
 
-    def backward(self, dy: Array, ctx) -> Array:
+    def backward(self, dy: Array, ctx: Any) -> Array:
         return self.xp.reshape(dy, ctx)
 
 
@@ -100,9 +101,9 @@ class Reshape(Layer):
                              f"{n}")
         return self.shape
 
-    def forward(self, x: Array, train: bool = False):
+    def forward(self, x: Array, train: bool = False) -> tuple[Array, Any]:
         self.check_input(x)
         return self.xp.reshape(x, (x.shape[0], *self.output_shape)), tuple(x.shape)
 
-    def backward(self, dy: Array, ctx) -> Array:
+    def backward(self, dy: Array, ctx: Any) -> Array:
         return self.xp.reshape(dy, ctx)

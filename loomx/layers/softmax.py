@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from ..backends import RandomSource
 from ..errors import ConfigError, ShapeError
@@ -51,6 +52,17 @@ def softmax(xp, z: Array) -> Array:
 def softmax_vjp(xp, y: Array, g: Array) -> Array:
     """``Jᵀ g`` of the softmax at output ``y``: ``y ⊙ (g - Σ g·y)``."""
     return y * (g - xp.sum(g * y, axis=-1, keepdims=True))
+
+
+def log_softmax(xp, z: Array) -> Array:
+    """Log-softmax over the last axis: ``z - max - log Σ exp(z - max)``."""
+    shifted = z - xp.max(z, axis=-1, keepdims=True)
+    return shifted - xp.log(xp.sum(xp.exp(shifted), axis=-1, keepdims=True))
+
+
+def log_softmax_vjp(xp, y: Array, g: Array) -> Array:
+    """``Jᵀ g`` of the log-softmax at output ``y``: ``g - exp(y) · Σ g``."""
+    return g - xp.exp(y) * xp.sum(g, axis=-1, keepdims=True)
 
 
 def sparsemax(xp, z: Array) -> Array:
@@ -186,10 +198,7 @@ class Softmax(Layer):
 
     # ------------------------------------------------------------------ build
     def _build(self, input_shape: Shape, rng: RandomSource) -> Shape:
-        if not input_shape:
-            raise ShapeError(f"{self.describe()} needs at least one input axis; received a "
-                             "per-sample shape []")
-        self.n = n = input_shape[-1]
+        self.n = n = self.last_axis_size(input_shape)
         b, v = self.backend, self.variant
         if v == "grid":
             rows = self.rows if self.rows is not None else n // self.cols
@@ -237,12 +246,8 @@ class Softmax(Layer):
         return offsets
 
     # ------------------------------------------------------------------ run
-    def check_input(self, x: Array, min_ndim: int | None = None) -> None:
-        if self.n is None:
-            super().check_input(x)
-        if x.ndim < 2 or x.shape[-1] != self.n:
-            raise ShapeError(f"{self.describe()} expected input [B, ..., {self.n}] but "
-                             f"received {list(x.shape)}")
+    def check_input(self, x: Array) -> None:
+        self.check_last_axis(x, self.n)
 
     def _constant(self) -> Array:
         """The mask (masked) or log-size offsets (adaptive) on the current backend and dtype."""
@@ -258,10 +263,10 @@ class Softmax(Layer):
         rows, cols = self._groups
         return self.xp.reshape(a, (*a.shape[:-1], rows, cols))
 
-    def forward(self, x: Array, train: bool = False):
+    def forward(self, x: Array, train: bool = False) -> tuple[Array, Any]:
         self.check_input(x)
         xp, v = self.xp, self.variant
-        z = x * (1.0 / self.temperature)
+        z = x if self.temperature == 1.0 else x * (1.0 / self.temperature)
         if v in ("grid", "hierarchical"):
             y = xp.reshape(softmax(xp, self._grouped(z)), x.shape)
         elif v == "gumbel" and train:
@@ -285,10 +290,11 @@ class Softmax(Layer):
             y = sum(pi[k] * p for k, p in enumerate(parts))
             return y, (parts, pi)
         else:
-            y = softmax(xp, z)
+            fused = self.backend.kernel("softmax")
+            y = softmax(xp, z) if fused is None else fused(z)
         return y, y
 
-    def backward(self, dy: Array, ctx) -> Array:
+    def backward(self, dy: Array, ctx: Any) -> Array:
         xp, v = self.xp, self.variant
         scale = 1.0 / self.temperature
         if v in ("grid", "hierarchical"):
@@ -304,5 +310,6 @@ class Softmax(Layer):
             dpi = xp.stack([xp.sum(dy * p) for p in parts])
             self._accumulate("mixture_logits", pi * (dpi - xp.sum(pi * dpi)))
         else:
-            dz = softmax_vjp(xp, ctx, dy)
-        return dz * scale
+            fused = self.backend.kernel("softmax_backward")
+            dz = softmax_vjp(xp, ctx, dy) if fused is None else fused(ctx, dy)
+        return dz if scale == 1.0 else dz * scale
