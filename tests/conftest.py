@@ -20,7 +20,6 @@ import os
 
 import numpy as np
 import pytest
-
 from loomx.backends import get_backend
 
 MATRIX = ["numpy", "strict", "strict_nosync", "torch", "cupy"]

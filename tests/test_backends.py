@@ -8,10 +8,10 @@ import sys
 
 import numpy as np
 import pytest
-
-import loomx
 from loomx.backends import available_backends, current_backend, get_backend
 from loomx.backends.cupy_backend import cupy_status
+
+import loomx
 from loomx.errors import BackendUnavailableError, LoomxError
 
 

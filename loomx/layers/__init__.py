@@ -7,8 +7,13 @@ under its class name (``loomx.layers.Dense``, ``loomx.layers.Conv2D``, ...).
 import importlib as _importlib
 import pkgutil as _pkgutil
 
-from .activations import ACTIVATIONS, get_activation
-from .base import LAYER_TYPES, Layer, ParamRef, layer_from_config, register_layer
+from .activations import ACTIVATIONS as ACTIVATIONS
+from .activations import get_activation as get_activation
+from .base import LAYER_TYPES as LAYER_TYPES
+from .base import Layer as Layer
+from .base import ParamRef as ParamRef
+from .base import layer_from_config as layer_from_config
+from .base import register_layer as register_layer
 
 for _info in _pkgutil.iter_modules(__path__):
     if not _info.name.startswith("_"):
