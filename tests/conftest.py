@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -139,3 +140,15 @@ def to_numpy(x, backend=None) -> np.ndarray:
 def close():
     """The :func:`assert_close` helper as a fixture."""
     return assert_close
+
+
+def _loom_fixtures() -> pathlib.Path:
+    """Loom's fixture folder: ``../shared/fixtures/loom`` beside the checkout."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    candidates = [root.parent / "shared" / "fixtures" / "loom",
+                  pathlib.Path("/work/shared/fixtures/loom")]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+#: Files written by Loom itself (see their README); the tests fail if they are missing.
+LOOM_FIXTURES = _loom_fixtures()

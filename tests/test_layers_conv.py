@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import pathlib
 
 import numpy as np
 import pytest
@@ -29,7 +28,7 @@ from loomx.layers._windows import (
     gather_windows_reference,
     scatter_windows_reference,
 )
-from tests.conftest import assert_close
+from tests.conftest import LOOM_FIXTURES, assert_close
 from tests.gradcheck import finite_difference_check
 
 CONV = {1: Conv1D, 2: Conv2D, 3: Conv3D}
@@ -43,7 +42,7 @@ TORCH_ACT = {
     "gelu": F.gelu,
     "scaled_relu": lambda z: torch.relu(1.1 * z),
 }
-FIXTURE = pathlib.Path("/work/shared/fixtures/loom/conv2d.json")
+FIXTURE = LOOM_FIXTURES / "conv2d.json"
 
 # (ndim, C, F, spatial, options)
 CONV_CASES = [

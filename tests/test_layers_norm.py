@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import pathlib
 
 import numpy as np
 import pytest
@@ -15,10 +14,10 @@ from loomx.backends import get_backend
 
 from loomx.errors import ConfigError, ShapeError
 from loomx.layers import LayerNorm, RMSNorm, layer_from_config
-from tests.conftest import assert_close
+from tests.conftest import LOOM_FIXTURES, assert_close
 from tests.gradcheck import finite_difference_check, run_layer, torch_params
 
-FIXTURES = pathlib.Path("/work/shared/fixtures/loom")
+FIXTURES = LOOM_FIXTURES
 
 LN_CASES = [dict(), dict(eps=1e-3), dict(bias=False), dict(affine=False)]
 RMS_CASES = [dict(), dict(eps=1e-5), dict(unit_offset=True)]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
 
 import numpy as np
 import pytest
@@ -15,10 +14,10 @@ from loomx.backends import get_backend
 
 from loomx.errors import ConfigError, ShapeError
 from loomx.layers import Softmax, layer_from_config
-from tests.conftest import assert_close
+from tests.conftest import LOOM_FIXTURES, assert_close
 from tests.gradcheck import finite_difference_check, run_layer
 
-FIXTURES = pathlib.Path("/work/shared/fixtures/loom")
+FIXTURES = LOOM_FIXTURES
 N = 6
 
 CASES = {

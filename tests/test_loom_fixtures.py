@@ -4,7 +4,6 @@ back byte for byte, and Loom's documented bugs are handled as docs/grid.md state
 from __future__ import annotations
 
 import json
-import pathlib
 
 import numpy as np
 import pytest
@@ -21,9 +20,9 @@ from loomx.grid.loom_format import (
     save_loom_bundle,
 )
 from loomx.io.loom_bundle import go_float32
-from tests.conftest import assert_close
+from tests.conftest import LOOM_FIXTURES, assert_close
 
-FIXTURES = pathlib.Path("/work/shared/fixtures/loom")
+FIXTURES = LOOM_FIXTURES
 FORWARD = ["dense_mlp_b1", "dense_mlp_b4", "conv2d", "norms", "softmax_standard",
            "softmax_grid", "softmax_masked", "parallel_add"]
 TOL = dict(rtol=1e-5, atol=1e-6)
