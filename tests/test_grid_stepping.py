@@ -4,7 +4,6 @@ recurrent state across ticks, step backward, and the train-while-running loop.""
 from __future__ import annotations
 
 import json
-import pathlib
 
 import numpy as np
 import pytest
@@ -13,9 +12,9 @@ from loomx.errors import LoomxError, ShapeError
 from loomx.grid import Network, Parallel, Residual, Stepper, train_while_running
 from loomx.grid.loom_format import load_loom_bundle, loom_input
 from loomx.layers import LSTM, Activation, Dense
-from tests.conftest import assert_close
+from tests.conftest import LOOM_FIXTURES, assert_close
 
-FIXTURES = pathlib.Path("/work/shared/fixtures/loom")
+FIXTURES = LOOM_FIXTURES
 
 
 def _composite(backend, seed=0):
