@@ -129,6 +129,41 @@ def test_step_backward_equals_backprop_on_a_settled_pipeline(backend):
         assert_close(p.grad, grads_ref[p.name], backend, rtol=1e-5, atol=1e-6)
 
 
+def test_float64_network_steps_in_float64(backend64):
+    b = backend64
+    net = _composite(b, seed=2)
+    stepper = Stepper(net, batch_size=2)
+    assert all(buf.dtype == b.xp.float64 for buf in stepper.state.buffers[1:])
+    assert all(z.dtype == b.xp.float64 for d in stepper.state.delays.values() for z in d)
+    rng = np.random.default_rng(2)
+    xs = [b.from_host(rng.standard_normal((2, 5))) for _ in range(stepper.depth + 3)]
+    for t, x in enumerate(xs):
+        stepper.set_input(x)
+        y = stepper.step(train=True)
+        assert y.dtype == b.xp.float64
+        if t >= stepper.latency:  # residuals aligned: forward of the input latency ticks ago
+            assert_close(y, b.to_host(net(xs[t - stepper.latency])), b, rtol=1e-12, atol=1e-13)
+    dy = b.from_host(rng.standard_normal((2, 2)))
+    assert stepper.step_backward(dy).dtype == b.xp.float64
+
+
+def test_buffers_follow_layer_dtype_overrides(backend):
+    """On a float32 backend, layers asking for float64 get float64 buffers and delay lines."""
+    f64 = backend.xp.float64
+    net = Network.chain([Dense(4, activation="tanh", dtype="float64"),
+                         Dense(4, dtype="float64"), Residual(1), Dense(2, dtype="float64")],
+                        input_shape=(3,), backend=backend, seed=1)
+    stepper = Stepper(net)
+    assert [buf.dtype for buf in stepper.state.buffers[1:]] == [f64] * 4
+    assert all(z.dtype == f64 for d in stepper.state.delays.values() for z in d)
+    x = backend.from_host(np.random.default_rng(1).standard_normal((1, 3)), dtype=f64)
+    for t in range(1, stepper.depth + 1):
+        stepper.set_input(x)
+        y = stepper.step()
+        assert y.dtype == f64, f"tick {t}"
+    assert_close(y, backend.to_host(net(x)), backend, rtol=1e-12, atol=1e-13, dtype=f64)
+
+
 def test_train_while_running_learns_with_the_delay_queue(backend):
     net = Network.chain([Dense(8, activation="tanh"), Dense(8, activation="tanh"), Dense(1)],
                         input_shape=(2,), backend=backend, seed=0)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from loomx.errors import ConfigError, LoomxError, ShapeError
 from loomx.layers import MultiHeadAttention, layer_from_config
-from loomx.layers.rope import rotary_dims
+from loomx.layers.rope import RopeCache, rope_tables, rotary_dims
 from tests.conftest import assert_close
 from tests.gradcheck import finite_difference_check
 
@@ -246,6 +246,45 @@ def test_kv_cache_decoding_equals_full_causal_forward(backend, name):
     assert cache.length == steps
     decoded = np.concatenate([backend.to_host(y) for y in parts], axis=1)
     assert_close(full, decoded, backend, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_rope_cache_slices_equal_fresh_tables(backend, dtype):
+    xp = backend.xp
+    dt = getattr(xp, dtype)
+    cache = RopeCache()
+    # a prompt, decoding steps past it (the table grows), then a shorter range again
+    for start, length in [(0, 5), (5, 1), (6, 1), (7, 9), (3, 4), (0, 40)]:
+        cos, sin = cache.tables(backend, dt, start, length, 6, 500.0)
+        ref_cos, ref_sin = rope_tables(backend, dt, start, length, 6, 500.0)
+        for got, want in ((cos, ref_cos), (sin, ref_sin)):
+            assert_close(got, want, backend, rtol=0, atol=0, dtype=dt)
+            assert tuple(got.shape) == (length, 3)
+    first = cache.tables(backend, dt, 2, 3, 6, 500.0)[0]
+    other = cache.tables(backend, dt, 2, 3, 6, 10.0)[0]  # another theta: its own table
+    assert not np.array_equal(backend.to_host(first), backend.to_host(other))
+
+
+def test_rope_tables_are_computed_once_per_length(backend, monkeypatch):
+    from loomx.layers import rope
+
+    calls = []
+
+    def counting(*args):
+        calls.append(args[2:4])
+        return rope_tables(*args)
+
+    monkeypatch.setattr(rope, "rope_tables", counting)
+    layer = _build(dict(num_heads=2, rope_theta=1e4, causal=True), backend)
+    x = backend.from_host(np.random.default_rng(8).standard_normal((B, T, D)).astype(np.float32))
+    y1, y2 = layer(x), layer(x)
+    assert calls == [(0, T)]
+    assert_close(y1, backend.to_host(y2), backend, rtol=0, atol=0)
+    cache = layer.new_cache(B, max_len=T + 3)
+    layer(x, cache=cache)
+    for _ in range(3):  # decoding steps: one growth to 2T covers them all
+        layer(x[:, :1, :], cache=cache)
+    assert calls == [(0, T), (0, 2 * T)]
 
 
 def test_kv_cache_errors(backend):

@@ -29,6 +29,13 @@ def torch_swiglu(x, p):
     return _linear(F.silu(_linear(x, p, "gate")) * _linear(x, p, "up"), p, "down")
 
 
+def torch_gated(activation):
+    def ref(x, p):
+        return _linear(TORCH_ACT[activation](_linear(x, p, "gate")) * _linear(x, p, "up"), p,
+                       "down")
+    return ref
+
+
 def torch_mlp(x, p, activation):
     return _linear(TORCH_ACT[activation](_linear(x, p, "up")), p, "down")
 
@@ -64,6 +71,31 @@ def test_swiglu_matches_torch(backend, bias):
     x = rng.standard_normal((2, 3, 8)).astype(np.float32)
     dy = rng.standard_normal((2, 3, 8)).astype(np.float32)
     _check_against_torch(backend, layer, torch_swiglu, x, dy, dict(rtol=1e-4, atol=2e-5))
+
+
+@pytest.mark.parametrize("activation, bias", [("gelu_tanh", False), ("gelu_tanh", True),
+                                              ("gelu", True), ("relu", False)])
+def test_gated_activation_matches_torch(backend, activation, bias):
+    rng = np.random.default_rng(4)
+    layer = SwiGLU(10, bias=bias, activation=activation)
+    layer.build((3, 6), backend, rng=2)
+    _randomise_biases(layer, backend, seed=5)
+    x = rng.standard_normal((2, 3, 6)).astype(np.float32)
+    dy = rng.standard_normal((2, 3, 6)).astype(np.float32)
+    _check_against_torch(backend, layer, torch_gated(activation), x, dy,
+                         dict(rtol=1e-4, atol=2e-5))
+
+
+def test_default_activation_is_silu_and_old_configs_load():
+    assert SwiGLU(4).get_config()["activation"] == "silu"
+    old = layer_from_config({"type": "swiglu", "hidden_features": 4, "bias": False})
+    assert old.activation == "silu"
+    b = get_backend("numpy", "float64")
+    x = np.random.default_rng(0).standard_normal((2, 3))
+    silu, named = SwiGLU(4), SwiGLU(4, activation="swish")
+    for layer in (silu, named):
+        layer.build((3,), b, rng=7)
+    np.testing.assert_array_equal(silu(b.from_host(x)), named(b.from_host(x)))
 
 
 @pytest.mark.parametrize("activation, bias", [("gelu", True), ("relu", False), ("tanh", True),
@@ -117,7 +149,8 @@ def test_float64_gelu_block_is_accurate_to_float64_on_numpy(numpy64):
     np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-12, atol=1e-13)
 
 
-@pytest.mark.parametrize("layer", [SwiGLU(5), SwiGLU(5, bias=True), MLPBlock(5),
+@pytest.mark.parametrize("layer", [SwiGLU(5), SwiGLU(5, bias=True),
+                                   SwiGLU(5, bias=True, activation="gelu_tanh"), MLPBlock(5),
                                    MLPBlock(5, activation="mish", bias=False)])
 def test_finite_differences(numpy64, layer):
     layer.build((2, 4), numpy64, rng=0)
@@ -170,6 +203,8 @@ def test_wrong_width_names_layer_and_shapes(backend, cls):
 def test_bad_configs():
     with pytest.raises(ConfigError, match="hidden_features"):
         SwiGLU(0)
+    with pytest.raises(ConfigError, match="unknown activation 'nope'"):
+        SwiGLU(4, activation="nope")
     with pytest.raises(ConfigError, match="activation"):
         MLPBlock(4, activation="nope")
     with pytest.raises(ConfigError, match="mlp"):
@@ -177,6 +212,7 @@ def test_bad_configs():
 
 
 @pytest.mark.parametrize("layer", [SwiGLU(6, bias=True, name="s"),
+                                   SwiGLU(6, activation="gelu_tanh"),
                                    MLPBlock(6, activation="relu", bias=False)])
 def test_config_round_trip(layer):
     cfg = layer.get_config()

@@ -84,6 +84,20 @@ def test_bce_logits_is_stable_for_huge_logits(backend):
     assert np.all(np.isfinite(backend.to_host(grad)))
 
 
+def test_bce_logits_at_plus_minus_200_matches_torch(backend):
+    z = np.array([[200.0, -200.0, 200.0, -200.0], [0.5, -3.0, 200.0, -200.0]], dtype=np.float32)
+    t = np.array([[1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.3, 0.7]], dtype=np.float32)
+    value, grad = get_loss("bce_logits")(backend.from_host(z), backend.from_host(t))
+    zt = torch.tensor(z, dtype=torch.float64, requires_grad=True)
+    ref = F.binary_cross_entropy_with_logits(zt, torch.tensor(t, dtype=torch.float64))
+    ref.backward()
+    assert np.isfinite(backend.to_host(value)) and np.all(np.isfinite(backend.to_host(grad)))
+    assert value.dtype == grad.dtype == backend.xp.float32
+    assert tuple(grad.shape) == z.shape
+    assert_close(value, ref.detach().numpy(), backend, rtol=1e-6, atol=1e-6)
+    assert_close(grad, zt.grad.numpy(), backend, rtol=1e-6, atol=1e-7)
+
+
 def test_loss_shape_errors_and_names(backend):
     with pytest.raises(ShapeError, match=r"target shape \[6, 3\].*\[6, 4\]"):
         get_loss("mse")(backend.from_host(LOGITS), backend.from_host(SOFT[:, :3]))

@@ -96,15 +96,37 @@ class Stepper:
         """Ticks between setting an input and reading its output (``depth - 1``)."""
         return max(self.depth - 1, 0)
 
+    def _own_dtype(self, layer: Layer) -> Any:
+        """The float dtype ``layer`` computes in: its parameters', else its override, else None."""
+        xp = self.net.backend.xp
+        for ref in layer.parameters():
+            if xp.isdtype(ref.value.dtype, "real floating"):
+                return ref.value.dtype
+        return layer.float_dtype if layer.dtype else None
+
+    def _buffer_dtypes(self) -> list[Any]:
+        """The dtype of every buffer: ``buffers[s + 1]`` takes stage ``s``'s own dtype (see
+        :meth:`_own_dtype`); parameterless stages pass their input's dtype on. ``buffers[0]``
+        (the input) is taken to be in the first stage's dtype, else the backend's."""
+        first = self._own_dtype(self.stages[0][1]) if self.stages else None
+        dtypes = [first or self.net.backend.float_dtype]
+        for _, layer in self.stages:
+            dtypes.append(self._own_dtype(layer) or dtypes[-1])
+        return dtypes
+
     def reset(self) -> None:
-        """Zero every buffer, delay line and recurrent state."""
+        """Zero every buffer, delay line and recurrent state, each in the dtype its stage
+        computes in (:meth:`_buffer_dtypes`)."""
         b = self.net.backend
+        dtypes = self._buffer_dtypes()
         bufs: list[Array | None] = [None]
-        for i, _ in self.stages:
-            bufs.append(b.zeros((self.batch_size, *self.net.slot_shapes[i + 1])))
+        for s, (i, _) in enumerate(self.stages):
+            bufs.append(b.zeros((self.batch_size, *self.net.slot_shapes[i + 1]),
+                                dtype=dtypes[s + 1]))
         delays = {}
         for k, j in self.sources.items():
-            zero = b.zeros((self.batch_size, *self.net.slot_shapes[self.stages[j][0]]))
+            zero = b.zeros((self.batch_size, *self.net.slot_shapes[self.stages[j][0]]),
+                           dtype=dtypes[j])
             delays[k] = deque([zero] * (k - j), maxlen=k - j + 1)
         self.state = StepState(bufs, delays, {})
 

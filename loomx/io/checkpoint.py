@@ -4,22 +4,22 @@ Layout: every tensor under its name (``weights/<param>``, ``optim/<param>/<buffe
 the metadata entry ``loomx_checkpoint`` holds a JSON document (step, epoch, optimizer
 hyperparameters, schedule config, random-generator state, history...).
 
-Writes are atomic: the file is written next to its destination under a temporary name,
-flushed to disk, then moved into place with ``os.replace``; a crash mid-write leaves the previous
-checkpoint intact.
+Writes are atomic (:func:`loomx.io.loomx_format.atomic_write_bytes`): the file is written next
+to its destination under a temporary name, flushed to disk, then moved into place with
+``os.replace``; a crash mid-write leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import FormatError
+from .loomx_format import atomic_write_bytes
 
 META_KEY = "loomx_checkpoint"
 FORMAT_VERSION = 1
@@ -34,17 +34,7 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, Any], meta: dict
     arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()}
     document = json.dumps({"version": FORMAT_VERSION, **meta})
     blob = save(arrays, metadata={META_KEY: document})
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(blob)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, blob)
     return path
 
 

@@ -66,7 +66,9 @@ def validate_ids(ids: Any, num_embeddings: int, label: str = "Embedding",
 class Embedding(Layer):
     """``y[..., :] = weight[ids[...], :]``.
 
-    Shapes: int ``ids [B, *S]`` (usually ``[B, T]`` or ``[B]``) → ``y [B, *S, D]``.
+    Shapes: int ``ids [B, *S]`` (usually ``[B, T]`` or ``[B]``) → ``y [B, *S, D]``. ``S`` need
+    not match the shape given at build: one table serves prompts of any length ``T`` and
+    ``[B, 1]`` decoding steps alike.
     Parameters: ``weight [V, D]``.
 
     Backward: ``weight`` receives ``dy`` rows scatter-added at their ids (repeated ids add up);
@@ -102,11 +104,20 @@ class Embedding(Layer):
         validate_ids(ids, self.num_embeddings, self.describe(), self.backend)
 
     def check_input(self, x: Array) -> None:
-        super().check_input(x)
+        """Raise unless ``x`` holds integer ids with a batch axis; any other shape is accepted.
+
+        The ids' per-sample shape may differ from the one given at build (``[B, 1]`` decoding
+        steps after a ``[B, T]`` prompt, say): the output is ``[*x.shape, D]``.
+        """
+        if not self.built:
+            raise self._not_built()
+        if x.ndim < 1:
+            raise ShapeError(f"{self.describe()} expected token ids [B, ...] with a batch axis "
+                             "but received a 0-d array; add one with xp.reshape(ids, (1,))")
         if not self.xp.isdtype(x.dtype, "integral"):
-            raise ShapeError(f"{self.describe()} expected integer token ids [B, "
-                             f"{', '.join(map(str, self.input_shape))}] but received dtype "
-                             f"{x.dtype}; convert them with xp.astype(ids, xp.int64)")
+            raise ShapeError(f"{self.describe()} expected integer token ids [B, ...] but "
+                             f"received dtype {x.dtype}; convert them with "
+                             "xp.astype(ids, xp.int64)")
 
     def forward(self, x: Array, train: bool = False) -> tuple[Array, Any]:
         self.check_input(x)

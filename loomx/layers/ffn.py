@@ -1,4 +1,4 @@
-"""Feed-forward blocks of transformer layers: SwiGLU and the two-layer MLP block.
+"""Feed-forward blocks of transformer layers: the gated MLP (SwiGLU/GeGLU) and the MLP block.
 
 Both are complete blocks (projection in and out) acting on the last axis, like Loom's SwiGLU.
 Weights use the PyTorch layout ``[out, in]`` and are initialised with the ``"torch"`` scheme
@@ -58,20 +58,29 @@ class _Block(Layer):
 
 @register_layer
 class SwiGLU(_Block):
-    """``y = down(silu(gate(x)) ⊙ up(x))`` with ``silu(z) = z·σ(z)``.
+    """Gated MLP ``y = down(act(gate(x)) ⊙ up(x))``; ``act = silu`` (``z·σ(z)``) by default.
 
     Shapes: ``x [B, ..., D]`` → ``y [B, ..., D]``; hidden width ``M = hidden_features``.
     Parameters: ``gate_weight [M, D]``, ``up_weight [M, D]``, ``down_weight [D, M]``, and with
     ``bias=True`` also ``gate_bias [M]``, ``up_bias [M]``, ``down_bias [D]``. (Loom stores the
     transposes ``[D][M]`` and ``[M][D]``; converted on Loom import/export.)
+
+    Args:
+        activation: the gate's activation, any name of :mod:`loomx.layers.activations`:
+            ``"silu"`` (SwiGLU: Llama, Mistral, Qwen), ``"gelu_tanh"`` (GeGLU: Gemma),
+            ``"gelu"``, ...
     """
 
     type_name = "swiglu"
-    config_fields = ("hidden_features", "bias")
+    config_fields = ("hidden_features", "bias", "activation")
 
-    def __init__(self, hidden_features: int, bias: bool = False, **kw):
+    def __init__(self, hidden_features: int, bias: bool = False, activation: str = "silu",
+                 **kw):
         super().__init__(hidden_features, **kw)
         self.bias = bool(bias)
+        self.activation = activation
+        self._act = get_activation(activation)
+        self._silu = self._act.name == "silu"
 
     def _weights(self, d: int, m: int) -> list[tuple[str, tuple[int, int]]]:
         return [("gate_weight", (m, d)), ("up_weight", (m, d)), ("down_weight", (d, m))]
@@ -83,15 +92,23 @@ class SwiGLU(_Block):
         self.check_input(x)
         g = self._linear(x, "gate")
         u = self._linear(x, "up")
-        s = sigmoid(self.xp, g)
-        h = g * s * u
+        if self._silu:  # keep σ(g): the backward pass reuses it
+            s = sigmoid(self.xp, g)
+            h = g * s * u
+        else:
+            s = self._act.forward(self.backend, g)
+            h = s * u
         return self._linear(h, "down"), (x, g, u, s, h)
 
     def backward(self, dy: Array, ctx: tuple) -> Array:
         x, g, u, s, h = ctx
         dh = self._linear_backward(h, dy, "down")
-        dg = dh * u * (s + g * s * (1.0 - s))
-        du = dh * g * s
+        if self._silu:
+            dg = dh * u * (s + g * s * (1.0 - s))
+            du = dh * g * s
+        else:  # s = act(g)
+            dg = self._act.backward(self.backend, g, s, dh * u)
+            du = dh * s
         return self._linear_backward(x, dg, "gate") + self._linear_backward(x, du, "up")
 
 

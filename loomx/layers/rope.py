@@ -10,6 +10,9 @@ absolute position ``p`` is rotated pairwise by the angles ``p·inv_freq[i]``:
 
 Each pair ``(a, b)`` becomes ``(a·cos − b·sin, b·cos + a·sin)``. The rotation is orthogonal, so
 its adjoint (used by backward) is the same rotation with ``sin`` negated.
+
+:class:`RopeCache` keeps the tables of positions ``0 … n-1`` and hands out slices, so a layer
+computes them once instead of on every forward pass (each KV-cache decoding step included).
 """
 
 from __future__ import annotations
@@ -47,6 +50,35 @@ def rope_tables(backend: Backend, dtype: Any, start: int, length: int, rot: int,
     pos = xp.arange(start, start + length, dtype=work, device=backend.device)
     ang = pos[:, None] * inv_freq[None, :]
     return xp.astype(xp.cos(ang), dtype), xp.astype(xp.sin(ang), dtype)
+
+
+class RopeCache:
+    """``(cos, sin)`` tables for positions ``0 … n-1``, grown on demand and sliced per call.
+
+    One entry per ``(dtype, rot, theta)``; every entry is dropped when the backend changes
+    (``Layer.to``). A request past ``n`` recomputes the tables for ``max(start + length, 2n)``
+    positions (amortised O(1) per decoding step). Every element is computed exactly as
+    :func:`rope_tables` computes it for the requested range, so results are unchanged.
+    """
+
+    def __init__(self) -> None:
+        self._backend: Backend | None = None
+        self._tables: dict[tuple, tuple[Array, Array]] = {}
+
+    def tables(self, backend: Backend, dtype: Any, start: int, length: int, rot: int,
+               theta: float) -> tuple[Array, Array]:
+        """``(cos, sin)``, each ``[length, rot/2]``, for positions ``start … start+length-1``."""
+        if backend is not self._backend:
+            self._backend, self._tables = backend, {}
+        key = (str(dtype), int(rot), float(theta))
+        end = int(start) + int(length)
+        entry = self._tables.get(key)
+        if entry is None or entry[0].shape[0] < end:
+            have = 0 if entry is None else entry[0].shape[0]
+            entry = rope_tables(backend, dtype, 0, max(end, 2 * have), rot, theta)
+            self._tables[key] = entry
+        cos, sin = entry
+        return cos[start:end, :], sin[start:end, :]
 
 
 def apply_rope(xp, x: Array, cos: Array, sin: Array, rot: int, style: str) -> Array:

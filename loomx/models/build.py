@@ -46,37 +46,6 @@ class _NoInit(RandomSource):
         return self.backend.zeros(shape, dtype=dtype)
 
 
-class GatedMLP(Layer):
-    """``y = down(act(gate(x)) ⊙ up(x))`` for activations other than SiLU (e.g. Gemma's GeGLU).
-
-    Made of three :class:`Dense` layers; inference only. Shapes ``[B, T, D]`` → ``[B, T, D]``.
-    """
-
-    type_name = ""
-
-    def __init__(self, hidden_features: int, activation: str, bias: bool = False, **kw):
-        super().__init__(**kw)
-        self.gate = Dense(hidden_features, bias=bias, activation=activation, name="gate")
-        self.up = Dense(hidden_features, bias=bias, name="up")
-        self.down: Dense | None = None
-        self.hidden_features, self.activation, self.bias = hidden_features, activation, bias
-
-    def _build(self, input_shape, rng):
-        d = input_shape[-1]
-        self.down = Dense(d, bias=self.bias, name="down")
-        self.gate.build(input_shape, self.backend, rng)
-        self.up.build(input_shape, self.backend, rng)
-        self.down.build((*input_shape[:-1], self.hidden_features), self.backend, rng)
-        return input_shape
-
-    def children(self):
-        return [(n, getattr(self, n)) for n in ("gate", "up", "down")
-                if getattr(self, n) is not None]
-
-    def forward(self, x: Array, train: bool = False):
-        return self.down(self.gate(x) * self.up(x)), None
-
-
 class Block:
     """The layers of one transformer block (``None`` where the architecture has none)."""
 
@@ -131,14 +100,10 @@ class TransformerModel:
                               "positions of this model")
         return [blk.attn.new_cache(batch, max_len) for blk in self.blocks]
 
-    def _lookup(self, table: Embedding, ids: Array) -> Array:
-        table.input_shape = tuple(ids.shape[1:])
-        return table(ids)
-
     def embed_tokens(self, ids: Array, offset: int = 0, token_types: Array | None = None):
         """``ids [B, T]`` (int, device) → ``x [B, T, D]``; positions start at ``offset``."""
         xp = self.xp
-        x = self._lookup(self.embed, ids)
+        x = self.embed(ids)
         if self.embed_scale != 1.0:
             x = x * self.embed_scale
         b, t = ids.shape
@@ -147,11 +112,11 @@ class TransformerModel:
                 raise ShapeError(f"positions {offset}..{offset + t - 1} exceed the "
                                  f"{self.max_positions} learned positions of this model")
             pos = xp.arange(offset, offset + t, dtype=xp.int64, device=self.backend.device)
-            x = x + self._lookup(self.positions, xp.reshape(pos, (1, t)))
+            x = x + self.positions(xp.reshape(pos, (1, t)))
         if self.token_types is not None:
             tt = token_types if token_types is not None else xp.zeros(
                 (b, t), dtype=xp.int64, device=self.backend.device)
-            x = x + self._lookup(self.token_types, tt)
+            x = x + self.token_types(tt)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         return x
@@ -257,8 +222,8 @@ class TransformerModel:
     def to_network(self, seq_len: int):
         """The same weights as a loomx grid :class:`~loomx.grid.Network` for ``[seq_len]`` ids.
 
-        Supported for pre-norm decoders with RoPE, no embedding scale and a SiLU-gated or plain
-        MLP (Llama, Mistral, Qwen2/3, Phi-3 ...): the chain is ``Embedding, [norm, attention,
+        Supported for pre-norm decoders with RoPE, no embedding scale and a gated or plain MLP
+        (Llama, Mistral, Qwen2/3, Phi-3 ...): the chain is ``Embedding, [norm, attention,
         Residual, norm, MLP, Residual] × L, norm, Dense``. The network runs without a KV cache.
         """
         from ..grid import Network
@@ -267,13 +232,12 @@ class TransformerModel:
 
         r = self.report
         if (self.kind != "decoder" or self.residual != "pre_norm" or self.embed_scale != 1.0
-                or self.positions is not None or any(isinstance(b.mlp, GatedMLP)
-                                                    for b in self.blocks)):
+                or self.positions is not None):
             raise ConfigError(
-                f"to_network supports pre-norm RoPE decoders with a SiLU-gated or plain MLP "
+                f"to_network supports pre-norm RoPE decoders with a gated or plain MLP "
                 f"and no embedding scale; this model is a {self.kind} with {self.residual} "
-                f"residuals, {r['positions']} positions and a {r['activation']} MLP; use the "
-                "TransformerModel directly")
+                f"residuals, {r['positions']} positions and embedding scale {self.embed_scale}; "
+                "use the TransformerModel directly")
         chain: list[Layer] = [self.embed]
         for blk in self.blocks:
             chain += [blk.attn_norm, blk.attn, Residual(-2), blk.mlp_norm, blk.mlp, Residual(-2)]
@@ -407,19 +371,10 @@ def _mlp(ld: _Loader, blk: dict, bias: bool) -> Layer:
         ub = ld.get(blk["up"], "bias") if bias else None
     down = ld.linear(blk["down"])
     db = ld.get(blk["down"], "bias") if bias else None
-    if act.lower() in ("silu", "swish"):
-        layer = _built(SwiGLU(m, bias=bias), (d,), ld.be)
-        layer.params.update(gate_weight=gate, up_weight=up, down_weight=down)
-        if bias:
-            layer.params.update(gate_bias=gb, up_bias=ub, down_bias=db)
-        return layer
-    layer = GatedMLP(m, act, bias=bias)
-    _built(layer, (d,), ld.be)
-    for sub, w, b in ((layer.gate, gate, gb), (layer.up, up, ub), (layer.down, down, db)):
-        sub.params["weight"] = w
-        sub.grads = {}
-        if bias:
-            sub.params["bias"] = b
+    layer = _built(SwiGLU(m, bias=bias, activation=act), (d,), ld.be)
+    layer.params.update(gate_weight=gate, up_weight=up, down_weight=down)
+    if bias:
+        layer.params.update(gate_bias=gb, up_bias=ub, down_bias=db)
     return layer
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError, ShapeError
+from ..layers.activations import sigmoid
 
 Array = Any
 
@@ -113,18 +114,13 @@ def cross_entropy_probs(output: Array, target: Array) -> tuple[Array, Array]:
     return -xp.sum(t * xp.log(p)) / b, -(t / p) * inside / b
 
 
-def _sigmoid(xp, z: Array) -> Array:
-    e = xp.exp(-xp.abs(z))
-    return xp.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-
-
 def bce_logits(output: Array, target: Array) -> tuple[Array, Array]:
     """Binary cross-entropy from logits, mean over all elements (stable softplus form)."""
     xp, dev = _namespace_and_device(output)
     t = _dense_target(xp, output, target, dev, "bce_logits")
     n = _count(output.shape)
     softplus = xp.maximum(output, 0.0) + xp.log1p(xp.exp(-xp.abs(output)))
-    return xp.sum(softplus - t * output) / n, (_sigmoid(xp, output) - t) / n
+    return xp.sum(softplus - t * output) / n, (sigmoid(xp, output) - t) / n
 
 
 def bce(output: Array, target: Array) -> tuple[Array, Array]:
