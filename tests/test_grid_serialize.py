@@ -129,6 +129,7 @@ def test_loom_bundle_round_trip_gives_identical_outputs(backend, name):
     ([{"type": "layer_norm"}], (4,), "layer_norm"),
     ([{"type": "rms_norm"}], (4,), "rms_norm"),
     ([{"type": "swiglu", "hidden_features": 3}], (4,), "swiglu"),
+    ([{"type": "swiglu", "hidden_features": 3, "activation": "gelu_tanh"}], (4,), "loomx"),
     ([{"type": "softmax", "variant": "grid", "rows": 2, "cols": 2}], (4,), "softmax"),
     ([{"type": "dense", "out_features": 4}, {"type": "residual", "source": -1}], (4,),
      "residual"),

@@ -548,6 +548,8 @@ def _native_def(layer: Layer, top: bool) -> tuple[dict, str] | None:
             d["epsilon"] = layer.eps
         return d, t
     if t == "swiglu":
+        if layer.activation != "silu":  # Loom's SwiGLU gate is always SiLU
+            return None
         m, dd = (int(v) for v in layer.params["gate_weight"].shape)
         return {"type": "swiglu", "activation": "relu", "input_height": dd,
                 "output_height": m}, t
