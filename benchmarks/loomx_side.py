@@ -86,15 +86,26 @@ class SGDStep:
 
 
 def train_step_op(backend, model, x, target, loss: str) -> Op:
-    """Op of one training step: zero_grad, forward, loss + gradient, backward, SGD."""
+    """Op of one training step: zero_grad, forward, loss + gradient, backward, SGD.
+
+    The backward skips the input gradient (``need_input_grad=False``) where loomx offers it:
+    nothing reads it, and PyTorch does not compute it for a leaf input either.
+    """
     loss_fn, _ = loss_function(backend, loss)
     opt = SGDStep(model)
+    try:
+        call_backward = loomx_attr("loomx.layers.base", "call_backward")
+    except Missing:
+        call_backward = None
 
     def run() -> Any:
         model.zero_grad()
         y, ctx = model.forward(x, True)
         value, dy = loss_fn(y, target)
-        model.backward(dy, ctx)
+        if call_backward is None:
+            model.backward(dy, ctx)
+        else:
+            call_backward(model, dy, ctx, need_input_grad=False)
         opt.step()
         return value
 
@@ -177,7 +188,6 @@ class Decoder:
         self.backend = backend
         self.embed = emb(vocab, d_model)
         self.embed.build((seq,), backend, rng)
-        self._embeds = {seq: self.embed}
         self.blocks = [PreNormBlock(d_model, heads, kv_heads, ffn, seq, backend, rng,
                                     rope_theta=10000.0) for _ in range(n_layers)]
         self.norm = rms()
@@ -188,17 +198,8 @@ class Decoder:
     def new_caches(self, batch: int, max_len: int) -> list:
         return [b.attn.new_cache(batch, max_len) for b in self.blocks]
 
-    def _embedding(self, length: int):
-        """The embedding built for ``length`` ids per sample (one shared weight table)."""
-        if length not in self._embeds:
-            layer = type(self.embed)(self.embed.num_embeddings, self.embed.embedding_dim)
-            layer.build((length,), self.backend, 0)
-            layer.params = self.embed.params
-            self._embeds[length] = layer
-        return self._embeds[length]
-
     def forward(self, ids, caches=None):
-        x, _ = self._embedding(int(ids.shape[1])).forward(ids)
+        x, _ = self.embed.forward(ids)
         for i, block in enumerate(self.blocks):
             x, _ = block.forward(x, False, None if caches is None else caches[i])
         x, _ = self.norm.forward(x)

@@ -12,6 +12,7 @@ from loomx.backends import get_backend
 from loomx.errors import ConfigError, LoomxError, ShapeError
 from loomx.grid import Network, Parallel
 from loomx.layers import Activation, Dense
+from loomx.layers.base import accepts_need_input_grad
 from tests.conftest import assert_close
 from tests.gradcheck import torch_params
 
@@ -196,3 +197,51 @@ def test_summary_stats_and_blueprint(backend):
     assert bp["total_parameters"] == 45 and bp["layers"][1]["combine_mode"] == "concat"
     assert [b["output_shape"] for b in bp["layers"][1]["branches"]] == [[2], [3]]
     assert bp["layers"][1]["grid_col"] == 1
+
+
+def _no_input_grad_layers(kind):
+    from loomx.grid import Residual
+    from loomx.layers import GRU, LSTM, RNN, Conv2D, Flatten, MultiHeadAttention, Reshape
+
+    if kind == "attention_first":
+        return [MultiHeadAttention(num_heads=2, d_model=6, causal=True), Flatten(), Dense(4)], \
+            (5, 6)
+    if kind == "gru_first":
+        return [GRU(5), RNN(4), Flatten(), Dense(3)], (5, 6)
+    if kind == "conv_first":  # the first layer has parameters and its input is a skip source
+        return [Conv2D(1, 3, padding=1, activation="tanh"), Residual("input"), Reshape((6, 6)),
+                LSTM(5), Parallel([Dense(3), Dense(2, activation="tanh")]), Flatten(),
+                Dense(4)], (1, 6, 6)
+    # a parameter-free first slot, then a Parallel holding a nested Network
+    return [Activation("tanh"),
+            Parallel([Dense(6), Network.chain([Dense(4, activation="tanh"), Dense(6)])],
+                     combine_mode="add"),
+            Residual("input"), LSTM(5), Flatten(), Dense(4)], (6, 6)
+
+
+@pytest.mark.parametrize("kind", ["conv_first", "parameter_free_first", "attention_first",
+                                  "gru_first"])
+def test_backward_without_input_grad_gives_the_same_parameter_grads(backend, kind):
+    layers, shape = _no_input_grad_layers(kind)
+    net = Network.chain(layers, input_shape=shape, backend=backend, seed=3)
+    rng = np.random.default_rng(4)
+    x = backend.from_host(rng.standard_normal((3, *shape)).astype(np.float32))
+    dy = backend.from_host(rng.standard_normal((3, *net.output_shape)).astype(np.float32))
+    _, ctx = net.forward(x, train=True)
+    dx = net.backward(dy, ctx)
+    assert tuple(dx.shape) == (3, *shape)
+    full = {p.name: backend.to_host(p.grad) for p in net.parameters()}
+    net.zero_grad()
+    events = []
+    net.add_observer(lambda e: events.append((e["index"], e["output"])))
+    assert net.backward(dy, ctx, need_input_grad=False) is None
+    assert net.activation_grads[0] is None and net.activation_grads[-1] is dy
+    part = {p.name: backend.to_host(p.grad) for p in net.parameters()}
+    assert part.keys() == full.keys() and len(full) >= 6
+    for name, g in full.items():
+        assert np.any(g != 0), name
+        np.testing.assert_array_equal(part[name], g, err_msg=name)
+    # the first layer with parameters passes no gradient on; nothing before it runs
+    first = 1 if kind == "parameter_free_first" else 0
+    assert events[-1][0] == first and events[-1][1] is None
+    assert accepts_need_input_grad(net[first])  # the layer skips its dx product itself

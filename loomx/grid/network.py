@@ -18,7 +18,15 @@ from typing import Any
 
 from ..backends import Backend, RandomSource, get_backend
 from ..errors import ConfigError, LoomxError, ShapeError
-from ..layers.base import Array, Layer, Shape, layer_from_config, register_layer
+from ..layers.base import (
+    Array,
+    Layer,
+    Shape,
+    call_backward,
+    has_parameters,
+    layer_from_config,
+    register_layer,
+)
 
 Position = tuple[int, int, int]
 Observer = Callable[[dict], None]
@@ -294,18 +302,32 @@ class Network(Layer):
         self.activations = acts
         return x, ctxs
 
-    def backward(self, dy: Array, ctx: Any) -> Array:
+    def backward(self, dy: Array, ctx: Any, need_input_grad: bool = True) -> Array | None:
         """Backpropagate ``dy`` through every enabled layer in reverse flat order.
 
         Residual skips add their gradient to the slot input they read. After the call
         ``self.activation_grads[i]`` is the gradient of the input of slot ``i``
         (``[0]``: the network input; ``[size]``: ``dy``).
+
+        ``need_input_grad=False`` (a training step: nothing reads the input gradient) returns
+        ``None``: the first enabled layer with parameters gets ``need_input_grad=False`` (Dense,
+        convolutions, recurrent layers and attention then skip their input-gradient products)
+        and the parameter-free slots before it are not visited; their ``activation_grads``
+        stay ``None``. Every parameter gradient is the same as with the full pass.
         """
         pending: dict[int, Array] = {}
         grads: list[Array | None] = [None] * (self.size + 1)
         grads[self.size] = dy
         by_index = {i: (c, src) for i, c, src in ctx}
-        for i in range(self.size - 1, -1, -1):
+        # slots at or below `last` need no input gradient: no earlier layer has parameters
+        last = -1
+        if not need_input_grad:
+            last = self.size
+            for i, _, _ in ctx:
+                if has_parameters(self.slots[i]):
+                    last = i
+                    break
+        for i in range(self.size - 1, last, -1):
             if i in by_index:
                 layer = self.slots[i]
                 layer_ctx, src = by_index[i]
@@ -316,6 +338,13 @@ class Network(Layer):
             if i in pending:
                 dy = dy + pending.pop(i)
             grads[i] = dy
+        if last < self.size and last in by_index:
+            layer = self.slots[last]
+            call_backward(layer, dy, by_index[last][0], need_input_grad=False)
+            if self._observers:
+                self._notify("backward", last, layer, dy, None)
+        if last >= 0:
+            dy = None
         self.activation_grads = grads
         return dy
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from ..backends import RandomSource
 from ..errors import ConfigError, ShapeError
-from ..layers.base import Array, Layer, Shape, layer_from_config, register_layer
+from ..layers.base import Array, Layer, Shape, call_backward, layer_from_config, register_layer
 
 COMBINE_MODES = ("concat", "add", "avg", "grid_scatter")
 
@@ -170,7 +170,9 @@ class Parallel(Layer):
             out = xp.concat(ys, axis=-1)
         return out, ctxs
 
-    def backward(self, dy: Array, ctx: Any) -> Array:
+    def backward(self, dy: Array, ctx: Any, need_input_grad: bool = True) -> Array | None:
+        """``dx = Σ_k dx_k``; with ``need_input_grad=False`` every branch gets the flag too
+        (its parameter gradients are still exact) and ``None`` is returned."""
         xp = self.xp
         batch = dy.shape[0]
         mode = self.combine_mode
@@ -201,8 +203,9 @@ class Parallel(Layer):
                 off += s[-1]
         dx = None
         for b, g, c in zip(self.branches, dys, ctx, strict=True):
-            d = b.backward(g, c)
-            dx = d if dx is None else dx + d
+            d = call_backward(b, g, c, need_input_grad)
+            if need_input_grad:
+                dx = d if dx is None else dx + d
         return dx
 
     def __repr__(self) -> str:

@@ -67,6 +67,8 @@ class Residual(Layer):
                              f"{list(x.shape)}")
         return x + skip, None
 
-    def backward(self, dy: Array, ctx: Any) -> tuple[Array, Array]:
-        """Returns ``(dx, dskip)``, both equal to ``dy``."""
+    def backward(self, dy: Array, ctx: Any,
+                 need_input_grad: bool = True) -> tuple[Array, Array]:
+        """Returns ``(dx, dskip)``, both equal to ``dy`` (no work to save, so
+        ``need_input_grad`` is accepted and ignored)."""
         return dy, dy

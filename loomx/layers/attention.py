@@ -28,7 +28,7 @@ from .base import Array, Layer, Shape, register_layer
 from .dense import linear, linear_backward
 from .init import init_weight
 from .norm import rms_input_grad, rms_inverse
-from .rope import ROPE_STYLES, apply_rope, rope_tables, rotary_dims
+from .rope import ROPE_STYLES, RopeCache, apply_rope, rotary_dims
 from .softmax import softmax, softmax_vjp
 
 
@@ -133,6 +133,7 @@ class MultiHeadAttention(Layer):
         self.rope_fraction = float(rope_fraction)
         self.qk_norm = bool(qk_norm)
         self.qk_norm_eps = float(qk_norm_eps)
+        self._rope = RopeCache()
         self._validate()
 
     def _validate(self) -> None:
@@ -219,12 +220,14 @@ class MultiHeadAttention(Layer):
         y = linear(self.xp, x2, self.params[f"{p}_weight"], self.params.get(f"{p}_bias"))
         return self._split_heads(y, b, t, heads)
 
-    def _project_back(self, g: Array, p: str, x2: Array) -> Array:
-        """Gradient of ``[B, heads, T, hd]`` → weight/bias grads; returns its ``dx2 [B·T, D]``."""
+    def _project_back(self, g: Array, p: str, x2: Array,
+                      need_input_grad: bool = True) -> Array | None:
+        """Gradient of ``[B, heads, T, hd]`` → weight/bias grads; returns its ``dx2 [B·T, D]``
+        (``None`` when ``need_input_grad`` is ``False``)."""
         xp = self.xp
         b, heads, t, hd = g.shape
         g2 = xp.reshape(xp.permute_dims(g, (0, 2, 1, 3)), (b * t, heads * hd))
-        return linear_backward(self, x2, g2, f"{p}_weight", self._bias_key(p))
+        return linear_backward(self, x2, g2, f"{p}_weight", self._bias_key(p), need_input_grad)
 
     def _bias_key(self, p: str) -> str | None:
         """``"{p}_bias"`` when projection ``p`` (q, k, v, o) has a bias, else ``None``."""
@@ -289,8 +292,8 @@ class MultiHeadAttention(Layer):
         cos = sin = None
         rot = self.rotary
         if rot:
-            cos, sin = rope_tables(self.backend, self.float_dtype, offset, t, rot,
-                                   self.rope_theta)
+            cos, sin = self._rope.tables(self.backend, self.float_dtype, offset, t, rot,
+                                         self.rope_theta)
             q = apply_rope(xp, q, cos, sin, rot, self.rope_style)
             k = apply_rope(xp, k, cos, sin, rot, self.rope_style)
         if cache is not None:
@@ -312,8 +315,10 @@ class MultiHeadAttention(Layer):
                                cached=cache is not None)
         return xp.reshape(y, (b, t, d)), ctx
 
-    def backward(self, dy: Array, ctx: AttentionContext) -> Array:
-        """``dy [B, T, D]`` → ``dx [B, T, D]``; adds every parameter gradient into ``grads``."""
+    def backward(self, dy: Array, ctx: AttentionContext,
+                 need_input_grad: bool = True) -> Array | None:
+        """``dy [B, T, D]`` → ``dx [B, T, D]``; adds every parameter gradient into ``grads``
+        (returns ``None`` without the three input products when ``need_input_grad=False``)."""
         if ctx.cached:
             raise LoomxError(f"{self.describe()}: backward through a forward that used a KV "
                              "cache is not supported; train with cache=None")
@@ -337,6 +342,10 @@ class MultiHeadAttention(Layer):
         if self.qk_norm:
             dq = self._rms_back(dq, ctx.q_raw, ctx.q_r, "q_norm")
             dk = self._rms_back(dk, ctx.k_raw, ctx.k_r, "k_norm")
+        if not need_input_grad:
+            for grad, p in ((dq, "q"), (dk, "k"), (dv, "v")):
+                self._project_back(grad, p, ctx.x2, False)
+            return None
         dx2 = (self._project_back(dq, "q", ctx.x2) + self._project_back(dk, "k", ctx.x2)
                + self._project_back(dv, "v", ctx.x2))
         return xp.reshape(dx2, (b, t, d))

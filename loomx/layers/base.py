@@ -12,7 +12,10 @@ A layer is a small object with
   ``backward`` needs (kept by the caller, so several forwards can be in flight, as in the
   stepping executor);
 - ``backward(dy, ctx) -> dx``: returns the input gradient and **adds** every parameter gradient
-  into ``grads`` (so gradient accumulation is a matter of not calling ``zero_grad``).
+  into ``grads`` (so gradient accumulation is a matter of not calling ``zero_grad``). A layer
+  that can save work when nobody reads ``dx`` accepts the keyword ``need_input_grad=True``
+  and, when it is ``False``, only accumulates ``grads`` and returns ``None``; callers go
+  through :func:`call_backward`, which passes the keyword only to layers that accept it.
 
 Layers never check which backend they run on: they use ``self.xp`` (the array-API namespace)
 and ``self.backend`` for the few non-standard operations.
@@ -20,6 +23,7 @@ and ``self.backend`` for the few non-standard operations.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -51,6 +55,40 @@ def layer_from_config(config: dict) -> Layer:
         raise ConfigError(
             f"unknown layer type {type_name!r}; known: {', '.join(sorted(LAYER_TYPES))}")
     return LAYER_TYPES[type_name].from_config(config)
+
+
+_ACCEPTS_FLAG: dict[Any, bool] = {}
+
+
+def accepts_need_input_grad(layer: Layer) -> bool:
+    """Whether ``layer.backward`` takes the ``need_input_grad`` keyword (cached per function)."""
+    fn = layer.backward
+    key = getattr(fn, "__func__", fn)
+    ok = _ACCEPTS_FLAG.get(key)
+    if ok is None:
+        try:
+            ok = "need_input_grad" in inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            ok = False
+        _ACCEPTS_FLAG[key] = ok
+    return ok
+
+
+def call_backward(layer: Layer, dy: Array, ctx: Any, need_input_grad: bool = True) -> Any:
+    """``layer.backward(dy, ctx)``; with ``need_input_grad=False`` returns ``None`` and lets
+    layers that accept the keyword skip their input gradient (others run in full)."""
+    if need_input_grad:
+        return layer.backward(dy, ctx)
+    if accepts_need_input_grad(layer):
+        layer.backward(dy, ctx, need_input_grad=False)
+    else:
+        layer.backward(dy, ctx)
+    return None
+
+
+def has_parameters(layer: Layer) -> bool:
+    """Whether ``layer`` or a nested layer has at least one parameter."""
+    return next(iter(layer.parameters()), None) is not None
 
 
 class ParamRef:
@@ -169,8 +207,12 @@ class Layer:
         """``x [B, *input_shape]`` → ``(y [B, *output_shape], ctx)``."""
         raise NotImplementedError
 
-    def backward(self, dy: Array, ctx: Any) -> Array:
-        """``dy [B, *output_shape]`` → ``dx [B, *input_shape]``; adds into ``grads``."""
+    def backward(self, dy: Array, ctx: Any, need_input_grad: bool = True) -> Array | None:
+        """``dy [B, *output_shape]`` → ``dx [B, *input_shape]``; adds into ``grads``.
+
+        Subclasses may omit ``need_input_grad`` (see :func:`call_backward`); those that take
+        it return ``None`` without computing ``dx`` when it is ``False``.
+        """
         raise NotImplementedError
 
     def __call__(self, x: Array, train: bool = False) -> Array:

@@ -258,7 +258,7 @@ class ConvND(_ConvBase):
         dcols = _merge_groups(xp, xp.matmul(dz2, w), k)  # [B·P, K, C]
         return xp.reshape(dcols, (*lead, k, c))
 
-    def backward(self, dy: Array, ctx) -> Array:
+    def backward(self, dy: Array, ctx, need_input_grad: bool = True) -> Array | None:
         cols, z, y = ctx
         xp = self.xp
         g, k, rows = self.groups, math.prod(self._k), cols.shape[1]
@@ -271,6 +271,8 @@ class ConvND(_ConvBase):
         dz2 = _split_groups(xp, dzcl, rows, 1, g)  # [g, B·P, F/g]
         dw = xp.matmul(xp.matrix_transpose(dz2), cols)  # [g, F/g, K·C/g]
         self._accumulate("weight", _weight_from_rows(xp, dw, tuple(self.params["weight"].shape)))
+        if not need_input_grad:
+            return None
         dcols = self._window_grads(dz2, dy.shape[0], k)
         padded = tuple(s + lo + hi for s, (lo, hi) in zip(self.input_shape[1:], self._pads))
         dxcl = scatter_windows(self.backend, dcols, padded, self._k, self._s, self._d)
@@ -344,7 +346,7 @@ class ConvTransposeND(_ConvBase):
         z, y = self._finish(crop_spatial(zcl, self._pads))
         return y, (x2, z, y)
 
-    def backward(self, dy: Array, ctx) -> Array:
+    def backward(self, dy: Array, ctx, need_input_grad: bool = True) -> Array | None:
         x2, z, y = ctx
         xp = self.xp
         g, k = self.groups, math.prod(self._k)
@@ -358,6 +360,8 @@ class ConvTransposeND(_ConvBase):
         cols = _split_groups(xp, cols, x2.shape[1], k, g)  # [g, B·P, K·F/g]
         dw = xp.matmul(xp.matrix_transpose(x2), cols)  # [g, C/g, K·F/g]
         self._accumulate("weight", _weight_from_rows(xp, dw, tuple(self.params["weight"].shape)))
+        if not need_input_grad:
+            return None
         w = _weight_rows(xp, self.params["weight"], g)
         dx = _merge_groups(xp, xp.matmul(cols, xp.matrix_transpose(w)), 1)  # [B·P, 1, C]
         return to_channels_first(xp, xp.reshape(dx, (dy.shape[0], *spatial, self.in_channels)))

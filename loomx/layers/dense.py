@@ -39,9 +39,12 @@ def accumulate_linear_grads(layer: Layer, x: Array, dz: Array, weight_key: str,
 
 
 def linear_backward(layer: Layer, x: Array, dz: Array, weight_key: str,
-                    bias_key: str | None = None) -> Array:
-    """:func:`accumulate_linear_grads`, then return the input gradient ``dx [..., in]``."""
+                    bias_key: str | None = None, need_input_grad: bool = True) -> Array | None:
+    """:func:`accumulate_linear_grads`, then return the input gradient ``dx [..., in]``
+    (``None`` without the product when ``need_input_grad`` is ``False``)."""
     accumulate_linear_grads(layer, x, dz, weight_key, bias_key)
+    if not need_input_grad:
+        return None
     return layer.xp.matmul(dz, layer.params[weight_key])
 
 
@@ -101,10 +104,11 @@ class Dense(Layer):
                                self.params.get("bias"))
         return y, (x, z, y)
 
-    def backward(self, dy: Array, ctx: tuple) -> Array:
+    def backward(self, dy: Array, ctx: tuple, need_input_grad: bool = True) -> Array | None:
         x, z, y = ctx
         dz = activation_backward(self.backend, self._act, z, y, dy)
-        return linear_backward(self, x, dz, "weight", "bias" if self.bias else None)
+        return linear_backward(self, x, dz, "weight", "bias" if self.bias else None,
+                               need_input_grad)
 
 
 @register_layer

@@ -5,9 +5,10 @@ Shapes (batch first): ``x [B, T, I]`` → ``y [B, T, H]`` (``return_sequences=Tr
 one step at a time), only ``I`` is fixed by ``build``.
 
 Speed: the input projection of all ``T`` steps is one matrix product over ``[T·B, I]``; each
-step only multiplies the hidden state by ``weight_hh`` and does the gate arithmetic. The
-backward pass collects the per-step pre-activation gradients and forms ``weight_ih``,
-``weight_hh`` and bias gradients with one matrix product each.
+step only multiplies the hidden state by a contiguous copy of ``weight_hhᵀ`` and does the gate
+arithmetic. The backward pass writes the per-step pre-activation gradients into one time-major
+``[T, B, G·H]`` buffer and forms ``weight_ih``, ``weight_hh`` and bias gradients with one
+matrix product each.
 
 Extra forward argument ``initial_state`` (``h [B, H]``, or ``(h, c)`` for LSTM; zeros when
 ``None``); :meth:`RecurrentLayer.final_state` returns the state after the last step, and after
@@ -27,9 +28,9 @@ from .base import Array, Layer, Shape, register_layer
 from .dense import accumulate_linear_grads, linear, linear_backward
 from .init import init_weight
 
-#: ``step_back(t, dh) -> (d_pre_x, d_pre_h, dh_prev)`` for one step of backpropagation
-#: through time; ``d_pre_h=None`` means the same array as ``d_pre_x``.
-StepBack = Callable[[int, Array], tuple[Array, Array | None, Array]]
+#: ``step_back(t, dh) -> dh_prev`` for one step of backpropagation through time; it writes the
+#: step's pre-activation gradients into ``dpx[t]`` (and ``dph[t]`` when the hidden side differs).
+StepBack = Callable[[int, Array], Array]
 
 
 def _add(a: Array | None, b: Array | None) -> Array | None:
@@ -47,16 +48,18 @@ class RecurrentContext:
         h0: the initial hidden state ``[B, H]`` (``c0`` too for LSTM).
         steps: per-step saved tensors (layer-specific tuples), in time order.
         hs: hidden states after each step, time-major ``[T, B, H]``.
+        h_prev: hidden states before each step, ``[T, B, H]`` (``h0`` then ``hs[:-1]``).
         state: the state after the last step (``h`` or ``(h, c)``).
         d_initial: filled by ``backward``: the gradient of the initial state.
     """
 
-    __slots__ = ("x_tb", "batch", "steps", "h0", "c0", "hs", "state", "d_initial")
+    __slots__ = ("x_tb", "batch", "steps", "h0", "c0", "hs", "h_prev", "state", "d_initial")
 
     def __init__(self, x_tb: Array, batch: int, h0: Array, c0: Array | None = None):
         self.x_tb, self.batch, self.h0, self.c0 = x_tb, batch, h0, c0
         self.steps: list[Any] = []
         self.hs: Array = None
+        self.h_prev: Array = None
         self.state: Any = None
         self.d_initial: Any = None
 
@@ -128,20 +131,29 @@ class RecurrentLayer(Layer):
         return self._check_state(initial_state, batch, "initial_state h")
 
     # ------------------------------------------------------------------ helpers
-    def _project_inputs(self, x: Array, bias_key: str | None) -> tuple[Array, Array]:
-        """``x [B, T, I]`` → ``(x_tb [T·B, I], x @ W_ih.T + b`` time-major ``[T, B, G·H])``."""
+    def _project_inputs(self, x: Array, weight: Array,
+                        bias: Array | None) -> tuple[Array, Array]:
+        """``x [B, T, I]`` → ``(x_tb [T·B, I], x @ weight.T + bias`` time-major ``[T, B, G·H])``."""
         xp = self.xp
         b, t, i = x.shape
         x_tb = xp.reshape(xp.permute_dims(x, (1, 0, 2)), (t * b, i))
-        xw = linear(xp, x_tb, self.params["weight_ih"],
-                    None if bias_key is None else self.params[bias_key])
+        xw = linear(xp, x_tb, weight, bias)
         return x_tb, xp.reshape(xw, (t, b, xw.shape[-1]))
+
+    def _hidden_weight_t(self, weight: Array) -> Array:
+        """``weightᵀ`` of a ``[G·H, H]`` hidden weight as a C-contiguous ``[H, G·H]`` copy (the
+        per-step product with a contiguous right operand is measurably faster than with the
+        transposed view)."""
+        xp = self.xp
+        rows, cols = weight.shape
+        return xp.reshape(xp.reshape(xp.matrix_transpose(weight), (-1,)), (cols, rows))
 
     def _finish(self, ctx: RecurrentContext, hs: list[Array],
                 state: Any) -> tuple[Array, RecurrentContext]:
         """Store the per-step hidden states ``hs`` and the final ``state``; return ``(y, ctx)``."""
         xp = self.xp
-        ctx.hs = xp.stack(hs, axis=0)
+        h_all = xp.stack([ctx.h0, *hs], axis=0)  # [T+1, B, H]
+        ctx.hs, ctx.h_prev = h_all[1:, ...], h_all[:-1, ...]
         ctx.state = state
         if self.return_sequences:
             return xp.permute_dims(ctx.hs, (1, 0, 2)), ctx
@@ -155,31 +167,37 @@ class RecurrentLayer(Layer):
             return [dyt[t, ...] for t in range(steps)]
         return [None] * (steps - 1) + [dy]
 
-    def _bptt(self, dy: Array, ctx: RecurrentContext, step_back: StepBack,
-              bias_x: str | None, bias_h: str | None) -> Array:
-        """Backpropagation through time; returns ``dx [B, T, I]``, sets ``ctx.d_initial``.
+    def _grad_buffer(self, ctx: RecurrentContext) -> Array:
+        """An uninitialised time-major ``[T, B, G·H]`` buffer for pre-activation gradients."""
+        shape = (ctx.hs.shape[0], ctx.batch, self.gates * self.hidden_size)
+        return self.xp.empty(shape, dtype=ctx.hs.dtype, device=self.backend.device)
+
+    def _bptt(self, dy: Array, ctx: RecurrentContext, step_back: StepBack, dpx: Array,
+              dph: Array, bias_x: str | None, bias_h: str | None,
+              need_input_grad: bool = True) -> Array | None:
+        """Backpropagation through time; returns ``dx [B, T, I]`` (``None`` when
+        ``need_input_grad`` is ``False``), sets ``ctx.d_initial``.
 
         ``step_back`` runs from the last step to the first with the gradient ``dh`` of the
-        hidden state after step ``t``. The per-step pre-activation gradients (time-major
-        ``[T, B, G·H]``) then give W_ih, W_hh and the biases (``bias_x`` on the input side,
-        ``bias_h`` on the hidden side) with one product each.
+        hidden state after step ``t`` and fills ``dpx[t]`` / ``dph[t]`` (time-major
+        ``[T, B, G·H]`` buffers of the input-side and hidden-side pre-activation gradients;
+        the same array when they agree). They then give W_ih, W_hh and the biases
+        (``bias_x`` on the input side, ``bias_h`` on the hidden side) with one product each.
         """
         xp = self.xp
         steps = ctx.hs.shape[0]
         dys = self._dy_time_major(dy, steps)
-        d_x: list[Array] = [None] * steps
-        d_h: list[Array] = [None] * steps
         dh_next = None
         for t in range(steps - 1, -1, -1):
-            d_x[t], d_pre_h, dh_next = step_back(t, _add(dys[t], dh_next))
-            d_h[t] = d_x[t] if d_pre_h is None else d_pre_h
+            dh_next = step_back(t, _add(dys[t], dh_next))
         ctx.d_initial = dh_next
         b, gh = ctx.batch, self.gates * self.hidden_size
-        dpx = xp.reshape(xp.stack(d_x, axis=0), (steps * b, gh))
-        dph = dpx if d_h[0] is d_x[0] else xp.reshape(xp.stack(d_h, axis=0), (steps * b, gh))
-        h_prev = xp.concat([ctx.h0[None, ...], ctx.hs[:-1, ...]], axis=0)
-        accumulate_linear_grads(self, h_prev, dph, "weight_hh", bias_h)
-        dx = linear_backward(self, ctx.x_tb, dpx, "weight_ih", bias_x)
+        dpx2 = xp.reshape(dpx, (steps * b, gh))
+        dph2 = dpx2 if dph is dpx else xp.reshape(dph, (steps * b, gh))
+        accumulate_linear_grads(self, ctx.h_prev, dph2, "weight_hh", bias_h)
+        dx = linear_backward(self, ctx.x_tb, dpx2, "weight_ih", bias_x, need_input_grad)
+        if dx is None:
+            return None
         return xp.permute_dims(xp.reshape(dx, (steps, b, dx.shape[-1])), (1, 0, 2))
 
     # ------------------------------------------------------------------ public extras
@@ -214,25 +232,29 @@ class RNN(RecurrentLayer):
         xp = self.xp
         batch = x.shape[0]
         h = self._initial_h(initial_state, batch)
-        x_tb, xw = self._project_inputs(x, "bias" if self.bias else None)
+        x_tb, xw = self._project_inputs(x, self.params["weight_ih"], self.params.get("bias"))
         ctx = RecurrentContext(x_tb, batch, h)
-        w_hh_t = xp.matrix_transpose(self.params["weight_hh"])
+        w_hh_t = self._hidden_weight_t(self.params["weight_hh"])
         hs = []
         for t in range(xw.shape[0]):
             h = xp.tanh(xw[t, ...] + xp.matmul(h, w_hh_t))
             hs.append(h)
         return self._finish(ctx, hs, h)
 
-    def backward(self, dy: Array, ctx: RecurrentContext) -> Array:
+    def backward(self, dy: Array, ctx: RecurrentContext,
+                 need_input_grad: bool = True) -> Array | None:
         xp = self.xp
         w_hh = self.params["weight_hh"]
+        dpx = self._grad_buffer(ctx)
 
-        def step_back(t: int, dh: Array) -> tuple[Array, None, Array]:
+        def step_back(t: int, dh: Array) -> Array:
             h = ctx.hs[t, ...]
             da = dh * (1.0 - h * h)
-            return da, None, xp.matmul(da, w_hh)
+            dpx[t, ...] = da
+            return xp.matmul(da, w_hh)
 
-        return self._bptt(dy, ctx, step_back, "bias" if self.bias else None, None)
+        return self._bptt(dy, ctx, step_back, dpx, dpx, "bias" if self.bias else None, None,
+                          need_input_grad)
 
 
 @register_layer
@@ -272,16 +294,19 @@ class LSTM(RecurrentLayer):
                                  f"[B, {hs_}] arrays but received {type(initial_state).__name__}")
             h = self._check_state(initial_state[0], batch, "initial_state h")
             c = self._check_state(initial_state[1], batch, "initial_state c")
-        x_tb, xw = self._project_inputs(x, "bias" if self.bias else None)
+        w_ih, w_hh, bias = self._gate_weights()
+        x_tb, xw = self._project_inputs(x, w_ih, bias)
         ctx = RecurrentContext(x_tb, batch, h, c)
-        w_hh_t = xp.matrix_transpose(self.params["weight_hh"])
+        w_hh_t = self._hidden_weight_t(w_hh)
         hs = []
         for t in range(xw.shape[0]):
-            pre = xw[t, ...] + xp.matmul(h, w_hh_t)
-            i = sigmoid(xp, pre[:, :hs_])
-            f = sigmoid(xp, pre[:, hs_:2 * hs_])
-            g = xp.tanh(pre[:, 2 * hs_:3 * hs_])
-            o = sigmoid(xp, pre[:, 3 * hs_:])
+            # u = tanh(½·pre) for i, f, o (the sigmoid blocks) and tanh(pre) for g; every gate
+            # is kept contiguous, as the backward step reads each several times
+            u = xp.tanh(xw[t, ...] + xp.matmul(h, w_hh_t))
+            i = 0.5 * u[:, :hs_] + 0.5
+            f = 0.5 * u[:, hs_:2 * hs_] + 0.5
+            o = 0.5 * u[:, 2 * hs_:3 * hs_] + 0.5
+            g = xp.asarray(u[:, 3 * hs_:], copy=True)
             c_prev = c
             c = f * c_prev + i * g
             tc = xp.tanh(c)
@@ -290,25 +315,41 @@ class LSTM(RecurrentLayer):
             hs.append(h)
         return self._finish(ctx, hs, (h, c))
 
-    def backward(self, dy: Array, ctx: RecurrentContext) -> Array:
-        xp = self.xp
+    def _gate_weights(self) -> tuple[Array, Array, Array | None]:
+        """``weight_ih``, ``weight_hh`` and ``bias`` with the gate blocks reordered to
+        (i, f, o, g) and the sigmoid blocks halved, so that one ``tanh`` over ``[B, 4H]`` gives
+        every gate of a step (``σ(z) = ½·tanh(½z) + ½`` as in :func:`sigmoid`; halving is
+        exact, so the gates equal those of the unscaled formula)."""
+        xp, h = self.xp, self.hidden_size
+
+        def reorder(a: Array) -> Array:
+            return xp.concat([a[:2 * h, ...] * 0.5, a[3 * h:, ...] * 0.5, a[2 * h:3 * h, ...]],
+                             axis=0)
+
+        bias = self.params.get("bias")
+        return (reorder(self.params["weight_ih"]), reorder(self.params["weight_hh"]),
+                None if bias is None else reorder(bias))
+
+    def backward(self, dy: Array, ctx: RecurrentContext,
+                 need_input_grad: bool = True) -> Array | None:
+        xp, hs_ = self.xp, self.hidden_size
         w_hh = self.params["weight_hh"]
+        dpx = self._grad_buffer(ctx)  # gate order of the parameters: i, f, g, o
         dc_next = None
 
-        def step_back(t: int, dh: Array) -> tuple[Array, None, Array]:
+        def step_back(t: int, dh: Array) -> Array:
             nonlocal dc_next
             i, f, g, o, c_prev, tc = ctx.steps[t]
             dc = _add(dh * o * (1.0 - tc * tc), dc_next)
-            d_pre = xp.concat([
-                dc * g * i * (1.0 - i),
-                dc * c_prev * f * (1.0 - f),
-                dc * i * (1.0 - g * g),
-                dh * tc * o * (1.0 - o),
-            ], axis=1)
+            dpx[t, :, :hs_] = dc * g * i * (1.0 - i)
+            dpx[t, :, hs_:2 * hs_] = dc * c_prev * f * (1.0 - f)
+            dpx[t, :, 2 * hs_:3 * hs_] = dc * i * (1.0 - g * g)
+            dpx[t, :, 3 * hs_:] = dh * tc * o * (1.0 - o)
             dc_next = dc * f
-            return d_pre, None, xp.matmul(d_pre, w_hh)
+            return xp.matmul(dpx[t, ...], w_hh)
 
-        dx = self._bptt(dy, ctx, step_back, "bias" if self.bias else None, None)
+        dx = self._bptt(dy, ctx, step_back, dpx, dpx, "bias" if self.bias else None, None,
+                        need_input_grad)
         ctx.d_initial = (ctx.d_initial, dc_next)
         return dx
 
@@ -338,17 +379,18 @@ class GRU(RecurrentLayer):
         xp = self.xp
         batch, hs_ = x.shape[0], self.hidden_size
         h = self._initial_h(initial_state, batch)
-        x_tb, xw = self._project_inputs(x, "bias_ih" if self.bias else None)
+        x_tb, xw = self._project_inputs(x, self.params["weight_ih"], self.params.get("bias_ih"))
         ctx = RecurrentContext(x_tb, batch, h)
-        w_hh_t = xp.matrix_transpose(self.params["weight_hh"])
+        w_hh_t = self._hidden_weight_t(self.params["weight_hh"])
+        b_hh = self.params.get("bias_hh")
         hs = []
         for t in range(xw.shape[0]):
             xt = xw[t, ...]
             hw = xp.matmul(h, w_hh_t)
-            if self.bias:
-                hw = hw + self.params["bias_hh"]
-            r = sigmoid(xp, xt[:, :hs_] + hw[:, :hs_])
-            z = sigmoid(xp, xt[:, hs_:2 * hs_] + hw[:, hs_:2 * hs_])
+            if b_hh is not None:
+                hw = hw + b_hh
+            rz = sigmoid(xp, xt[:, :2 * hs_] + hw[:, :2 * hs_])  # r and z in one call
+            r, z = rz[:, :hs_], rz[:, hs_:]
             hn = hw[:, 2 * hs_:]
             n = xp.tanh(xt[:, 2 * hs_:] + r * hn)
             h_prev = h
@@ -357,18 +399,23 @@ class GRU(RecurrentLayer):
             hs.append(h)
         return self._finish(ctx, hs, h)
 
-    def backward(self, dy: Array, ctx: RecurrentContext) -> Array:
-        xp = self.xp
+    def backward(self, dy: Array, ctx: RecurrentContext,
+                 need_input_grad: bool = True) -> Array | None:
+        xp, hs_ = self.xp, self.hidden_size
         w_hh = self.params["weight_hh"]
+        dpx, dph = self._grad_buffer(ctx), self._grad_buffer(ctx)
 
-        def step_back(t: int, dh: Array) -> tuple[Array, Array, Array]:
+        def step_back(t: int, dh: Array) -> Array:
             r, z, n, hn, h_prev = ctx.steps[t]
             dn_pre = dh * (1.0 - z) * (1.0 - n * n)
             dz_pre = dh * (h_prev - n) * z * (1.0 - z)
             dr_pre = dn_pre * hn * r * (1.0 - r)
-            d_pre_h = xp.concat([dr_pre, dz_pre, dn_pre * r], axis=1)
-            return (xp.concat([dr_pre, dz_pre, dn_pre], axis=1), d_pre_h,
-                    dh * z + xp.matmul(d_pre_h, w_hh))
+            for buf in (dpx, dph):
+                buf[t, :, :hs_] = dr_pre
+                buf[t, :, hs_:2 * hs_] = dz_pre
+            dpx[t, :, 2 * hs_:] = dn_pre
+            dph[t, :, 2 * hs_:] = dn_pre * r
+            return dh * z + xp.matmul(dph[t, ...], w_hh)
 
         bx, bh = ("bias_ih", "bias_hh") if self.bias else (None, None)
-        return self._bptt(dy, ctx, step_back, bx, bh)
+        return self._bptt(dy, ctx, step_back, dpx, dph, bx, bh, need_input_grad)

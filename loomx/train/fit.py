@@ -27,7 +27,7 @@ from typing import Any
 
 from ..backends import RandomSource
 from ..errors import ConfigError, FormatError, LoomxError, TrainingError
-from ..layers.base import Layer
+from ..layers.base import Layer, call_backward
 from .batching import DataSource, batch_slices, validate_pair
 from .callbacks import Callback, as_callback
 from .clip import clip_grad_norm, clip_grad_value
@@ -216,7 +216,7 @@ class _Trainer:
             value, dout = self.loss(out, yb)
             if len(mb) != total:
                 dout = dout * (len(mb) / total)
-            net.backward(dout, ctx)
+            call_backward(net, dout, ctx, need_input_grad=False)  # nothing reads dL/dx
             weighted = value * len(mb)
             self.epoch_loss = self._add(self.epoch_loss, weighted)
             self.interval_loss = self._add(self.interval_loss, weighted)

@@ -45,7 +45,7 @@ def _sgd(net, backend, train, epochs: int, lr: float, batch: int) -> None:
             p = xp.exp(z) / xp.sum(xp.exp(z), axis=1, keepdims=True)
             onehot = xp.astype(xp.reshape(yb, (-1, 1)) == backend.arange(10, dtype=yb.dtype),
                                backend.float_dtype)
-            net.backward((p - onehot) / xb.shape[0], ctx)
+            net.backward((p - onehot) / xb.shape[0], ctx, need_input_grad=False)
             opt.step()
 
 
