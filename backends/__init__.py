@@ -23,6 +23,7 @@ import os
 from collections.abc import Iterator
 
 from loomx.errors import BackendUnavailableError, LoomxError
+
 from .base import Backend, RandomSource
 
 __all__ = [

@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 
-
 _DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8",
                 "uint8", "uint16", "uint32", "uint64", "bool")
 
