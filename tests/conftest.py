@@ -94,6 +94,19 @@ backend = pytest.fixture(params=_params("float32"))(_backend_fixture)
 backend64 = pytest.fixture(params=_params("float64"))(_backend_fixture)
 
 
+@pytest.fixture(scope="module")
+def single_threaded():
+    """One BLAS and one torch thread: small matrices on a shared CPU run faster and steadier."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def numpy64():
     """The numpy backend in float64 (finite-difference checks)."""

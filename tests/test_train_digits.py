@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from loomx.errors import LoomxError
 from loomx.grid import Network
@@ -14,16 +13,7 @@ from loomx.train import evaluate, fit, load_digits
 BACKENDS = ["numpy", "torch"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_threaded():
-    """Small matrices: one BLAS/torch thread avoids oversubscribing a shared CPU."""
-    from threadpoolctl import threadpool_limits
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 def test_digits_loader_shapes_and_split():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from loomx.errors import ConfigError, FormatError, LoomxError, ShapeError, TrainingError
 from loomx.grid import Network
@@ -12,13 +11,7 @@ from loomx.io.checkpoint import load_checkpoint
 from loomx.layers import Dense, Dropout
 from loomx.train import Callback, fit, get_optimizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 def _data(n=96, seed=0):

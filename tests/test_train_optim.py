@@ -15,14 +15,7 @@ from loomx.layers import Dense
 from loomx.train import SGD, Adam, AdamW, RMSprop, get_loss, get_optimizer, get_schedule
 from tests.conftest import assert_close
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small tensors: one torch thread avoids oversubscribing a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 # (loomx class, loomx options, torch class, torch options)
