@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 
 import numpy as np
 
@@ -19,6 +20,37 @@ def _window_gather(x, window: tuple[int, ...], stride: tuple[int, ...]):
     view = np.lib.stride_tricks.sliding_window_view(x, window, axis=tuple(range(-n, 0)))
     index = (Ellipsis,) + tuple(slice(None, None, s) for s in stride) + (slice(None),) * n
     return view[index]
+
+
+def _im2col(x, kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...],
+            out_shape: tuple[int, ...]):
+    """All kernel windows of a channels-last ``x`` copied into one contiguous array.
+
+    Shapes: ``x [B, *S, C]`` → ``cols [B, *O, K, C]`` with ``K = prod(kernel)`` (offsets
+    row-major), ``cols[b, o, j, c] = x[b, o·stride + offset_j·dilation, c]``. It is one copy
+    from a strided view ``[B, *O, *kernel, C]`` of ``x``, except for one channel, where that
+    copy's innermost runs would be ``kernel[-1]`` elements long: then it is one strided copy
+    per kernel offset (measured about 3× faster for a 3×3 kernel).
+    """
+    reach = tuple((o - 1) * s + (k - 1) * d + 1
+                  for o, k, s, d in zip(out_shape, kernel, stride, dilation))
+    if any(r > n for r, n in zip(reach, x.shape[1:-1])):
+        raise ValueError(f"windows {out_shape} of kernel {kernel} reach {reach}, beyond the "
+                         f"input's spatial shape {tuple(x.shape[1:-1])}")
+    cols = np.empty((x.shape[0], *out_shape, math.prod(kernel), x.shape[-1]), dtype=x.dtype)
+    if x.shape[-1] == 1:
+        for j, off in enumerate(itertools.product(*(range(k) for k in kernel))):
+            idx = (slice(None),) + tuple(slice(o * d, o * d + s * (m - 1) + 1, s) for o, d, s, m
+                                         in zip(off, dilation, stride, out_shape))
+            cols[..., j, :] = x[idx]
+        return cols
+    sb, *ss, sc = x.strides
+    view = np.lib.stride_tricks.as_strided(
+        x, (x.shape[0], *out_shape, *kernel, x.shape[-1]),
+        (sb, *(a * s for a, s in zip(ss, stride)), *(a * d for a, d in zip(ss, dilation)), sc),
+        writeable=False)
+    np.copyto(cols.reshape(view.shape), view)
+    return cols
 
 
 def _window_scatter_add(out, cols, kernel: tuple[int, ...], stride: tuple[int, ...],
@@ -118,5 +150,6 @@ def make_numpy_backend(name: str = "numpy", index: int | None = None) -> NumpyBa
         raise BackendUnavailableError(f"numpy has only the 'cpu' device; got index {index}.")
     return NumpyBackend(name=name, xp=xp, device="cpu", library="numpy",
                         kernels={"window_gather": _window_gather,
+                                 "im2col": _im2col,
                                  "window_scatter_add": _window_scatter_add,
                                  "sum_rows": _sum_rows})

@@ -167,6 +167,9 @@ WINDOW_CASES = [  # kernel, stride, dilation, spatial
 
 def check_window_gather(backend, kernel, name):
     xp = backend.xp
+    backend = type(backend)(name=backend.name, xp=xp, device=backend.device,
+                            float_dtype=backend.float_dtype, library=backend.library,
+                            kernels={"window_gather": kernel})
     for k, s, d, spatial in WINDOW_CASES:
         x = _rand(backend, (2, *spatial, 3), 31)
         fast = gather_windows(backend, x, k, s, d)
@@ -177,6 +180,27 @@ def check_window_gather(backend, kernel, name):
         assert_close(gather_windows(backend, x, k, s, d, fewer),
                      backend.to_host(gather_windows_reference(xp, x, k, s, d, fewer)),
                      backend, rtol=0, atol=0)
+
+
+def check_im2col(backend, kernel, name):
+    """Contiguous windows equal to the reference gather, for one and several channels, all
+    windows or fewer, and a channels-last view of a channels-first array."""
+    xp = backend.xp
+    for k, s, d, spatial in WINDOW_CASES:
+        for channels in (1, 3):
+            x = _rand(backend, (2, *spatial, channels), 34)
+            first = _rand(backend, (2, channels, *spatial), 35)
+            view = xp.permute_dims(first, (0, *range(2, len(spatial) + 2), 1))
+            out = tuple((n - dd * (kk - 1) - 1) // ss + 1
+                        for n, kk, ss, dd in zip(spatial, k, s, d))
+            for src in (x, view):
+                for o in (out, tuple(max(m - 1, 1) for m in out)):
+                    got = kernel(src, k, s, d, o)
+                    assert tuple(got.shape) == (2, *o, math.prod(k), channels)
+                    assert_close(got, backend.to_host(
+                        gather_windows_reference(xp, src, k, s, d, o)), backend, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="beyond"):
+        kernel(_rand(backend, (1, 5, 5, 2), 36), (3, 3), (1, 1), (1, 1), (4, 3))
 
 
 def check_window_scatter_add(backend, kernel, name):
@@ -213,6 +237,7 @@ KERNEL_CHECKS = {
     "adam_update": check_adam,
     "sum_rows": check_sum_rows,
     "window_gather": check_window_gather,
+    "im2col": check_im2col,
     "window_scatter_add": check_window_scatter_add,
 }
 

@@ -21,6 +21,9 @@ The reference paths use only the array API standard (strided basic slicing, ``st
 assignment) and loop over the ``K`` kernel offsets, never over the batch or output positions.
 Backends may supply faster kernels by name (``backend.kernel(...)``):
 
+- ``"im2col"``: ``(x, kernel, stride, dilation, out_shape) -> cols [B, *O, K, C]``, the
+  contiguous gather itself, used instead of ``window_gather`` when present (numpy: one copy
+  of a strided window view);
 - ``"window_gather"``: ``(x, window, stride) -> view [*lead, *O, *window]`` over the trailing
   axes of ``x`` (numpy/CuPy ``sliding_window_view``, no copy);
 - ``"window_scatter_add"``: ``(out, cols, kernel, stride, dilation) -> out`` adding
@@ -107,6 +110,9 @@ def gather_windows(backend, x: Array, kernel: tuple[int, ...], stride: tuple[int
         out_shape = tuple(window_count(s, k, st, d)
                           for s, k, st, d in zip(spatial, kernel, stride, dilation))
     xp = backend.xp
+    im2col = backend.kernel("im2col")
+    if im2col is not None:
+        return im2col(x, tuple(kernel), tuple(stride), tuple(dilation), tuple(out_shape))
     fast = backend.kernel("window_gather")
     if fast is None:
         return gather_windows_reference(xp, x, kernel, stride, dilation, out_shape)
