@@ -381,3 +381,86 @@ def test_bad_inputs_and_configs_raise(backend):
         MultiHeadAttention(num_heads=2, head_dim=6, rope_theta=1e4, rope_fraction=0.5)
     with pytest.raises(ConfigError, match="not divisible by num_heads=3"):
         MultiHeadAttention(num_heads=3).build((T, D), backend)
+
+
+SCALINGS = {
+    "linear": {"type": "linear", "factor": 4.0},
+    "llama3": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32},
+    "yarn": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+}
+
+
+def test_rope_scaling_none_is_bit_identical_to_plain_rope(backend):
+    xp = backend.xp
+    cos, sin = rope_tables(backend, xp.float32, 3, 11, 6, 500.0, None)
+    i = xp.arange(0, 6, 2, dtype=xp.float32, device=backend.device)
+    ang = xp.arange(3, 14, dtype=xp.float32, device=backend.device)[:, None] * xp.exp(
+        i * (-math.log(500.0) / 6))[None, :]
+    assert_close(cos, backend.to_host(xp.cos(ang)), backend, rtol=0, atol=0)
+    assert_close(sin, backend.to_host(xp.sin(ang)), backend, rtol=0, atol=0)
+    x = backend.from_host(np.random.default_rng(9).standard_normal((B, T, D)).astype(np.float32))
+    plain = _build(dict(num_heads=2, rope_theta=1e4, causal=True), backend)
+    explicit = _build(dict(num_heads=2, rope_theta=1e4, causal=True, rope_scaling=None), backend)
+    assert explicit.get_config() == plain.get_config()
+    assert_close(explicit(x), backend.to_host(plain(x)), backend, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", sorted(SCALINGS))
+def test_rope_scaling_frequencies_match_transformers(backend64, kind):
+    """Tables equal cos/sin of positions x transformers' inverse frequencies (x yarn's factor)."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = {k: v for k, v in SCALINGS[kind].items() if k != "type"}
+    cfg = LlamaConfig(hidden_size=32, num_attention_heads=2, head_dim=16,
+                      max_position_embeddings=128,
+                      rope_parameters={"rope_type": kind, "rope_theta": 1e4, **params})
+    inv, factor = ROPE_INIT_FUNCTIONS[kind](cfg, "cpu")
+    ang = np.arange(40, 60)[:, None] * inv.double().numpy()[None, :]
+    cos, sin = rope_tables(backend64, backend64.xp.float64, 40, 20, 16, 1e4, SCALINGS[kind])
+    assert tuple(cos.shape) == (20, 8)
+    assert_close(cos, factor * np.cos(ang), backend64, rtol=0, atol=2e-5)
+    assert_close(sin, factor * np.sin(ang), backend64, rtol=0, atol=2e-5)
+    plain, _ = rope_tables(backend64, backend64.xp.float64, 40, 20, 16, 1e4)
+    assert np.abs(backend64.to_host(cos) - backend64.to_host(plain)).max() > 0.1
+
+
+@pytest.mark.parametrize("kind", ["llama3", "yarn"])
+def test_rope_scaling_finite_differences_and_kv_cache(numpy64, kind):
+    layer = _build(dict(num_heads=2, rope_theta=100.0, causal=True,
+                        rope_scaling=dict(SCALINGS[kind], original_max_position_embeddings=4)),
+                   numpy64)
+    x = np.random.default_rng(10).standard_normal((2, 6, D))
+    finite_difference_check(layer, x, max_entries=12)
+    full = layer(numpy64.from_host(x))
+    cache = layer.new_cache(2, max_len=8)
+    parts = [layer(numpy64.from_host(x[:, :2]), cache=cache)]
+    parts += [layer(numpy64.from_host(x[:, s:s + 1]), cache=cache) for s in range(2, 6)]
+    decoded = np.concatenate([numpy64.to_host(y) for y in parts], axis=1)
+    assert_close(full, decoded, numpy64, rtol=1e-12, atol=1e-12)
+
+
+def test_rope_scaling_config_round_trip_and_errors():
+    layer = MultiHeadAttention(num_heads=2, rope_theta=5e5, causal=True, name="a",
+                               rope_scaling={"rope_type": "llama3", "factor": 8,
+                                             "low_freq_factor": 1, "high_freq_factor": 4,
+                                             "original_max_position_embeddings": 8192})
+    cfg = layer.get_config()
+    assert cfg["rope_scaling"] == {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 8192}
+    import json
+
+    assert layer_from_config(json.loads(json.dumps(cfg))).get_config() == cfg
+    yarn = MultiHeadAttention(num_heads=2, rope_theta=1e4, rope_scaling=SCALINGS["yarn"])
+    assert yarn.rope_scaling["beta_fast"] == 32.0 and yarn.rope_scaling["truncate"] is True
+    with pytest.raises(ConfigError, match="type must be one of.*'dynamic'"):
+        MultiHeadAttention(num_heads=2, rope_theta=1e4,
+                           rope_scaling={"type": "dynamic", "factor": 2.0})
+    with pytest.raises(ConfigError, match="missing.*low_freq_factor"):
+        MultiHeadAttention(num_heads=2, rope_theta=1e4,
+                           rope_scaling={"type": "llama3", "factor": 8.0})
+    with pytest.raises(ConfigError, match="factor must be positive"):
+        MultiHeadAttention(num_heads=2, rope_theta=1e4, rope_scaling={"type": "linear",
+                                                                      "factor": 0})

@@ -126,7 +126,15 @@ def test_gpt_neox_old_rotary_pct_key():
 def test_unsupported_rope_scaling_is_warned():
     folder, _ = tiny_model("llama")
     cfg = json.loads((folder / "config.json").read_text())
-    cfg["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}
+    cfg["rope_scaling"] = {"rope_type": "dynamic", "factor": 2.0}
+    report = loomx.sniff(folder, config=cfg)
+    assert any("dynamic" in w for w in report.warnings)
+
+
+def test_incomplete_rope_scaling_is_warned():
+    folder, _ = tiny_model("llama")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}  # no low/high_freq_factor
     report = loomx.sniff(folder, config=cfg)
     assert any("llama3" in w for w in report.warnings)
 

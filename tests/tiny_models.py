@@ -24,11 +24,27 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2", "gpt_neox", "bert",
             "phi", "starcoder2")
 
+#: Llama variants with RoPE scaling (``tiny_model("llama_yarn")`` etc.): head_dim 16 so that
+#: llama3's three frequency bands and yarn's ramp are all exercised, and a short original
+#: context (32) so that test sequences run past it
+ROPE_SCALED = {
+    "llama_linear": {"rope_type": "linear", "factor": 4.0},
+    "llama_llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+    "llama_yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                   "beta_fast": 32.0, "beta_slow": 1.0},
+}
+
 
 def _config(family: str):
     import transformers as T
 
     c = dict(COMMON)
+    if family in ROPE_SCALED:
+        c.update(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                 max_position_embeddings=128)
+        return T.LlamaConfig(**c, head_dim=16, rope_parameters={
+            "rope_theta": 10000.0, **ROPE_SCALED[family]})
     if family == "llama":
         return T.LlamaConfig(**c, rope_theta=500000.0)
     if family == "mistral":

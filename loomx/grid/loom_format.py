@@ -522,6 +522,7 @@ def _native_def(layer: Layer, top: bool) -> tuple[dict, str] | None:
         dm, heads = layer.d_model, layer.num_heads
         if not (layer.causal and layer.rope_theta == LOOM_ATTENTION_THETA
                 and layer.rope_style == "half" and layer.rope_fraction == 1.0
+                and layer.rope_scaling is None
                 and not layer.qk_norm and layer.kv_heads == heads
                 and int(layer.params["q_weight"].shape[0]) == dm):
             return None

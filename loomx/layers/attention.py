@@ -28,7 +28,7 @@ from .base import Array, Layer, Shape, register_layer
 from .dense import linear, linear_backward
 from .init import init_weight
 from .norm import rms_input_grad, rms_inverse
-from .rope import ROPE_STYLES, RopeCache, apply_rope, rotary_dims
+from .rope import ROPE_STYLES, RopeCache, apply_rope, check_rope_scaling, rotary_dims
 from .softmax import softmax, softmax_vjp
 
 
@@ -104,6 +104,10 @@ class MultiHeadAttention(Layer):
         rope_theta: RoPE base (e.g. 10000.0); ``None`` disables RoPE.
         rope_style: ``"half"`` (rotate-half, Hugging Face) or ``"interleaved"`` (pairs 2i, 2i+1).
         rope_fraction: rotate only the first ``int(rope_fraction·hd)`` dims of each head.
+        rope_scaling: ``None`` (plain RoPE) or a frequency scaling for long context, e.g.
+            ``{"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}``; types
+            ``"linear"``, ``"llama3"`` and ``"yarn"`` (see :mod:`loomx.layers.rope`).
         qk_norm: per-head RMSNorm of q and k (after projection, before RoPE).
         qk_norm_eps: ε of that RMSNorm.
     """
@@ -112,14 +116,14 @@ class MultiHeadAttention(Layer):
     aliases = ("attention", "multi_head_attention")
     config_fields = ("num_heads", "head_dim", "num_kv_heads", "d_model", "q_bias", "k_bias",
                      "v_bias", "o_bias", "causal", "rope_theta", "rope_style", "rope_fraction",
-                     "qk_norm", "qk_norm_eps")
+                     "rope_scaling", "qk_norm", "qk_norm_eps")
 
     def __init__(self, num_heads: int, head_dim: int | None = None,
                  num_kv_heads: int | None = None, d_model: int | None = None,
                  q_bias: bool = False, k_bias: bool = False, v_bias: bool = False,
                  o_bias: bool = False, causal: bool = False, rope_theta: float | None = None,
                  rope_style: str = "half", rope_fraction: float = 1.0, qk_norm: bool = False,
-                 qk_norm_eps: float = 1e-6, **kw):
+                 qk_norm_eps: float = 1e-6, rope_scaling: dict | None = None, **kw):
         super().__init__(**kw)
         self.num_heads = int(num_heads)
         self.head_dim = None if head_dim is None else int(head_dim)
@@ -131,6 +135,7 @@ class MultiHeadAttention(Layer):
         self.rope_theta = None if rope_theta is None else float(rope_theta)
         self.rope_style = rope_style
         self.rope_fraction = float(rope_fraction)
+        self.rope_scaling = check_rope_scaling(rope_scaling, f"{type(self).__name__} rope_scaling")
         self.qk_norm = bool(qk_norm)
         self.qk_norm_eps = float(qk_norm_eps)
         self._rope = RopeCache()
@@ -293,7 +298,7 @@ class MultiHeadAttention(Layer):
         rot = self.rotary
         if rot:
             cos, sin = self._rope.tables(self.backend, self.float_dtype, offset, t, rot,
-                                         self.rope_theta)
+                                         self.rope_theta, self.rope_scaling)
             q = apply_rope(xp, q, cos, sin, rot, self.rope_style)
             k = apply_rope(xp, k, cos, sin, rot, self.rope_style)
         if cache is not None:

@@ -326,7 +326,8 @@ def _attention(ld: _Loader, blk: dict, bias_roles: set) -> MultiHeadAttention:
         d_model=d, q_bias=r["q_bias"], k_bias=r["k_bias"], v_bias=r["v_bias"],
         o_bias=r["o_bias"], causal=r["kind"] == "decoder",
         rope_theta=float(r["rope_theta"]) if rope else None, rope_style="half",
-        rope_fraction=float(r["rope_fraction"]) if rope else 1.0, qk_norm=r["qk_norm"],
+        rope_fraction=float(r["rope_fraction"]) if rope else 1.0,
+        rope_scaling=r.get("rope_scaling") if rope else None, qk_norm=r["qk_norm"],
         qk_norm_eps=float(r.get("qk_norm_eps", 1e-6)))
     _built(attn, (1, d), ld.be)
     for p, w in ld.qkv(blk, "weight").items():

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import FormatError
+from ..errors import ConfigError, FormatError
+from ..layers.rope import ROPE_SCALINGS, check_rope_scaling
 
 #: block-local name (without ``.weight``/``.bias``) → role
 BLOCK_ROLES: dict[str, str] = {
@@ -144,7 +145,9 @@ class SniffReport:
         mlp = f"{'gated' if a['gated_mlp'] else 'plain'} {a['activation']} MLP"
         pos = a["positions"]
         if pos == "rope":
-            pos = f"rope(theta={a['rope_theta']:g}, fraction={a['rope_fraction']:g})"
+            scaling = a.get("rope_scaling")
+            extra = f", {scaling['type']} x{scaling['factor']:g}" if scaling else ""
+            pos = f"rope(theta={a['rope_theta']:g}, fraction={a['rope_fraction']:g}{extra})"
         return (f"{a['kind']} ({a.get('model_type') or 'unknown family'}): {a['num_layers']} "
                 f"blocks, d={a['hidden_size']}, vocab={a['vocab_size']}, {attn}, {mlp} "
                 f"(I={a['intermediate_size']}), {a['norm']} norm, {a['residual']} residual, "
@@ -560,13 +563,41 @@ class _Sniffer:
             self.set("rope_fraction", float(rope["partial_rotary_factor"]), self.cs)
         else:
             self.set("rope_fraction", 1.0, "default")
-        kind = rope.get("rope_type") or "default"
-        if kind != "default":
-            r.warnings.append(f"rope type {kind!r} (scaling) is not implemented: positions past "
-                              "the original context will differ from the reference")
+        self._rope_scaling(rope, maxpos)
         if _cfg(self.cfg, "sliding_window") and _cfg(self.cfg, "use_sliding_window") is not False:
             r.warnings.append(f"sliding-window attention ({self.cfg['sliding_window']}) is not "
                               "applied: sequences longer than the window differ")
+
+    def _rope_scaling(self, rope: dict, maxpos: Any) -> None:
+        kind = rope.get("rope_type") or "default"
+        if kind == "default":
+            self.set("rope_scaling", None, "default", "plain RoPE")
+            return
+        old = self.cfg.get("rope_scaling")
+        key = "rope_scaling" if isinstance(old, dict) and old.get(
+            "rope_type", old.get("type")) not in (None, "default") else "rope_parameters"
+        if kind not in ROPE_SCALINGS:
+            self.set("rope_scaling", None, "default", f"{key} type {kind!r} not supported")
+            self.r.warnings.append(
+                f"rope type {kind!r} ({key}) is not implemented (supported: "
+                f"{', '.join(ROPE_SCALINGS)}): positions past the original context will differ "
+                "from the reference")
+            return
+        params = dict(rope, type=kind)
+        if kind in ("llama3", "yarn"):  # where transformers looks for the pretraining context
+            top = self.cfg.get("original_max_position_embeddings")
+            orig = top if top is not None else (
+                params.get("original_max_position_embeddings") or maxpos)
+            params["original_max_position_embeddings"] = orig
+            if kind == "yarn" and params.get("factor") is None and maxpos and orig:
+                params["factor"] = int(maxpos) / int(orig)
+        try:
+            scaling = check_rope_scaling(params, f"config {key}")
+        except ConfigError as e:
+            self.set("rope_scaling", None, "default", f"{key} unreadable")
+            self.r.warnings.append(f"{e}: rope scaling is not applied")
+            return
+        self.set("rope_scaling", scaling, self.cs, f"from {key}")
 
     # -- residual wiring and encoder/decoder
     def _residual(self, b: dict) -> None:
