@@ -49,6 +49,8 @@ EXAMPLES: dict[str, tuple[list, tuple, bool]] = {
     "mha": ([{"type": "mha", "num_heads": 2, "causal": True, "rope_theta": 10000.0,
               "q_bias": True}], (5, 8), False),
     "mlp": ([{"type": "mlp", "hidden_features": 8}], (6,), False),
+    "moe": ([{"type": "moe", "num_experts": 3, "top_k": 2, "hidden_features": 4,
+              "shared_hidden_features": 5}], (5, 6), False),
     "network": ([{"type": "network", "grid_rows": 1, "grid_cols": 2, "layers_per_cell": 1,
                   "layers": [DENSE, {"type": "residual", "source": 0}]}], (6,), False),
     "parallel": ([{"type": "parallel", "combine_mode": "grid_scatter",

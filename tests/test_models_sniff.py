@@ -168,8 +168,9 @@ def test_moe_experts_are_reported(tmp_path):
     assert report["num_experts"] == 3 and report.source_of("num_experts") == "shapes"
     assert report["intermediate_size"] == 48 and report["experts_per_token"] == 2
     assert report.unrecognised == []
-    with pytest.raises(loomx.ConfigError, match="mixture-of-experts"):
-        loomx.load_model(report)
+    moe = loomx.load_model(report, backend="numpy").blocks[0].mlp
+    assert moe.type_name == "moe" and (moe.num_experts, moe.top_k) == (3, 2)
+    assert tuple(moe.params["gate_weight"].shape) == (3, 48, 32)
 
 
 def test_not_a_transformer(tmp_path):

@@ -24,6 +24,9 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2", "gpt_neox", "bert",
             "phi", "starcoder2")
 
+#: mixture-of-experts decoders (4 experts, top-2; Qwen2-MoE with a gated shared expert)
+MOE_FAMILIES = ("mixtral", "qwen2_moe")
+
 #: Llama variants with RoPE scaling (``tiny_model("llama_yarn")`` etc.): head_dim 16 so that
 #: llama3's three frequency bands and yarn's ramp are all exercised, and a short original
 #: context (32) so that test sequences run past it
@@ -69,6 +72,13 @@ def _config(family: str):
     if family == "phi":
         c.pop("num_key_value_heads")
         return T.PhiConfig(**c, partial_rotary_factor=0.5)
+    if family == "mixtral":
+        return T.MixtralConfig(**c, num_local_experts=4, num_experts_per_tok=2,
+                               sliding_window=None)
+    if family == "qwen2_moe":
+        return T.Qwen2MoeConfig(**c, num_experts=4, num_experts_per_tok=2,
+                                moe_intermediate_size=48, shared_expert_intermediate_size=40,
+                                norm_topk_prob=False)
     if family == "starcoder2":
         return T.Starcoder2Config(**c, sliding_window=None)
     raise KeyError(family)

@@ -2,7 +2,7 @@
 
 There is no model class per family. One :class:`TransformerModel` is assembled from generic
 loomx layers (``Embedding``, ``MultiHeadAttention``, ``RMSNorm``/``LayerNorm``, ``SwiGLU``/
-``MLPBlock``/``Dense``) and driven by the sniffed hyperparameters:
+``MLPBlock``/``MoE``/``Dense``) and driven by the sniffed hyperparameters:
 
 - embedding: ``x = E[ids]·embed_scale (+ P[positions]) (+ T[token_types])``, then an optional
   embedding LayerNorm;
@@ -30,6 +30,7 @@ from ..layers.base import Layer
 from ..layers.dense import Dense
 from ..layers.embedding import Embedding, validate_ids
 from ..layers.ffn import MLPBlock, SwiGLU
+from ..layers.moe import MoE
 from ..layers.norm import LayerNorm, RMSNorm
 from .sniff import SniffReport, sniff
 
@@ -344,13 +345,36 @@ def _attention(ld: _Loader, blk: dict, bias_roles: set) -> MultiHeadAttention:
     return attn
 
 
-def _mlp(ld: _Loader, blk: dict, bias: bool) -> Layer:
+def _moe(ld: _Loader, blk: dict, experts: dict[int, dict[str, str]]) -> MoE:
+    """A :class:`MoE` block from ``experts.{i}.(gate|up|down)``, the router and the optional
+    shared expert; the per-expert matrices are stacked to ``[E, ...]`` on the device."""
+    r, xp = ld.r, ld.xp
+    d, m, e = int(r["hidden_size"]), int(r["intermediate_size"]), int(r["num_experts"])
+    if sorted(experts) != list(range(e)) or not r["gated_mlp"]:
+        raise ConfigError(f"{r.path}: a mixture-of-experts block needs gated experts "
+                          f"0..{e - 1} (as in block 0); found experts {sorted(experts)} with "
+                          f"roles {sorted(experts[min(experts)]) if experts else []}")
+    shared = int(r.get("shared_expert_size") or 0)
+    layer = _built(MoE(e, int(r["experts_per_token"]), m, activation=str(r["activation"]),
+                       normalize_topk=bool(r["normalize_topk"]),
+                       shared_hidden_features=shared or None), (d,), ld.be)
+    for role in ("gate", "up", "down"):
+        layer.params[f"{role}_weight"] = xp.stack(
+            [ld.linear(experts[i][role]) for i in range(e)], axis=0)
+    layer.params["router_weight"] = ld.linear(blk["router"])
+    if shared:
+        for role in ("gate", "up", "down"):
+            layer.params[f"shared_expert_{role}_weight"] = ld.linear(blk[f"shared_{role}"])
+        layer.params["shared_gate_weight"] = ld.linear(blk["shared_router"])
+    return layer
+
+
+def _mlp(ld: _Loader, blk: dict, bias: bool, experts: dict[int, dict[str, str]]) -> Layer:
     r = ld.r
     d, m = int(r["hidden_size"]), int(r["intermediate_size"])
     act = str(r["activation"])
     if r.get("num_experts"):
-        raise ConfigError(f"{r.path}: mixture-of-experts blocks ({r['num_experts']} experts) "
-                          "are sniffed and reported but not built; no MoE layer exists yet")
+        return _moe(ld, blk, experts)
     if not r["gated_mlp"]:
         layer = _built(MLPBlock(m, activation=act, bias=bias), (d,), ld.be)
         layer.params["up_weight"] = ld.linear(blk["up"])
@@ -411,7 +435,8 @@ def build_model(report: SniffReport, backend: Backend | str | None = None,
             n1, n2 = _norm_from(ld, blk["attn_norm"]), _norm_from(ld, blk.get("mlp_norm"))
             post1 = post2 = None
         model.blocks.append(Block(n1, _attention(ld, blk, biases), n2,
-                                  _mlp(ld, blk, bool(r["mlp_bias"])), post1, post2))
+                                  _mlp(ld, blk, bool(r["mlp_bias"]), r.experts[i]),
+                                  post1, post2))
     model.final_norm = _norm_from(ld, g.get("final_norm"))
     if r["kind"] == "decoder":
         head = _built(Dense(r["vocab_size"], bias=bool(r["head_bias"])), (d,), be)

@@ -58,6 +58,8 @@ BLOCK_ROLES: dict[str, str] = {
     "mlp.fc2": "down", "output.dense": "down", "feed_forward.w2": "down",
     "mlp.gate_up_proj": "gate_up",
     "mlp.gate": "router", "block_sparse_moe.gate": "router", "mlp.router": "router",
+    "mlp.shared_expert.gate_proj": "shared_gate", "mlp.shared_expert.up_proj": "shared_up",
+    "mlp.shared_expert.down_proj": "shared_down", "mlp.shared_expert_gate": "shared_router",
 }
 #: global name suffix (without ``.weight``/``.bias``) → role
 GLOBAL_ROLES: dict[str, str] = {
@@ -494,6 +496,13 @@ class _Sniffer:
             self.set("intermediate_size", inter, "shapes", "per expert")
             self.set("gated_mlp", "gate" in e0, "shapes")
             self.set("mlp_bias", False, "shapes")
+            self.set("shared_expert_size", self.shape(b["shared_up"])[0]
+                     if "shared_up" in b else 0, "shapes", "gated shared expert (Qwen2-MoE)"
+                     if "shared_up" in b else "no shared expert")
+            if str(self.r["model_type"]).startswith("qwen2_moe"):
+                self.from_cfg("normalize_topk", ("norm_topk_prob",), False)
+            else:
+                self.set("normalize_topk", True, "default", "renormalise the top-k (Mixtral)")
         elif "gate_up" in b:
             self.set("intermediate_size", self.shape(b["gate_up"])[0] // 2, "shapes")
             self.set("gated_mlp", True, "shapes")
