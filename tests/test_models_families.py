@@ -18,30 +18,27 @@ from tests.conftest import assert_close
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from tests.tiny_models import FAMILIES, VOCAB, tiny_model  # noqa: E402
+from tests.tiny_models import (  # noqa: E402
+    FAMILIES,
+    VOCAB,
+    LoadedModels,
+    cached_logits,
+    reference_greedy,
+    reference_logits,
+    tiny_model,
+)
 
 DECODERS = [f for f in FAMILIES if f != "bert"]
 IDS = np.random.default_rng(0).integers(3, VOCAB, size=(2, 9))
 
 
 def _reference(family: str, variant: str = "f32", ids=IDS) -> np.ndarray:
-    _, model = tiny_model(family, variant)
-    with torch.no_grad():
-        out = model(torch.tensor(ids))
-    return (out.last_hidden_state if family == "bert" else out.logits).numpy()
+    return reference_logits(family, ids, variant)
 
 
 @pytest.fixture(scope="module")
 def loaded():
-    cache = {}
-
-    def get(family: str, variant: str = "f32", backend: str = "numpy"):
-        key = (family, variant, backend)
-        if key not in cache:
-            cache[key] = loomx.load_model(tiny_model(family, variant)[0], backend=backend)
-        return cache[key]
-
-    return get
+    return LoadedModels()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -57,23 +54,14 @@ def test_logits_match_transformers(family, loaded):
 @pytest.mark.parametrize("family", DECODERS)
 def test_kv_cache_gives_the_same_logits(family, loaded):
     model = loaded(family)
-    cache = model.new_cache(2, 16)
-    parts = [model.backend.to_host(model(model.ids(IDS[:, :4]), cache))]
-    for t in range(4, IDS.shape[1]):
-        parts.append(model.backend.to_host(model(model.ids(IDS[:, t:t + 1]), cache)))
-    assert cache[0].length == IDS.shape[1]
-    np.testing.assert_allclose(np.concatenate(parts, axis=1), _reference(family), atol=1e-4,
+    np.testing.assert_allclose(cached_logits(model, IDS, 4, 16), _reference(family), atol=1e-4,
                                rtol=0)
 
 
 @pytest.mark.parametrize("family", DECODERS)
 def test_greedy_generation_matches_transformers(family, loaded):
-    _, ref_model = tiny_model(family)
     prompt = [5, 17, 42, 99]
-    with torch.no_grad():
-        out = ref_model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0)
-    want = out[0, len(prompt):].tolist()
+    want = reference_greedy(family, prompt, 12)
     model = loaded(family)
     assert list(stream(model, prompt, 12, stop=[])) == want
     assert list(stream(model, prompt, 12, stop=[], use_cache=False)) == want

@@ -12,27 +12,26 @@ from tests.conftest import assert_close
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from tests.tiny_models import MOE_FAMILIES, VOCAB, tiny_model  # noqa: E402
+from tests.tiny_models import (  # noqa: E402
+    MOE_FAMILIES,
+    VOCAB,
+    LoadedModels,
+    cached_logits,
+    reference_greedy,
+    reference_logits,
+    tiny_model,
+)
 
 IDS = np.random.default_rng(0).integers(3, VOCAB, size=(2, 9))
 
 
 def _reference(family: str) -> np.ndarray:
-    _, model = tiny_model(family)
-    with torch.no_grad():
-        return model(torch.tensor(IDS)).logits.numpy()
+    return reference_logits(family, IDS)
 
 
 @pytest.fixture(scope="module")
 def loaded():
-    cache = {}
-
-    def get(family: str):
-        if family not in cache:
-            cache[family] = loomx.load_model(tiny_model(family)[0], backend="numpy")
-        return cache[family]
-
-    return get
+    return LoadedModels()
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
@@ -60,22 +59,14 @@ def test_logits_match_transformers(family, loaded):
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_kv_cache_gives_the_same_logits(family, loaded):
     model = loaded(family)
-    cache = model.new_cache(2, 16)
-    parts = [model.backend.to_host(model(model.ids(IDS[:, :4]), cache))]
-    for t in range(4, IDS.shape[1]):
-        parts.append(model.backend.to_host(model(model.ids(IDS[:, t:t + 1]), cache)))
-    np.testing.assert_allclose(np.concatenate(parts, axis=1), _reference(family), atol=1e-4,
+    np.testing.assert_allclose(cached_logits(model, IDS, 4, 16), _reference(family), atol=1e-4,
                                rtol=0)
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_greedy_generation_matches_transformers(family, loaded):
-    _, ref_model = tiny_model(family)
     prompt = [5, 17, 42, 99]
-    with torch.no_grad():
-        out = ref_model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0)
-    want = out[0, len(prompt):].tolist()
+    want = reference_greedy(family, prompt, 12)
     model = loaded(family)
     assert list(stream(model, prompt, 12, stop=[])) == want
     assert list(stream(model, prompt, 12, stop=[], use_cache=False)) == want

@@ -16,28 +16,26 @@ import loomx
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from tests.tiny_models import ROPE_SCALED, VOCAB, tiny_model  # noqa: E402
+from tests.tiny_models import (  # noqa: E402
+    ROPE_SCALED,
+    VOCAB,
+    LoadedModels,
+    cached_logits,
+    reference_logits,
+    tiny_model,
+)
 
 IDS = np.random.default_rng(1).integers(3, VOCAB, size=(2, 40))
 FAMILIES = sorted(ROPE_SCALED)
 
 
 def _reference(family: str) -> np.ndarray:
-    _, model = tiny_model(family)
-    with torch.no_grad():
-        return model(torch.tensor(IDS)).logits.numpy()
+    return reference_logits(family, IDS)
 
 
 @pytest.fixture(scope="module")
 def loaded():
-    cache = {}
-
-    def get(family: str):
-        if family not in cache:
-            cache[family] = loomx.load_model(tiny_model(family)[0])
-        return cache[family]
-
-    return get
+    return LoadedModels()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -53,13 +51,8 @@ def test_logits_match_transformers_past_the_original_context(family, loaded):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_kv_cache_gives_the_same_logits(family, loaded):
     model = loaded(family)
-    cache = model.new_cache(2, 48)
-    parts = [model.backend.to_host(model(model.ids(IDS[:, :30]), cache))]
-    for t in range(30, IDS.shape[1]):
-        parts.append(model.backend.to_host(model(model.ids(IDS[:, t:t + 1]), cache)))
-    assert cache[0].length == IDS.shape[1]
-    np.testing.assert_allclose(np.concatenate(parts, axis=1), _reference(family), atol=1e-4,
-                               rtol=0)
+    np.testing.assert_allclose(cached_logits(model, IDS, 30, 48), _reference(family),
+                               atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -13,6 +13,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 VOCAB = 160
@@ -114,3 +116,50 @@ def tiny_model(family: str, variant: str = "f32"):
         kind.from_pretrained(base, dtype=dtype).save_pretrained(folder)
         model = kind.from_pretrained(folder, dtype=torch.float32).eval()
     return folder, model
+
+
+def reference_logits(family: str, ids: np.ndarray, variant: str = "f32") -> np.ndarray:
+    """transformers' output for ``ids`` ``[B, T]``: logits, or hidden states for encoders."""
+    import torch
+
+    _, model = tiny_model(family, variant)
+    with torch.no_grad():
+        out = model(torch.tensor(ids))
+    return (out.last_hidden_state if family == "bert" else out.logits).numpy()
+
+
+def reference_greedy(family: str, prompt: list[int], new_tokens: int) -> list[int]:
+    """transformers' greedy continuation of ``prompt`` (no stop token)."""
+    import torch
+
+    _, model = tiny_model(family)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def cached_logits(model, ids: np.ndarray, prefix: int, max_len: int) -> np.ndarray:
+    """loomx logits for ``ids`` computed with a KV cache: the first ``prefix`` tokens at once,
+    then one token at a time."""
+    cache = model.new_cache(ids.shape[0], max_len)
+    parts = [model.backend.to_host(model(model.ids(ids[:, :prefix]), cache))]
+    for t in range(prefix, ids.shape[1]):
+        parts.append(model.backend.to_host(model(model.ids(ids[:, t:t + 1]), cache)))
+    assert cache[0].length == ids.shape[1]
+    return np.concatenate(parts, axis=1)
+
+
+class LoadedModels:
+    """loomx models loaded once per (family, variant, backend)."""
+
+    def __init__(self):
+        self._cache: dict = {}
+
+    def __call__(self, family: str, variant: str = "f32", backend: str = "numpy"):
+        import loomx
+
+        key = (family, variant, backend)
+        if key not in self._cache:
+            self._cache[key] = loomx.load_model(tiny_model(family, variant)[0], backend=backend)
+        return self._cache[key]
