@@ -20,6 +20,7 @@ pytest.importorskip("transformers")
 
 from tests.tiny_models import (  # noqa: E402
     FAMILIES,
+    MOE_FAMILIES,
     VOCAB,
     LoadedModels,
     cached_logits,
@@ -28,7 +29,7 @@ from tests.tiny_models import (  # noqa: E402
     tiny_model,
 )
 
-DECODERS = [f for f in FAMILIES if f != "bert"]
+DECODERS = [f for f in FAMILIES if f != "bert"] + list(MOE_FAMILIES)
 IDS = np.random.default_rng(0).integers(3, VOCAB, size=(2, 9))
 
 
@@ -41,7 +42,7 @@ def loaded():
     return LoadedModels()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, *MOE_FAMILIES])
 def test_logits_match_transformers(family, loaded):
     model = loaded(family)
     y = model.backend.to_host(model(model.ids(IDS)))

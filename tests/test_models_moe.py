@@ -1,4 +1,7 @@
-"""Mixture-of-experts decoders (Mixtral, Qwen2-MoE) against transformers on the same file."""
+"""Mixture-of-experts decoders (Mixtral, Qwen2-MoE): what is built from the file, and backends.
+
+Logits, KV-cache decoding and greedy generation against transformers are checked for these
+families with every other family in ``tests/test_models_families.py``."""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ import numpy as np
 import pytest
 
 import loomx
-from loomx.models import stream
 from tests.conftest import assert_close
 
 torch = pytest.importorskip("torch")
@@ -16,8 +18,6 @@ from tests.tiny_models import (  # noqa: E402
     MOE_FAMILIES,
     VOCAB,
     LoadedModels,
-    cached_logits,
-    reference_greedy,
     reference_logits,
     tiny_model,
 )
@@ -45,31 +45,6 @@ def test_moe_blocks_are_built_from_the_file(family, loaded):
     m = 48 if shared else 64
     assert tuple(moe.params["gate_weight"].shape) == (4, m, 32)
     assert model.report.unrecognised == []
-
-
-@pytest.mark.parametrize("family", MOE_FAMILIES)
-def test_logits_match_transformers(family, loaded):
-    model = loaded(family)
-    y = model.backend.to_host(model(model.ids(IDS)))
-    ref = _reference(family)
-    np.testing.assert_allclose(y, ref, atol=1e-4, rtol=0)
-    assert np.abs(ref).max() > 1.0
-
-
-@pytest.mark.parametrize("family", MOE_FAMILIES)
-def test_kv_cache_gives_the_same_logits(family, loaded):
-    model = loaded(family)
-    np.testing.assert_allclose(cached_logits(model, IDS, 4, 16), _reference(family), atol=1e-4,
-                               rtol=0)
-
-
-@pytest.mark.parametrize("family", MOE_FAMILIES)
-def test_greedy_generation_matches_transformers(family, loaded):
-    prompt = [5, 17, 42, 99]
-    want = reference_greedy(family, prompt, 12)
-    model = loaded(family)
-    assert list(stream(model, prompt, 12, stop=[])) == want
-    assert list(stream(model, prompt, 12, stop=[], use_cache=False)) == want
 
 
 def test_every_backend_gives_the_same_logits(backend):

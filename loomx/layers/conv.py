@@ -160,6 +160,14 @@ class _ConvBase(Layer):
                                    self.params["bias"] if self.bias else None)
         return to_channels_first(self.xp, zcl), to_channels_first(self.xp, ycl)
 
+    def _create_params(self, rng: RandomSource, scheme: str, weight_shape: Shape, fan_in: int,
+                       fan_out: int) -> None:
+        """``weight`` of ``weight_shape`` drawn with ``scheme``, and a zero ``bias [F]``."""
+        dt = self.float_dtype
+        self.params["weight"] = init_weight(rng, scheme, weight_shape, fan_in, fan_out, dt)
+        if self.bias:
+            self.params["bias"] = self.backend.zeros((self.out_channels,), dtype=dt)
+
     def _bias_grad(self, dzcl: Array) -> None:
         """Accumulate the bias gradient from a channels-last ``dz [B, *O, F]``."""
         if self.bias:
@@ -217,14 +225,9 @@ class ConvND(_ConvBase):
                              f"dilated kernel {list(self._k)} (dilation {list(self._d)}) after "
                              f"padding {list(self._pads)}; use a larger input or more padding")
         self._out_spatial = out
-        k = math.prod(self._k)
-        fan_in = (c // self.groups) * k
-        dt = self.float_dtype
-        self.params["weight"] = init_weight(
-            rng, self.init, (self.out_channels, c // self.groups, *self._k), fan_in,
-            self.out_channels * k, dt)
-        if self.bias:
-            self.params["bias"] = self.backend.zeros((self.out_channels,), dtype=dt)
+        k, g = math.prod(self._k), self.groups
+        self._create_params(rng, self.init, (self.out_channels, c // g, *self._k),
+                            (c // g) * k, self.out_channels * k)
         return (self.out_channels, *out)
 
     def forward(self, x: Array, train: bool = False):
@@ -322,13 +325,9 @@ class ConvTransposeND(_ConvBase):
             raise ShapeError(f"{self.describe()}: input {list(input_shape)} gives an empty "
                              f"output {list(out)} with padding {list(self._p)}; reduce padding")
         self._out_spatial = out
-        k = math.prod(self._k)
-        g = self.groups
-        dt = self.float_dtype
-        self.params["weight"] = rng.normal((c, self.out_channels // g, *self._k),
-                                           std=math.sqrt(2.0 / ((c // g) * k)), dtype=dt)
-        if self.bias:
-            self.params["bias"] = self.backend.zeros((self.out_channels,), dtype=dt)
+        k, g = math.prod(self._k), self.groups
+        self._create_params(rng, "he", (c, self.out_channels // g, *self._k), (c // g) * k,
+                            self.out_channels * k)
         return (self.out_channels, *out)
 
     def forward(self, x: Array, train: bool = False):
