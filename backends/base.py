@@ -68,6 +68,14 @@ class RandomSource:
         child._gen = self._gen.spawn(1)[0]
         return child
 
+    def jumped(self, jumps: int = 1) -> RandomSource:
+        """A copy of this stream advanced by ``jumps`` × 2¹²⁷ draws (PCG64 ``jumped``):
+        non-overlapping with this one, reproducible from its current state, and leaving this
+        one unchanged."""
+        child = RandomSource(self.backend, self.seed)
+        child._gen = np.random.Generator(self._gen.bit_generator.jumped(int(jumps)))
+        return child
+
     def get_state(self) -> dict:
         """The generator state (a JSON-serialisable dict) for checkpoints."""
         return self._gen.bit_generator.state

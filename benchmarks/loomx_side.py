@@ -15,6 +15,12 @@ from .timing import Op
 
 LR = 0.01
 
+#: Set by the worker while it builds a ``numpy+workers`` contender: the number of CPU threads
+#: a training step splits its batch over (``loomx.train.parallel.BatchParallel``); ``None``
+#: otherwise. ``WORKERS_USED`` records whether the op built actually used them.
+WORKERS: int | None = None
+WORKERS_USED = False
+
 
 def _sync(backend):
     return backend.sync if backend.library != "numpy" else None
@@ -91,12 +97,15 @@ def train_step_op(backend, model, x, target, loss: str) -> Op:
     The backward skips the input gradient (``need_input_grad=False``) where loomx offers it:
     nothing reads it, and PyTorch does not compute it for a leaf input either.
     """
+    global WORKERS_USED
     loss_fn, _ = loss_function(backend, loss)
     opt = SGDStep(model)
     try:
         call_backward = loomx_attr("loomx.layers.base", "call_backward")
     except Missing:
         call_backward = None
+    if WORKERS is not None:
+        return _parallel_step_op(backend, model, x, target, loss_fn, opt)
 
     def run() -> Any:
         model.zero_grad()
@@ -108,6 +117,24 @@ def train_step_op(backend, model, x, target, loss: str) -> Op:
             call_backward(model, dy, ctx, need_input_grad=False)
         opt.step()
         return value
+
+    return Op(run=run, sync=_sync(backend))
+
+
+def _parallel_step_op(backend, model, x, target, loss_fn, opt) -> Op:
+    """The training step with the batch split over ``WORKERS`` CPU threads."""
+    global WORKERS_USED
+    layer_cls = loomx_attr("loomx.layers.base", "Layer")
+    if not isinstance(model, layer_cls):
+        raise Missing("BatchParallel for a model that is not a loomx Layer")
+    parallel = loomx_attr("loomx.train.parallel", "BatchParallel")(model, WORKERS)
+    WORKERS_USED = True
+
+    def run() -> Any:
+        model.zero_grad()
+        results = parallel.forward_backward(x, target, loss_fn)
+        opt.step()
+        return results[0][0]
 
     return Op(run=run, sync=_sync(backend))
 

@@ -29,8 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cases", default=None,
                         help="comma-separated case keys or letters a–f (overrides --suite), "
                              "e.g. 'a,c' or 'a_mlp,layer_dense'")
-    parser.add_argument("--backend", default="numpy,torch",
-                        help="comma-separated loomx backends to time (default numpy,torch); "
+    parser.add_argument("--backend", default="numpy,numpy+workers,torch",
+                        help="comma-separated loomx backends to time (default "
+                             "numpy,numpy+workers,torch); 'numpy+workers' splits each training "
+                             "step's batch over as many CPU threads as the thread count; "
                              "'cupy' compares against PyTorch CUDA")
     parser.add_argument("--threads", default="1,2",
                         help="comma-separated CPU thread counts, one process each (default 1,2)")

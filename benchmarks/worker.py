@@ -46,12 +46,37 @@ def _reference_device(specs: list[str]):
     return torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
 
 
-def _build(case: Case, specs: list[str], device, with_plain: bool) -> tuple[dict, dict]:
+def _loomx_builder(case: Case, spec: str, threads: int):
+    """``() → Op`` of a loomx contender. ``"numpy+workers"`` is the numpy backend with each
+    training step's batch split over ``threads`` CPU threads (``BatchParallel``)."""
     from loomx.backends import get_backend
 
+    from . import loomx_side
+
+    base, _, option = spec.partition("+")
+    if not option:
+        return lambda: case.loomx(get_backend(base))
+    if option != "workers":
+        raise ValueError(f"unknown contender option {option!r} in {spec!r}")
+
+    def build() -> Op:
+        loomx_side.WORKERS, loomx_side.WORKERS_USED = threads, False
+        try:
+            op = case.loomx(get_backend(base))
+            if not loomx_side.WORKERS_USED:
+                raise Missing("workers split training steps only")
+            return op
+        finally:
+            loomx_side.WORKERS = None
+
+    return build
+
+
+def _build(case: Case, specs: list[str], device, with_plain: bool,
+           threads: int = 1) -> tuple[dict, dict]:
     ops: dict[str, Op] = {}
     missing: dict[str, str] = {}
-    builders = [(contender_name(s), lambda s=s: case.loomx(get_backend(s))) for s in specs]
+    builders = [(contender_name(s), _loomx_builder(case, s, threads)) for s in specs]
     builders.append((TORCH, lambda: case.torch(device)))
     if with_plain and case.plain is not None:
         builders.append((PLAIN, case.plain))
@@ -127,7 +152,8 @@ def run_cases(cases: list[Case], specs: list[str], threads: int, quick: bool,
         foreign.wait_quiet(wait_quiet_s)
         t0 = time.perf_counter()
         foreign.start()
-        ops, missing = _build(case, specs, device, with_plain=not device.type == "cuda")
+        ops, missing = _build(case, specs, device, with_plain=not device.type == "cuda",
+                              threads=threads)
         timings = time_alternating(ops, warmup=warmup, rounds=rounds, block=block,
                                    budget_s=budget) if ops else {}
         records.append({

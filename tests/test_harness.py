@@ -77,3 +77,13 @@ def test_erf_matches_math(backend64):
     xs = np.linspace(-4, 4, 41)
     got = backend64.erf(backend64.from_host(xs))
     assert_close(got, np.array([math.erf(v) for v in xs]), backend64, rtol=2e-7, atol=2e-7)
+
+
+def test_jumped_streams_are_independent_and_leave_the_source_alone(backend):
+    src = backend.random(11)
+    state = src.get_state()
+    a = backend.to_host(src.jumped(1).normal((64,)))
+    b = backend.to_host(src.jumped(2).normal((64,)))
+    assert src.get_state() == state  # jumping does not advance the source
+    assert not np.allclose(a, b)
+    np.testing.assert_array_equal(a, backend.to_host(src.jumped(1).normal((64,))))

@@ -10,9 +10,18 @@ from .init import init_weight
 
 
 def linear(xp, x: Array, weight: Array, bias: Array | None = None) -> Array:
-    """``x [..., in] @ weight[out, in]ᵀ (+ bias [out])`` → ``[..., out]``."""
+    """``x [..., in] @ weight[out, in]ᵀ (+ bias [out])`` → ``[..., out]``.
+
+    The bias is added in place into the fresh product: a second array of the output's size
+    would cost one more allocation (first-touch page faults for large ones) and one more pass.
+    """
     z = xp.matmul(x, xp.matrix_transpose(weight))
-    return z if bias is None else z + bias
+    if bias is None:
+        return z
+    if bias.dtype == z.dtype:
+        z += bias
+        return z
+    return z + bias
 
 
 def sum_rows(backend, a: Array) -> Array:

@@ -1,0 +1,195 @@
+"""BatchParallel: a mini-batch split over CPU threads gives the serial step's gradients."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from loomx.errors import ConfigError
+from loomx.grid import Network
+from loomx.layers import LSTM, Conv2D, Dense, Dropout, Flatten
+from loomx.train import fit
+from loomx.train.losses import get_loss
+from loomx.train.parallel import BatchParallel, split_batch
+
+from .conftest import assert_close
+
+
+def _is_cpu(backend) -> bool:
+    return str(backend.device).startswith("cpu")
+
+
+def _cnn(backend):
+    return Network.chain([Conv2D(4, 3, padding=1, activation="relu"),
+                          Conv2D(6, 3, stride=2, padding=1, activation="tanh"),
+                          Flatten(), Dense(5)], input_shape=(2, 8, 8), backend=backend, seed=3)
+
+
+def _lstm(backend):
+    return Network.chain([LSTM(6, return_sequences=False), Dense(5)], input_shape=(4, 3),
+                         backend=backend, seed=3)
+
+
+def _batch(backend, shape, n=11, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, *shape))
+    y = rng.integers(0, 5, n)
+    return backend.from_host(x), backend.asarray(y, dtype=backend.xp.int64)
+
+
+def _grads(net) -> dict:
+    return {p.name: p.grad for p in net.parameters()}
+
+
+@pytest.mark.parametrize("n, shards, sizes", [(10, 2, [5, 5]), (11, 3, [4, 3, 4]),
+                                              (2, 4, [1, 1]), (1, 1, [1]), (7, 1, [7])])
+def test_split_batch_covers_every_row_once(n, shards, sizes):
+    parts = split_batch(n, shards)
+    assert [p.stop - p.start for p in parts] == sizes
+    assert parts[0].start == 0 and parts[-1].stop == n
+    assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))
+
+
+@pytest.mark.parametrize("make, shape", [(_cnn, (2, 8, 8)), (_lstm, (4, 3))], ids=["cnn", "lstm"])
+@pytest.mark.parametrize("workers", [2, 3])
+def test_gradients_equal_the_serial_step(backend64, make, shape, workers):
+    loss = get_loss("cross_entropy")
+    x, y = _batch(backend64, shape)
+    serial = make(backend64)
+    if not _is_cpu(backend64):
+        with pytest.raises(ConfigError, match="CPU threads"):
+            BatchParallel(serial, workers)
+        return
+    serial.zero_grad()
+    out, ctx = serial.forward(x, train=True)
+    value, dout = loss(out, y)
+    serial.backward(dout, ctx)
+    expected = _grads(serial)
+
+    net = make(backend64)
+    net.zero_grad()
+    with BatchParallel(net, workers) as par:
+        results = par.forward_backward(x, y, loss)
+    assert [r.rows for r in results] == split_batch(11, workers)
+    got = _grads(net)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert_close(got[name], expected[name], backend64, rtol=1e-10, atol=1e-12)
+    # the shards' outputs and mean losses are those of the whole batch
+    xp = backend64.xp
+    outs = xp.concat([r.out for r in results], axis=0)
+    assert_close(outs, out, backend64, rtol=1e-12, atol=1e-12)
+    mean = sum(float(r.value) * (r.rows.stop - r.rows.start) for r in results) / 11
+    assert mean == pytest.approx(float(value), rel=1e-12)
+
+
+def test_parameters_are_shared_not_copied(numpy64):
+    net = _cnn(numpy64)
+    with BatchParallel(net, 2) as par:
+        (replica,) = par.replicas
+        for a, b in zip(net.parameters(), replica.parameters()):
+            assert a.value is b.value
+        # an optimizer replacing an array in the network is seen by the replica
+        ref = next(iter(net.parameters()))
+        ref.value = ref.value * 2.0
+        assert next(iter(replica.parameters())).value is ref.value
+
+
+def test_accumulation_weight_uses_the_group_total(numpy64):
+    """``total`` larger than the batch scales the gradients like gradient accumulation."""
+    loss = get_loss("cross_entropy")
+    x, y = _batch(numpy64, (4, 3), n=6)
+    a, b = _lstm(numpy64), _lstm(numpy64)
+    a.zero_grad()
+    b.zero_grad()
+    with BatchParallel(a, 2) as pa, BatchParallel(b, 2) as pb:
+        pa.forward_backward(x, y, loss)
+        pb.forward_backward(x, y, loss, total=12)
+    for ga, gb in zip(_grads(a).values(), _grads(b).values()):
+        np.testing.assert_allclose(np.asarray(gb), 0.5 * np.asarray(ga), rtol=1e-12)
+
+
+def test_blas_thread_limit_is_restored(numpy64):
+    from threadpoolctl import threadpool_info
+
+    def blas():
+        return [(i["filepath"], i["num_threads"]) for i in threadpool_info()
+                if i["user_api"] == "blas"]
+
+    before = blas()
+    net = _cnn(numpy64)
+    x, y = _batch(numpy64, (2, 8, 8))
+    with BatchParallel(net, 2) as par:
+        net.zero_grad()
+        par.forward_backward(x, y, get_loss("cross_entropy"))
+    assert blas() == before
+
+
+def test_random_layers_draw_independent_streams_per_shard(numpy64):
+    net = Network.chain([Dense(64), Dropout(0.5)], input_shape=(8,), backend=numpy64, seed=0)
+    x = numpy64.from_host(np.ones((4, 8)))
+    y = numpy64.from_host(np.zeros((4, 64)))
+    net.zero_grad()
+
+    def run():
+        n = Network.chain([Dense(64), Dropout(0.5)], input_shape=(8,), backend=numpy64, seed=0)
+        n.zero_grad()
+        with BatchParallel(n, 2) as par:
+            res = par.forward_backward(x, y, get_loss("mse"))
+        return [np.asarray(r.out) != 0 for r in res]
+
+    first, again = run(), run()
+    assert not np.array_equal(first[0], first[1])  # the two shards' masks differ
+    for a, b in zip(first, again):  # and each is reproducible
+        np.testing.assert_array_equal(a, b)
+
+
+def test_observers_see_the_first_shard_only(numpy64):
+    net = _cnn(numpy64)
+    seen = []
+    net.add_observer(lambda event: seen.append(event))
+    x, y = _batch(numpy64, (2, 8, 8), n=10)
+    net.zero_grad()
+    with BatchParallel(net, 2) as par:
+        par.forward_backward(x, y, get_loss("cross_entropy"))
+    assert seen, "the network's own observers still run"
+    serial_count = len(seen)
+    seen.clear()
+    net.zero_grad()
+    out, ctx = net.forward(x[:5], train=True)
+    net.backward(out, ctx)
+    assert len(seen) == serial_count
+
+
+def test_bad_configurations_raise(numpy64):
+    net = _cnn(numpy64)
+    with pytest.raises(ConfigError, match="workers"):
+        BatchParallel(net, 0)
+    with pytest.raises(ConfigError, match="built"):
+        BatchParallel(Network.chain([Dense(3)]), 2)
+    par = BatchParallel(net, 2)
+    par.close()
+    x, y = _batch(numpy64, (2, 8, 8))
+    with pytest.raises(ConfigError, match="closed"):
+        par.forward_backward(x, y, get_loss("cross_entropy"))
+    with pytest.raises(ConfigError, match="workers"):
+        fit(net, np.zeros((4, 2, 8, 8)), np.zeros(4, dtype=np.int64), epochs=1,
+            progress=False, workers=0)
+
+
+def test_fit_with_workers_follows_the_serial_run(backend64):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((40, 2, 8, 8))
+    y = rng.integers(0, 5, 40)
+    serial, split = _cnn(backend64), _cnn(backend64)
+    kw = dict(epochs=2, batch_size=16, optimizer="sgd", lr=0.05, progress=False, shuffle=True)
+    if not _is_cpu(backend64):
+        with pytest.raises(ConfigError, match="CPU threads"):
+            fit(split, x, y, workers=2, **kw)
+        return
+    h1 = fit(serial, x, y, **kw)
+    h2 = fit(split, x, y, workers=2, **kw)
+    assert h2["loss"] == pytest.approx(h1["loss"], rel=1e-9)
+    assert h2["accuracy"] == h1["accuracy"]
+    for a, b in zip(serial.parameters(), split.parameters()):
+        assert_close(b.value, a.value, backend64, rtol=1e-9, atol=1e-11)
