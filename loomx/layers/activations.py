@@ -202,14 +202,24 @@ def get_activation(name: str | None) -> Activation:
     return ACTIVATIONS[key]
 
 
-def bias_activation(backend, act: Activation, x: Array,
-                    bias: Array | None = None) -> tuple[Array, Array]:
+def bias_activation(backend, act: Activation, x: Array, bias: Array | None = None, *,
+                    owned: bool = False) -> tuple[Array, Array]:
     """``(z, y)`` with ``z = x + bias`` (``bias [N]`` over the last axis, or ``None``) and
-    ``y = act(z)``; one fused pass where the backend has a ``bias_act:<name>`` kernel."""
+    ``y = act(z)``; one fused pass where the backend has a ``bias_act:<name>`` kernel.
+
+    ``owned=True`` says that ``x`` is a fresh array nobody else reads (a matrix product just
+    computed): the bias is then added into it in place, saving an array of its size.
+    """
     fused = backend.kernel("bias_act:" + act.name)
     if fused is not None:
         return fused(x, bias)
-    z = x if bias is None else x + bias
+    if bias is None:
+        z = x
+    elif owned and bias.dtype == x.dtype:
+        x += bias
+        z = x
+    else:
+        z = x + bias
     return z, act.forward(backend, z)
 
 

@@ -155,9 +155,10 @@ class _ConvBase(Layer):
         return c
 
     def _finish(self, zcl: Array) -> tuple[Array, Array]:
-        """Channels-last pre-activation ``[B, *O, F]`` → ``(z, y)`` as ``[B, F, *O]``."""
+        """Channels-last pre-activation ``[B, *O, F]`` (a fresh array: the bias is added in
+        place) → ``(z, y)`` as ``[B, F, *O]``."""
         zcl, ycl = bias_activation(self.backend, self._act, zcl,
-                                   self.params["bias"] if self.bias else None)
+                                   self.params["bias"] if self.bias else None, owned=True)
         return to_channels_first(self.xp, zcl), to_channels_first(self.xp, ycl)
 
     def _create_params(self, rng: RandomSource, scheme: str, weight_shape: Shape, fan_in: int,
@@ -272,7 +273,11 @@ class ConvND(_ConvBase):
                                    to_channels_last(xp, y), dycl)
         self._bias_grad(dzcl)
         dz2 = _split_groups(xp, dzcl, rows, 1, g)  # [g, B·P, F/g]
-        dw = xp.matmul(xp.matrix_transpose(dz2), cols)  # [g, F/g, K·C/g]
+        if cols.shape[-1] < dz2.shape[-1]:  # few window columns (e.g. one input channel):
+            # colsᵀ·dz is the faster order for BLAS there (measured 0.64 vs 0.94 ms, conv 1→32)
+            dw = xp.matrix_transpose(xp.matmul(xp.matrix_transpose(cols), dz2))
+        else:
+            dw = xp.matmul(xp.matrix_transpose(dz2), cols)  # [g, F/g, K·C/g]
         self._accumulate("weight", _weight_from_rows(xp, dw, tuple(self.params["weight"].shape)))
         if not need_input_grad:
             return None

@@ -110,7 +110,7 @@ class Dense(Layer):
     def forward(self, x: Array, train: bool = False) -> tuple[Array, tuple]:
         self.check_input(x)
         z, y = bias_activation(self.backend, self._act, linear(self.xp, x, self.params["weight"]),
-                               self.params.get("bias"))
+                               self.params.get("bias"), owned=True)
         return y, (x, z, y)
 
     def backward(self, dy: Array, ctx: tuple, need_input_grad: bool = True) -> Array | None:
