@@ -185,19 +185,29 @@ def markdown(doc: dict) -> str:
 
 
 def history_line(doc: dict) -> str:
-    """One line for the history section: date, commit, best-thread ratios per case."""
+    """One line for the history section: date, commit, best-thread ratios per case
+    (loomx[numpy], and loomx[numpy+workers] where it ran)."""
     results = [r for run in doc["runs"] for r in run["results"]]
-    best: dict[str, float] = {}
-    for key in doc["order"]:
-        rows = [r for r in results if r["key"] == key]
-        mine = [r["timings"]["loomx[numpy]"]["median_s"] for r in rows
-                if "loomx[numpy]" in r["timings"]]
-        ref = [r["timings"][TORCH]["median_s"] for r in rows if TORCH in r["timings"]]
-        if mine and ref:
-            best[key] = min(mine) / min(ref)
-    summary = ", ".join(f"{k} {v:.2f}×" for k, v in best.items()) or "no loomx[numpy] results"
-    return (f"- {doc['date']}, commit {doc['machine']['git_commit']}, `{doc['command']}`: "
+
+    def best(name: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for key in doc["order"]:
+            rows = [r for r in results if r["key"] == key]
+            mine = [r["timings"][name]["median_s"] for r in rows if name in r["timings"]]
+            ref = [r["timings"][TORCH]["median_s"] for r in rows if TORCH in r["timings"]]
+            if mine and ref:
+                out[key] = min(mine) / min(ref)
+        return out
+
+    numpy_best, workers_best = best("loomx[numpy]"), best("loomx[numpy+workers]")
+    summary = ", ".join(f"{k} {v:.2f}×" for k, v in numpy_best.items()) \
+        or "no loomx[numpy] results"
+    line = (f"- {doc['date']}, commit {doc['machine']['git_commit']}, `{doc['command']}`: "
             f"loomx[numpy]/PyTorch (best threads) {summary}")
+    if workers_best:
+        line += "; loomx[numpy+workers] " + ", ".join(f"{k} {v:.2f}×"
+                                                      for k, v in workers_best.items())
+    return line
 
 
 _TEMPLATE = f"""# Benchmark results
