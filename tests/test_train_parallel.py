@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from loomx.errors import ConfigError
-from loomx.grid import Network
+from loomx.grid import Network, Parallel, Residual
 from loomx.layers import LSTM, Conv2D, Dense, Dropout, Flatten
 from loomx.train import fit
 from loomx.train.losses import get_loss
@@ -30,6 +30,13 @@ def _lstm(backend):
                          backend=backend, seed=3)
 
 
+def _branchy(backend):
+    """Residual connections and a parallel branch (nested layers in containers)."""
+    return Network.chain([Dense(6, activation="tanh"), Dense(6), Residual(0),
+                          Parallel([Dense(3, activation="relu"), Dense(2)], combine_mode="concat"),
+                          Dense(5)], input_shape=(6,), backend=backend, seed=3)
+
+
 def _batch(backend, shape, n=11, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, *shape))
@@ -50,7 +57,8 @@ def test_split_batch_covers_every_row_once(n, shards, sizes):
     assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))
 
 
-@pytest.mark.parametrize("make, shape", [(_cnn, (2, 8, 8)), (_lstm, (4, 3))], ids=["cnn", "lstm"])
+@pytest.mark.parametrize("make, shape", [(_cnn, (2, 8, 8)), (_lstm, (4, 3)), (_branchy, (6,))],
+                         ids=["cnn", "lstm", "residual-parallel"])
 @pytest.mark.parametrize("workers", [2, 3])
 def test_gradients_equal_the_serial_step(backend64, make, shape, workers):
     loss = get_loss("cross_entropy")
