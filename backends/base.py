@@ -69,9 +69,13 @@ class RandomSource:
         return child
 
     def jumped(self, jumps: int = 1) -> RandomSource:
-        """A copy of this stream advanced by ``jumps`` × 2¹²⁷ draws (PCG64 ``jumped``):
-        non-overlapping with this one, reproducible from its current state, and leaving this
-        one unchanged."""
+        """A copy of this stream advanced by ``jumps`` × 2¹²⁷ draws (PCG64 ``jumped``),
+        reproducible from this one's current state, which it leaves unchanged.
+
+        Streams jumped from the same state never overlap in practice. A stream jumped again
+        after this one has drawn ``d`` numbers starts ``d`` draws later than the earlier jump,
+        so it repeats what the earlier one drew beyond ``d``.
+        """
         child = RandomSource(self.backend, self.seed)
         child._gen = np.random.Generator(self._gen.bit_generator.jumped(int(jumps)))
         return child

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 
-from loomx.errors import ConfigError
+from loomx.errors import ConfigError, ShapeError
 from loomx.grid import Network, Parallel, Residual
 from loomx.layers import LSTM, Conv2D, Dense, Dropout, Flatten
 from loomx.train import fit
@@ -118,19 +121,13 @@ def test_accumulation_weight_uses_the_group_total(numpy64):
 
 
 def test_blas_thread_limit_is_restored(numpy64):
-    from threadpoolctl import threadpool_info
-
-    def blas():
-        return [(i["filepath"], i["num_threads"]) for i in threadpool_info()
-                if i["user_api"] == "blas"]
-
-    before = blas()
+    before = _blas_threads()
     net = _cnn(numpy64)
     x, y = _batch(numpy64, (2, 8, 8))
     with BatchParallel(net, 2) as par:
         net.zero_grad()
         par.forward_backward(x, y, get_loss("cross_entropy"))
-    assert blas() == before
+    assert _blas_threads() == before
 
 
 def test_random_layers_draw_independent_streams_per_shard(numpy64):
@@ -201,3 +198,129 @@ def test_fit_with_workers_follows_the_serial_run(backend64):
     assert h2["accuracy"] == h1["accuracy"]
     for a, b in zip(serial.parameters(), split.parameters()):
         assert_close(b.value, a.value, backend64, rtol=1e-9, atol=1e-11)
+
+
+def _serial_grads(make, backend, x, y, prepare=lambda net: None):
+    loss = get_loss("cross_entropy")
+    net = make(backend)
+    prepare(net)
+    net.zero_grad()
+    out, ctx = net.forward(x, train=True)
+    net.backward(loss(out, y)[1], ctx)
+    return _grads(net)
+
+
+def _assert_grads(net, expected, backend):
+    got = _grads(net)
+    for name in expected:
+        assert_close(got[name], expected[name], backend, rtol=1e-10, atol=1e-12)
+
+
+def test_replicas_are_kept_between_steps_and_follow_setting_changes(numpy64):
+    loss = get_loss("cross_entropy")
+    x, y = _batch(numpy64, (6,))
+    net = _branchy(numpy64)
+    with BatchParallel(net, 2) as par:
+        (first,) = par.replicas
+        net.zero_grad()
+        par.forward_backward(x, y, loss)
+        assert par.replicas[0] is first  # nothing changed: no rebuild
+        net[1].disabled = True  # a setting changed after the replicas were made
+        net.zero_grad()
+        par.forward_backward(x, y, loss)
+        assert par.replicas[0] is not first
+
+    def disable(n):
+        n[1].disabled = True
+
+    _assert_grads(net, _serial_grads(_branchy, numpy64, x, y, disable), numpy64)
+
+
+def test_a_layer_object_in_two_slots_is_counted_once(numpy64):
+    def make(backend):
+        shared = Dense(6, activation="tanh")
+        return Network.chain([shared, shared, Dense(5)], input_shape=(6,), backend=backend,
+                             seed=1)
+
+    x, y = _batch(numpy64, (6,))
+    net = make(numpy64)
+    net.zero_grad()
+    with BatchParallel(net, 2) as par:
+        par.forward_backward(x, y, get_loss("cross_entropy"))
+    _assert_grads(net, _serial_grads(make, numpy64, x, y), numpy64)
+
+
+def test_batch_coupled_layers_are_refused(numpy64):
+    net = Network.chain([Parallel([Dense(3), Dense(2)], combine_mode="concat", loom_compat=True),
+                         Dense(5)], input_shape=(6,), backend=numpy64, seed=0)
+    with pytest.raises(ConfigError, match="mixes samples across the batch"):
+        BatchParallel(net, 2)
+
+
+def _blas_threads():
+    from threadpoolctl import threadpool_info
+
+    return [(i["filepath"], i["num_threads"]) for i in threadpool_info()
+            if i["user_api"] == "blas"]
+
+
+def test_a_failing_shard_waits_for_the_others_and_restores_blas(numpy64):
+    loss = get_loss("cross_entropy")
+    x, y = _batch(numpy64, (2, 8, 8))
+    net = _cnn(numpy64)
+    main = threading.get_ident()
+
+    def failing(out, target):
+        if threading.get_ident() == main:
+            raise RuntimeError("loss failed")
+        time.sleep(0.05)  # the other shard is still running when the first one raises
+        return loss(out, target)
+
+    before = _blas_threads()
+    with BatchParallel(net, 2) as par:
+        net.zero_grad()
+        with pytest.raises(RuntimeError, match="loss failed"):
+            par.forward_backward(x, y, failing)
+        assert _blas_threads() == before
+        net.zero_grad()  # the gradients of a failed step are partial
+        par.forward_backward(x, y, loss)
+    _assert_grads(net, _serial_grads(_cnn, numpy64, x, y), numpy64)
+
+
+def test_overlapping_steps_from_several_threads_restore_blas_once(numpy64):
+    before = _blas_threads()
+    loss = get_loss("cross_entropy")
+
+    def train(seed):
+        x, y = _batch(numpy64, (2, 8, 8), seed=seed)
+        net = _cnn(numpy64)
+        with BatchParallel(net, 2) as par:
+            for _ in range(5):
+                net.zero_grad()
+                par.forward_backward(x, y, loss)
+
+    threads = [threading.Thread(target=train, args=(s,)) for s in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert _blas_threads() == before
+
+
+def test_edge_cases_of_the_batch_and_the_options(numpy64):
+    net = _cnn(numpy64)
+    loss = get_loss("cross_entropy")
+    x, y = _batch(numpy64, (2, 8, 8))
+    with BatchParallel(net, 2) as par:
+        with pytest.raises(ShapeError, match="non-empty batch"):
+            par.forward_backward(x[:0, ...], y[:0], loss)
+        net.zero_grad()
+        (only,) = par.forward_backward(x[:1, ...], y[:1], loss)  # fewer rows than workers
+        assert only.rows == slice(0, 1)
+    with pytest.raises(ConfigError, match="closed"):
+        par.forward_backward(x[:1, ...], y[:1], loss)
+    with pytest.raises(ConfigError, match="workers"):
+        BatchParallel(net, True)
+    with pytest.raises(ConfigError, match="workers"):
+        fit(net, np.zeros((4, 2, 8, 8)), np.zeros(4, dtype=np.int64), epochs=1,
+            progress=False, workers=True)

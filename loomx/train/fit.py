@@ -14,7 +14,7 @@ validation) and when a checkpoint is written.
 Checkpoints (``checkpoint=path``) hold the weights, the optimizer buffers, the schedule, the
 step, the epoch, the position inside the epoch, the shuffling generator state, the running
 metric sums and the history; ``resume=True`` continues from one and reproduces the
-uninterrupted run bit for bit.
+uninterrupted run bit for bit (with ``workers > 1``, for networks without random layers).
 """
 
 from __future__ import annotations
@@ -75,11 +75,12 @@ class _Trainer:
                  callbacks, progress, log_every, clip_norm, clip_value, accumulate,
                  eval_batch_size, optimizer_options, workers):
         for label, v, low in (("epochs", epochs, 0), ("batch_size", batch_size, 1),
-                              ("workers", workers, 1),
                               ("accumulate", accumulate, 1), ("log_every", log_every, 1),
                               ("eval_batch_size", eval_batch_size, 1)):
             if not isinstance(v, int) or v < low:
                 raise ConfigError(f"{label} must be an integer ≥ {low}, got {v!r}")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ConfigError(f"workers must be an integer ≥ 1, got {workers!r}")
         if checkpoint_every is not None and (not isinstance(checkpoint_every, int)
                                              or checkpoint_every < 1):
             raise ConfigError(f"checkpoint_every must be a positive integer of steps, "
@@ -484,7 +485,9 @@ def fit(net: Layer, x: Any, y: Any, *, loss: str | Loss = "cross_entropy",
         optimizer_options: extra options for a named optimizer (e.g. ``{"momentum": 0.9}``).
         workers: split every mini-batch over this many CPU threads
             (:class:`~loomx.train.parallel.BatchParallel`: the same gradients up to rounding,
-            faster for convolutional networks on multi-core CPUs; CPU backends only).
+            faster for convolutional networks on multi-core CPUs; numpy or PyTorch on the CPU
+            only). Dropout masks then differ from a serial run, and a resumed run with random
+            layers is not bitwise identical to an uninterrupted one.
 
     Returns:
         the :class:`~loomx.train.history.History` of the run.

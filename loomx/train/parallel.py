@@ -14,48 +14,86 @@ competing with the shards. Then the replicas' gradients are added into the netwo
 
 The result equals one pass over the whole batch up to floating-point summation order: each
 shard's loss gradient is weighted by its share of the samples, exactly as gradient
-accumulation does in :func:`~loomx.train.fit`.
+accumulation does in :func:`~loomx.train.fit`. Layers that mix samples across the batch
+cannot be split; the one loomx has (``Parallel(..., loom_compat=True)``, Loom's whole-batch
+concatenation) is refused.
 
 What differs from a serial step:
 
 - layers that draw random numbers in training (Dropout, Gumbel softmax) draw the shards after
-  the first from independent streams (``PCG64.jumped``), so their masks differ from a serial
-  run, and a resumed run is not bitwise identical to an uninterrupted one;
-- the network's observers and ``activations`` see the first shard only.
+  the first from streams jumped ahead of the layer's own (:meth:`RandomSource.jumped`), so
+  their masks differ from a serial run, and a resumed run is not bitwise identical to an
+  uninterrupted one;
+- the network's observers and ``activations`` see the first shard only;
+- BLAS is limited to one thread for the whole process while a step runs (the limit is
+  process-wide; overlapping steps from several threads share one limit).
+
+The replicas copy the network's structure and settings (``disabled`` flags, dropout rates,
+temperatures...) when they are made; each step compares them with the network's and rebuilds
+the replicas when something changed.
 
 When it helps: on a 2-core machine (``benchmarks/RESULTS.md``, column ``loomx[numpy+workers]``)
-the CNN training step of benchmark b ran 1.23× faster with 2 workers than on 2 BLAS threads; an
-LSTM did not gain (its many small per-step operations contend for the GIL), and an MLP, bound
-by matrix products that BLAS already threads, was slower. Only CPU backends are accepted.
+the CNN training step of benchmark b ran 1.2–1.4× faster with 2 workers than on 2 BLAS
+threads; an LSTM did not gain (its many small per-step operations contend for the GIL), and an
+MLP, bound by matrix products that BLAS already threads, was slower. Only CPU backends are
+accepted; on the PyTorch backend, PyTorch's own intra-op threads are not limited (set
+``torch.set_num_threads`` yourself).
 """
 
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, NamedTuple
 
 from threadpoolctl import ThreadpoolController
 
 from ..backends import RandomSource
-from ..errors import ConfigError
+from ..errors import ConfigError, ShapeError
 from ..layers.base import Layer, call_backward
 
 Array = Any
 LossFn = Callable[[Array, Array], tuple[Array, Array]]
 
+#: Per-layer state a replica must not copy: it gets an empty container of the same type.
+_FRESH_ATTRIBUTES = ("grads", "_observers", "activations", "activation_grads")
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _plain(value: Any) -> bool:
+    """A setting worth comparing: a scalar, or a tuple of scalars (shapes, kernel sizes)."""
+    if isinstance(value, tuple):
+        return all(isinstance(v, _SCALARS) for v in value)
+    return isinstance(value, _SCALARS)
+
 
 def _walk(layer: Layer):
-    """``layer`` and every nested layer, depth first."""
-    yield layer
-    for _, child in layer.children():
-        yield from _walk(child)
+    """``layer`` and every nested layer, depth first, each object once."""
+    seen: set[int] = set()
+
+    def visit(node: Layer):
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        yield node
+        for _, child in node.children():
+            yield from visit(child)
+
+    yield from visit(layer)
+
+
+def _settings(net: Layer) -> str:
+    """A fingerprint of the structure and plain settings of every layer of ``net``."""
+    return repr([(id(layer), type(layer).__name__,
+                  sorted((k, v) for k, v in vars(layer).items() if _plain(v)))
+                 for layer in _walk(net)])
 
 
 def _replica(net: Layer, index: int) -> Layer:
-    """A copy of ``net`` sharing its parameter arrays and backend, with its own gradients.
+    """A copy of ``net`` sharing its parameter arrays and backend, with empty gradients,
+    no observers and no recorded activations.
 
     Random layers get the stream ``index`` jumps ahead of the original's (``index >= 1``).
     """
@@ -65,11 +103,12 @@ def _replica(net: Layer, index: int) -> Layer:
         backend = getattr(layer, "backend", None)
         if backend is not None:
             memo[id(backend)] = backend
+        for name in _FRESH_ATTRIBUTES:
+            value = getattr(layer, name, None)
+            if isinstance(value, (list, dict)):
+                memo[id(value)] = type(value)()
     clone = copy.deepcopy(net, memo)
     for orig, layer in zip(_walk(net), _walk(clone)):
-        layer.grads = {}
-        if hasattr(layer, "_observers"):
-            layer._observers = []
         rng = getattr(orig, "_rng", None)
         if isinstance(rng, RandomSource):
             layer._rng = rng.jumped(index)
@@ -91,6 +130,33 @@ def split_batch(n: int, shards: int) -> list[slice]:
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
+class _BlasLimit:
+    """Hold BLAS at one thread while any step runs, process-wide (reference counted, so that
+    overlapping steps from several threads restore the original count exactly once)."""
+
+    _lock = threading.Lock()
+    _users = 0
+    _active = None
+    _controller: ThreadpoolController | None = None
+
+    @classmethod
+    def acquire(cls) -> None:
+        with cls._lock:
+            if cls._users == 0:
+                if cls._controller is None:  # scanning the loaded libraries takes milliseconds
+                    cls._controller = ThreadpoolController()
+                cls._active = cls._controller.limit(limits=1, user_api="blas")
+            cls._users += 1
+
+    @classmethod
+    def release(cls) -> None:
+        with cls._lock:
+            cls._users -= 1
+            if cls._users == 0 and cls._active is not None:
+                cls._active.restore_original_limits()
+                cls._active = None
+
+
 class BatchParallel:
     """Forward + backward of mini-batches split over ``workers`` CPU threads.
 
@@ -107,24 +173,34 @@ class BatchParallel:
                 optimizer.step(); optimizer.zero_grad()
 
     Raises:
-        ConfigError: ``workers < 1``, an unbuilt network, or a backend that is not on the CPU.
+        ConfigError: ``workers < 1``, an unbuilt network, a backend that is not on the CPU, or a
+            layer that mixes samples across the batch.
     """
 
     def __init__(self, net: Layer, workers: int = 2, *, limit_blas: bool = True):
-        workers = int(workers)
-        if workers < 1:
-            raise ConfigError(f"workers must be >= 1, got {workers}")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ConfigError(f"workers must be an integer >= 1, got {workers!r}")
         if not getattr(net, "built", False):
             raise ConfigError("BatchParallel needs a built network: call net.build(...) first")
-        device = str(getattr(net.backend, "device", "cpu"))
-        if not device.startswith("cpu"):
-            raise ConfigError(f"workers > 1 splits batches over CPU threads; the network runs on "
-                              f"{net.backend.name!r} (device {device}): use workers=1 there")
+        if net.backend.library not in ("numpy", "torch") or \
+                not str(net.backend.device).startswith("cpu"):
+            raise ConfigError(f"workers > 1 splits batches over CPU threads, for numpy or PyTorch "
+                              f"on the CPU; the network runs on {net.backend.name!r} (device "
+                              f"{net.backend.device}): use workers=1 there")
+        coupled = [layer.describe() for layer in _walk(net) if getattr(layer, "loom_compat", False)]
+        if coupled:
+            raise ConfigError(f"{coupled[0]} mixes samples across the batch (loom_compat=True), "
+                              "so the batch cannot be split over workers: use workers=1")
         self.net = net
         self.workers = workers
-        self.replicas = [_replica(net, k) for k in range(1, workers)]
+        self.limit_blas = bool(limit_blas)
+        self._closed = False
         self._pool = ThreadPoolExecutor(workers - 1) if workers > 1 else None
-        self._blas = ThreadpoolController() if limit_blas and workers > 1 else None
+        self._make_replicas()
+
+    def _make_replicas(self) -> None:
+        self.replicas = [_replica(self.net, k) for k in range(1, self.workers)]
+        self._settings = _settings(self.net)
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -133,6 +209,7 @@ class BatchParallel:
             self._pool.shutdown(wait=True)
             self._pool = None
         self.replicas = []
+        self._closed = True
 
     def __enter__(self) -> BatchParallel:
         return self
@@ -151,24 +228,39 @@ class BatchParallel:
         accumulation group when several calls make up one update), so the gradients added into
         ``net`` are those of the mean loss over ``total`` samples.
 
+        If a shard raises, every other shard is waited for and the exception propagates; the
+        network's gradients are then partial: zero them before the next step.
+
         Returns:
             one :class:`ShardResult` ``(value, out, rows)`` per shard, in batch order.
         """
+        if self._closed:
+            raise ConfigError("this BatchParallel is closed")
         n = int(x.shape[0])
+        if n == 0 or int(y.shape[0]) != n:
+            raise ShapeError(f"forward_backward needs a non-empty batch with as many targets as "
+                             f"inputs, got {n} inputs and {int(y.shape[0])} targets")
         total = n if total is None else int(total)
         parts = split_batch(n, self.workers)
-        if self._pool is None and len(parts) > 1:
-            raise ConfigError("this BatchParallel is closed")
+        if len(parts) > 1 and _settings(self.net) != self._settings:
+            self._make_replicas()
         nets = [self.net, *self.replicas][:len(parts)]
         for r in nets[1:]:
             r.zero_grad()
-        limit = (self._blas.limit(limits=1, user_api="blas")
-                 if self._blas is not None and len(parts) > 1 else nullcontext())
-        with limit:
+        limited = self.limit_blas and len(parts) > 1
+        if limited:
+            _BlasLimit.acquire()
+        try:
             futures = [self._pool.submit(_shard_step, r, x, y, p, loss, total)
                        for r, p in zip(nets[1:], parts[1:])]
-            results = [_shard_step(nets[0], x, y, parts[0], loss, total)]
+            try:
+                results = [_shard_step(nets[0], x, y, parts[0], loss, total)]
+            finally:
+                wait(futures)
             results += [f.result() for f in futures]
+        finally:
+            if limited:
+                _BlasLimit.release()
         for r in nets[1:]:
             _add_grads(self.net, r)
         return results
@@ -187,8 +279,7 @@ def _shard_step(net: Layer, x: Array, y: Array, rows: slice, loss: LossFn,
 
 
 def _add_grads(net: Layer, replica: Layer) -> None:
-    """``net.grads += replica.grads`` for every layer (same structure)."""
+    """``net.grads += replica.grads`` for every layer (same structure; shared layers once)."""
     for a, b in zip(_walk(net), _walk(replica)):
         for key, g in b.grads.items():
             a.grads[key] = a.grads[key] + g
-
