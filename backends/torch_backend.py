@@ -104,6 +104,9 @@ def make_torch_backend(name: str = "torch", device: str | None = None) -> TorchB
             "exist.")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise BackendUnavailableError("torch device mps requested but MPS is not available.")
+    from .torch_kernels import activation_kernels
+
     return TorchBackend(name=name, xp=xp, device=dev, library="torch",
                         kernels={"window_gather": _torch_window_gather,
-                                 "window_scatter_add": _torch_window_scatter_add})
+                                 "window_scatter_add": _torch_window_scatter_add,
+                                 **activation_kernels()})

@@ -1,0 +1,72 @@
+"""PyTorch fast kernels: bias + activation and activation gradients as native ATen operations.
+
+The reference activations (``loomx.layers.activations``) are written with array-API calls: a
+ReLU backward is a comparison, a cast and a product, three PyTorch dispatches (plus
+array-api-compat's scalar promotion in ``maximum``). Here each activation and each derivative
+is one ATen operation (``relu``, ``threshold_backward``, ``gelu_backward``, ...), which is one
+kernel launch on CUDA and one loop on the CPU. Same contracts as the CuPy kernels
+(``docs/kernels.md``):
+
+- ``bias_act:<activation>``: ``(x [..., N], bias [N] | None) -> (z, y)``, ``z = x + bias``,
+  ``y = act(z)``; inputs are not modified;
+- ``act_backward:<activation>``: ``(z, y, dy) -> dz``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F  # noqa: N812 - PyTorch's own convention
+
+_aten = torch.ops.aten
+
+#: ``name -> (forward(z), backward(z, y, dy))`` for every fused activation.
+_ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
+    "identity": (lambda z: z, lambda z, y, dy: dy),
+    "relu": (torch.relu, lambda z, y, dy: _aten.threshold_backward(dy, z, 0)),
+    "scaled_relu": (lambda z: torch.relu(z * 1.1),
+                    lambda z, y, dy: _aten.threshold_backward(dy, z, 0) * 1.1),
+    "leaky_relu": (lambda z: F.leaky_relu(z, 0.01),
+                   lambda z, y, dy: _aten.leaky_relu_backward(dy, z, 0.01, False)),
+    "loom_leaky_relu": (lambda z: F.leaky_relu(z, 0.1),
+                        lambda z, y, dy: _aten.leaky_relu_backward(dy, z, 0.1, False)),
+    "sigmoid": (torch.sigmoid, lambda z, y, dy: _aten.sigmoid_backward(dy, y)),
+    "tanh": (torch.tanh, lambda z, y, dy: _aten.tanh_backward(dy, y)),
+    "gelu": (F.gelu, lambda z, y, dy: _aten.gelu_backward(dy, z)),
+    "gelu_tanh": (lambda z: F.gelu(z, approximate="tanh"),
+                  lambda z, y, dy: _aten.gelu_backward(dy, z, approximate="tanh")),
+    "silu": (F.silu, lambda z, y, dy: _aten.silu_backward(dy, z)),
+}
+
+
+def make_bias_act(name: str) -> Callable:
+    """``bias_act:<name>``: ``(x, bias | None) -> (z, y)``."""
+    forward = _ACTIVATIONS[name][0]
+
+    def bias_act(x, bias=None):
+        z = x if bias is None else x + bias
+        return z, forward(z)
+
+    bias_act.__name__ = f"bias_act_{name}"
+    return bias_act
+
+
+def make_act_backward(name: str) -> Callable:
+    """``act_backward:<name>``: ``(z, y, dy) -> dz``."""
+    backward = _ACTIVATIONS[name][1]
+
+    def act_backward(z, y, dy):
+        return backward(z, y, dy)
+
+    act_backward.__name__ = f"act_backward_{name}"
+    return act_backward
+
+
+def activation_kernels() -> dict[str, Callable]:
+    """Every ``bias_act:*`` and ``act_backward:*`` kernel, by name."""
+    kernels: dict[str, Callable] = {}
+    for name in _ACTIVATIONS:
+        kernels[f"bias_act:{name}"] = make_bias_act(name)
+        kernels[f"act_backward:{name}"] = make_act_backward(name)
+    return kernels
