@@ -97,15 +97,14 @@ def train_step_op(backend, model, x, target, loss: str) -> Op:
     The backward skips the input gradient (``need_input_grad=False``) where loomx offers it:
     nothing reads it, and PyTorch does not compute it for a leaf input either.
     """
-    global WORKERS_USED
     loss_fn, _ = loss_function(backend, loss)
     opt = SGDStep(model)
+    if WORKERS is not None:
+        return _parallel_step_op(backend, model, x, target, loss_fn, opt)
     try:
         call_backward = loomx_attr("loomx.layers.base", "call_backward")
     except Missing:
         call_backward = None
-    if WORKERS is not None:
-        return _parallel_step_op(backend, model, x, target, loss_fn, opt)
 
     def run() -> Any:
         model.zero_grad()
@@ -134,7 +133,7 @@ def _parallel_step_op(backend, model, x, target, loss_fn, opt) -> Op:
         model.zero_grad()
         results = parallel.forward_backward(x, target, loss_fn)
         opt.step()
-        return results[0][0]
+        return results[0].value
 
     return Op(run=run, sync=_sync(backend))
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from ..backends import RandomSource
 from ..errors import ConfigError, FormatError, LoomxError, TrainingError
-from ..layers.base import Layer, call_backward
+from ..layers.base import Layer
 from .batching import DataSource, batch_slices, validate_pair
 from .callbacks import Callback, as_callback
 from .clip import clip_grad_norm, clip_grad_value
@@ -148,7 +148,8 @@ class _Trainer:
         self._first_bad = b.asarray(-1, dtype=self.xp.int64)
         if resume and os.path.exists(checkpoint):
             self._restore(checkpoint)
-        self.parallel = BatchParallel(net, workers) if workers > 1 else None
+        # forward, loss and backward of each mini-batch, split over `workers` threads when > 1
+        self.steps = BatchParallel(net, workers)
 
     # ------------------------------------------------------------------ accumulators
     def _reset_epoch_sums(self) -> None:
@@ -185,8 +186,7 @@ class _Trainer:
                 cb.on_train_end(st)
         finally:
             bar.close()
-            if self.parallel is not None:
-                self.parallel.close()
+            self.steps.close()
         st.history.steps = st.step
         return st.history
 
@@ -213,31 +213,24 @@ class _Trainer:
         self._end_epoch(bar)
 
     def _train_step(self, group: Sequence[Sequence[int]]) -> None:
-        st, xp, net = self.state, self.xp, self.net
+        st, xp = self.state, self.xp
         total = sum(len(mb) for mb in group)
         step_no = st.step + 1
         for mb in group:
             xb, yb = self.xs.take(mb), self.ys.take(mb)
-            if self.parallel is None:
-                out, ctx = net.forward(xb, train=True)
-                value, dout = self.loss(out, yb)
-                if len(mb) != total:
-                    dout = dout * (len(mb) / total)
-                call_backward(net, dout, ctx, need_input_grad=False)  # nothing reads dL/dx
-                parts = [(value, out, yb, len(mb))]
-            else:
-                parts = [(r.value, r.out, yb[r.rows, ...], r.rows.stop - r.rows.start)
-                         for r in self.parallel.forward_backward(xb, yb, self.loss, total=total)]
-            for value, out, ys, n in parts:
-                weighted = value * n
+            shards = self.steps.forward_backward(xb, yb, self.loss, total=total)
+            for shard in shards:
+                n = shard.rows.stop - shard.rows.start
+                weighted = shard.value * n
                 self.epoch_loss = self._add(self.epoch_loss, weighted)
                 self.interval_loss = self._add(self.interval_loss, weighted)
                 self.epoch_n += n
                 self.interval_n += n
-                bad = ~xp.isfinite(value) & (self._first_bad < 0)
+                bad = ~xp.isfinite(shard.value) & (self._first_bad < 0)
                 self._first_bad = xp.where(bad, step_no, self._first_bad)
                 if self.count_correct:
-                    hits = xp.sum(xp.astype(xp.argmax(out, axis=1) == ys, xp.int64))
+                    ys = yb if len(shards) == 1 else yb[shard.rows, ...]
+                    hits = xp.sum(xp.astype(xp.argmax(shard.out, axis=1) == ys, xp.int64))
                     self.epoch_correct = self._add(self.epoch_correct, hits)
         if self.clip_value is not None:
             clip_grad_value(st.optimizer.params, self.clip_value)

@@ -157,6 +157,19 @@ class _BlasLimit:
                 cls._active = None
 
 
+def _check_splittable(net: Layer) -> None:
+    """Raise unless ``net`` can run its batch split over CPU threads."""
+    if net.backend.library not in ("numpy", "torch") or \
+            not str(net.backend.device).startswith("cpu"):
+        raise ConfigError(f"workers > 1 splits batches over CPU threads, for numpy or PyTorch "
+                          f"on the CPU; the network runs on {net.backend.name!r} (device "
+                          f"{net.backend.device}): use workers=1 there")
+    coupled = [layer.describe() for layer in _walk(net) if getattr(layer, "loom_compat", False)]
+    if coupled:
+        raise ConfigError(f"{coupled[0]} mixes samples across the batch (loom_compat=True), "
+                          "so the batch cannot be split over workers: use workers=1")
+
+
 class BatchParallel:
     """Forward + backward of mini-batches split over ``workers`` CPU threads.
 
@@ -172,9 +185,11 @@ class BatchParallel:
                 par.forward_backward(xb, yb, loss)   # the gradients are now in net
                 optimizer.step(); optimizer.zero_grad()
 
+    ``workers=1`` runs the whole batch on the calling thread, on any backend.
+
     Raises:
-        ConfigError: ``workers < 1``, an unbuilt network, a backend that is not on the CPU, or a
-            layer that mixes samples across the batch.
+        ConfigError: ``workers < 1``, an unbuilt network, or with ``workers > 1`` a backend that
+            is not on the CPU or a layer that mixes samples across the batch.
     """
 
     def __init__(self, net: Layer, workers: int = 2, *, limit_blas: bool = True):
@@ -182,15 +197,8 @@ class BatchParallel:
             raise ConfigError(f"workers must be an integer >= 1, got {workers!r}")
         if not getattr(net, "built", False):
             raise ConfigError("BatchParallel needs a built network: call net.build(...) first")
-        if net.backend.library not in ("numpy", "torch") or \
-                not str(net.backend.device).startswith("cpu"):
-            raise ConfigError(f"workers > 1 splits batches over CPU threads, for numpy or PyTorch "
-                              f"on the CPU; the network runs on {net.backend.name!r} (device "
-                              f"{net.backend.device}): use workers=1 there")
-        coupled = [layer.describe() for layer in _walk(net) if getattr(layer, "loom_compat", False)]
-        if coupled:
-            raise ConfigError(f"{coupled[0]} mixes samples across the batch (loom_compat=True), "
-                              "so the batch cannot be split over workers: use workers=1")
+        if workers > 1:
+            _check_splittable(net)
         self.net = net
         self.workers = workers
         self.limit_blas = bool(limit_blas)
@@ -274,7 +282,7 @@ def _shard_step(net: Layer, x: Array, y: Array, rows: slice, loss: LossFn,
     n = rows.stop - rows.start
     if n != total:
         dout = dout * (n / total)
-    call_backward(net, dout, ctx, need_input_grad=False)
+    call_backward(net, dout, ctx, need_input_grad=False)  # nothing reads dL/dx
     return ShardResult(value, out, rows)
 
 
