@@ -122,6 +122,10 @@ class ParamRef:
     def grad(self, g: Array) -> None:
         self.layer.grads[self.key] = g
 
+    def zero_grad(self) -> None:
+        """Set the gradient to zeros (see :meth:`Layer.zero_grad_of`)."""
+        self.layer.zero_grad_of(self.key)
+
 
 class Layer:
     """Base class of all layers (see the module docstring for the protocol)."""
@@ -136,6 +140,8 @@ class Layer:
         self.backend: Backend | None = None
         self.params: dict[str, Array] = {}
         self.grads: dict[str, Array] = {}
+        # the zeros zero_grad put in ``grads``: the first gradient replaces them (no add pass)
+        self._zero_grads: dict[str, Array] = {}
         self.input_shape: Shape | None = None
         self.output_shape: Shape | None = None
         self.disabled = False
@@ -220,14 +226,29 @@ class Layer:
 
     def zero_grad(self) -> None:
         """Set every gradient (of this layer and nested ones) to zeros."""
-        for k, v in self.params.items():
-            self.grads[k] = self.xp.zeros_like(v)
+        for k in self.params:
+            self.zero_grad_of(k)
         for _, child in self.children():
             child.zero_grad()
 
+    def zero_grad_of(self, key: str) -> None:
+        """Set ``grads[key]`` to zeros of the parameter's shape and dtype."""
+        zeros = self.xp.zeros_like(self.params[key])
+        self.grads[key] = zeros
+        self._zero_grads[key] = zeros
+
     def _accumulate(self, key: str, g: Array) -> None:
-        """Add ``g`` into ``grads[key]`` (functional update; works on every backend)."""
-        self.grads[key] = self.grads[key] + g
+        """Add ``g`` into ``grads[key]`` (functional update; works on every backend).
+
+        Right after :meth:`zero_grad` the gradient *is* ``g``: it replaces the zeros instead of
+        being added to them, which saves a pass over every parameter (and the first touch of
+        the zeros' pages). ``g`` is kept, not copied; layers pass freshly computed arrays.
+        """
+        current = self.grads[key]
+        if self._zero_grads.pop(key, None) is current:
+            self.grads[key] = g
+        else:
+            self.grads[key] = current + g
 
     # ------------------------------------------------------------------ structure
     def children(self) -> list[tuple[str, Layer]]:

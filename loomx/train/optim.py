@@ -75,7 +75,7 @@ class Optimizer:
     def zero_grad(self) -> None:
         """Set every parameter gradient to zeros (grads add up across backward calls)."""
         for r in self.params:
-            r.grad = self.backend.xp.zeros_like(r.value)
+            r.zero_grad()
 
     def step(self) -> None:
         """Apply one update to every parameter from its accumulated gradient."""

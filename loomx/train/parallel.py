@@ -58,7 +58,7 @@ Array = Any
 LossFn = Callable[[Array, Array], tuple[Array, Array]]
 
 #: Per-layer state a replica must not copy: it gets an empty container of the same type.
-_FRESH_ATTRIBUTES = ("grads", "_observers", "activations", "activation_grads")
+_FRESH_ATTRIBUTES = ("grads", "_zero_grads", "_observers", "activations", "activation_grads")
 _SCALARS = (bool, int, float, str, type(None))
 
 
@@ -290,4 +290,4 @@ def _add_grads(net: Layer, replica: Layer) -> None:
     """``net.grads += replica.grads`` for every layer (same structure; shared layers once)."""
     for a, b in zip(_walk(net), _walk(replica)):
         for key, g in b.grads.items():
-            a.grads[key] = a.grads[key] + g
+            a._accumulate(key, g)
