@@ -69,6 +69,28 @@ def _window_scatter_add(out, cols, kernel: tuple[int, ...], stride: tuple[int, .
     return out
 
 
+def _relu_inplace(slope: float = 0.0, scale: float = 1.0):
+    """``bias_act_inplace:<relu family>``: ``(x, bias | None) -> (x, x)``, overwriting ``x``.
+
+    ``x += bias`` then ``x = max(scale·x, slope·scale·x)``; the same array serves as ``z`` and
+    ``y``. Valid for the ReLU family only, whose derivative depends on the sign of ``z``
+    alone, which the output keeps (``y > 0`` exactly where ``z > 0``).
+    """
+
+    def kernel(x, bias=None):
+        if bias is not None:
+            np.add(x, bias, out=x)
+        if scale != 1.0:
+            np.multiply(x, scale, out=x)
+        if slope == 0.0:
+            np.maximum(x, 0.0, out=x)
+        else:
+            np.maximum(x, x * slope, out=x)
+        return x, x
+
+    return kernel
+
+
 @functools.lru_cache(maxsize=64)
 def _ones(n: int, dtype: str) -> np.ndarray:
     """A cached read-only vector of ``n`` ones."""
@@ -152,4 +174,8 @@ def make_numpy_backend(name: str = "numpy", index: int | None = None) -> NumpyBa
                         kernels={"window_gather": _window_gather,
                                  "im2col": _im2col,
                                  "window_scatter_add": _window_scatter_add,
-                                 "sum_rows": _sum_rows})
+                                 "sum_rows": _sum_rows,
+                                 "bias_act_inplace:relu": _relu_inplace(),
+                                 "bias_act_inplace:scaled_relu": _relu_inplace(scale=1.1),
+                                 "bias_act_inplace:leaky_relu": _relu_inplace(0.01),
+                                 "bias_act_inplace:loom_leaky_relu": _relu_inplace(0.1)})

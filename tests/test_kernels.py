@@ -59,6 +59,25 @@ def check_bias_act(backend, kernel, name):
     assert_close(y0, backend.to_host(act.forward(backend, x)), backend, rtol=1e-5, atol=2e-6)
 
 
+def check_bias_act_inplace(backend, kernel, name):
+    """The in-place variant overwrites its input with ``y`` and returns it as ``z`` too; the
+    activation's backward must give the reference gradient from that ``z``."""
+    act = ACTIVATIONS[name.split(":", 1)[1]]
+    x = _rand(backend, (3, 5, 7), 6, scale=2.0)
+    bias = _rand(backend, (7,), 7)
+    dy = _rand(backend, (3, 5, 7), 8)
+    ref_z = x + bias
+    ref_y = act.forward(backend, ref_z)
+    for b in (bias, None):
+        owned = backend.xp.asarray(x, copy=True)
+        z, y = kernel(owned, b)
+        want_z = ref_z if b is not None else x
+        want_y = ref_y if b is not None else act.forward(backend, x)
+        assert_close(y, backend.to_host(want_y), backend, rtol=1e-6, atol=1e-7)
+        assert_close(act.backward(backend, z, y, dy),
+                     backend.to_host(act.backward(backend, want_z, want_y, dy)), backend)
+
+
 def check_act_backward(backend, kernel, name):
     act = ACTIVATIONS[name.split(":", 1)[1]]
     z = _rand(backend, (4, 9), 2, scale=2.0)
@@ -226,6 +245,8 @@ def check_window_scatter_add(backend, kernel, name):
 KERNEL_CHECKS = {
     **{f"bias_act:{a}": check_bias_act for a in FUSED_ACTIVATIONS},
     **{f"act_backward:{a}": check_act_backward for a in FUSED_ACTIVATIONS},
+    **{f"bias_act_inplace:{a}": check_bias_act_inplace
+       for a in ("relu", "scaled_relu", "leaky_relu", "loom_leaky_relu")},
     "softmax": check_softmax,
     "log_softmax": check_softmax,
     "softmax_backward": check_softmax_backward,

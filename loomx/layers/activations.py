@@ -208,8 +208,15 @@ def bias_activation(backend, act: Activation, x: Array, bias: Array | None = Non
     ``y = act(z)``; one fused pass where the backend has a ``bias_act:<name>`` kernel.
 
     ``owned=True`` says that ``x`` is a fresh array nobody else reads (a matrix product just
-    computed): the bias is then added into it in place, saving an array of its size.
+    computed): the bias is then added into it in place, saving an array of its size, and a
+    backend's ``bias_act_inplace:<name>`` kernel may overwrite it with ``y`` and return the
+    same array as ``z`` (ReLU family: :func:`activation_backward` gives the same gradient from
+    either).
     """
+    if owned:
+        inplace = backend.kernel("bias_act_inplace:" + act.name)
+        if inplace is not None:
+            return inplace(x, bias)
     fused = backend.kernel("bias_act:" + act.name)
     if fused is not None:
         return fused(x, bias)
