@@ -9,7 +9,9 @@ kernel launch on CUDA and one loop on the CPU. Same contracts as the CuPy kernel
 
 - ``bias_act:<activation>``: ``(x [..., N], bias [N] | None) -> (z, y)``, ``z = x + bias``,
   ``y = act(z)``; inputs are not modified;
-- ``act_backward:<activation>``: ``(z, y, dy) -> dz``.
+- ``act_backward:<activation>``: ``(z, y, dy) -> dz``;
+- ``bias_act_inplace:<ReLU family>``: ``(x, bias | None) -> (x, x)``, overwriting ``x`` (the
+  layer's own fresh product).
 """
 
 from __future__ import annotations
@@ -63,10 +65,35 @@ def make_act_backward(name: str) -> Callable:
     return act_backward
 
 
+#: ReLU family in place: ``x ← act(x + bias)``; their derivatives need only the sign of ``z``.
+_IN_PLACE: dict[str, Callable] = {
+    "relu": torch.relu_,
+    "scaled_relu": lambda x: torch.relu_(x.mul_(1.1)),
+    "leaky_relu": lambda x: F.leaky_relu_(x, 0.01),
+    "loom_leaky_relu": lambda x: F.leaky_relu_(x, 0.1),
+}
+
+
+def make_bias_act_inplace(name: str) -> Callable:
+    """``bias_act_inplace:<name>``: ``(x, bias | None) -> (x, x)``, overwriting ``x``."""
+    apply = _IN_PLACE[name]
+
+    def bias_act_inplace(x, bias=None):
+        if bias is not None:
+            x.add_(bias)
+        apply(x)
+        return x, x
+
+    bias_act_inplace.__name__ = f"bias_act_inplace_{name}"
+    return bias_act_inplace
+
+
 def activation_kernels() -> dict[str, Callable]:
-    """Every ``bias_act:*`` and ``act_backward:*`` kernel, by name."""
+    """Every ``bias_act:*``, ``bias_act_inplace:*`` and ``act_backward:*`` kernel, by name."""
     kernels: dict[str, Callable] = {}
     for name in _ACTIVATIONS:
         kernels[f"bias_act:{name}"] = make_bias_act(name)
         kernels[f"act_backward:{name}"] = make_act_backward(name)
+    for name in _IN_PLACE:
+        kernels[f"bias_act_inplace:{name}"] = make_bias_act_inplace(name)
     return kernels
