@@ -17,6 +17,8 @@ provides here with an array-API reference fallback:
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -272,3 +274,30 @@ class Backend:
                 and str(self.device) == str(other.device)
                 and str(self.float_dtype) == str(other.float_dtype))
 
+
+def offset_slices(kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...],
+                  out_shape: tuple[int, ...]) -> Iterator[tuple[slice, ...]]:
+    """For each kernel offset in row-major order: the spatial slices, over the input of a
+    windowed operation, of the positions that offset reads in every window
+    (``o·stride + offset·dilation`` for the ``out_shape`` windows)."""
+    for off in itertools.product(*(range(k) for k in kernel)):
+        yield tuple(slice(o * d, o * d + s * (m - 1) + 1, s)
+                    for o, d, s, m in zip(off, dilation, stride, out_shape))
+
+
+def window_scatter_add_with(add_into: Callable[[Any, Any], Any]) -> Callable:
+    """The ``window_scatter_add`` kernel of a library, from its in-place add
+    ``add_into(view, part)`` (``np.add(view, part, out=view)``, ``view.add_(part)``...).
+
+    ``(out [B, *S, C], cols [B, *O, K, C], kernel, stride, dilation) -> out``: every window of
+    ``cols`` (kernel offsets row-major) added back into ``out`` in place, one strided view per
+    offset, no temporaries.
+    """
+
+    def window_scatter_add(out, cols, kernel, stride, dilation):
+        out_shape = tuple(cols.shape[1:-2])
+        for j, spatial in enumerate(offset_slices(kernel, stride, dilation, out_shape)):
+            add_into(out[(slice(None), *spatial, slice(None))], cols[..., j, :])
+        return out
+
+    return window_scatter_add

@@ -7,11 +7,10 @@ creates arrays runs under :meth:`CupyBackend.activate` (``with cupy.cuda.Device(
 from __future__ import annotations
 
 import functools
-import itertools
 
 import numpy as np
 
-from .base import Backend
+from .base import Backend, window_scatter_add_with
 
 
 class CupyBackend(Backend):
@@ -90,19 +89,6 @@ def _cupy_window_gather(x, window, stride):
     return view[index]
 
 
-def _cupy_window_scatter_add(out, cols, kernel, stride, dilation):
-    """Add every window of ``cols [B, *O, K, C]`` into ``out [B, *S, C]`` in place."""
-    import cupy
-
-    out_shape = cols.shape[1:-2]
-    for j, off in enumerate(itertools.product(*(range(k) for k in kernel))):
-        idx = (slice(None),) + tuple(slice(o * d, o * d + s * (m - 1) + 1, s) for o, d, s, m
-                                     in zip(off, dilation, stride, out_shape)) + (slice(None),)
-        view = out[idx]
-        cupy.add(view, cols[..., j, :], out=view)
-    return out
-
-
 @functools.lru_cache(maxsize=1)
 def cupy_status() -> tuple[bool, str]:
     """``(usable, reason)`` for CuPy: installed, a driver, at least one device. Cached."""
@@ -143,5 +129,6 @@ def make_cupy_backend(name: str = "cupy", index: int | None = None) -> CupyBacke
 
     return CupyBackend(name=name, xp=xp, device=cupy.cuda.Device(i), library="cupy",
                        kernels={"window_gather": _cupy_window_gather,
-                                "window_scatter_add": _cupy_window_scatter_add,
+                                "window_scatter_add": window_scatter_add_with(
+                                    lambda view, part: cupy.add(view, part, out=view)),
                                 **cupy_kernels()})

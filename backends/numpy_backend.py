@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 
 import numpy as np
 
-from .base import Backend
+from .base import Backend, offset_slices, window_scatter_add_with
 
 
 def _window_gather(x, window: tuple[int, ...], stride: tuple[int, ...]):
@@ -39,10 +38,8 @@ def _im2col(x, kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple
                          f"input's spatial shape {tuple(x.shape[1:-1])}")
     cols = np.empty((x.shape[0], *out_shape, math.prod(kernel), x.shape[-1]), dtype=x.dtype)
     if x.shape[-1] == 1:
-        for j, off in enumerate(itertools.product(*(range(k) for k in kernel))):
-            idx = (slice(None),) + tuple(slice(o * d, o * d + s * (m - 1) + 1, s) for o, d, s, m
-                                         in zip(off, dilation, stride, out_shape))
-            cols[..., j, :] = x[idx]
+        for j, spatial in enumerate(offset_slices(kernel, stride, dilation, out_shape)):
+            cols[..., j, :] = x[(slice(None), *spatial)]
         return cols
     sb, *ss, sc = x.strides
     view = np.lib.stride_tricks.as_strided(
@@ -53,20 +50,8 @@ def _im2col(x, kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple
     return cols
 
 
-def _window_scatter_add(out, cols, kernel: tuple[int, ...], stride: tuple[int, ...],
-                        dilation: tuple[int, ...]):
-    """Add every window of ``cols`` back into ``out`` in place (adjoint of the gather).
-
-    Shapes: ``out [B, *S, C]``, ``cols [B, *O, K, C]`` (kernel offsets row-major).
-    One ``np.add(..., out=view)`` per kernel offset: no temporaries.
-    """
-    out_shape = cols.shape[1:-2]
-    for j, off in enumerate(itertools.product(*(range(k) for k in kernel))):
-        idx = (slice(None),) + tuple(slice(o * d, o * d + s * (m - 1) + 1, s) for o, d, s, m
-                                     in zip(off, dilation, stride, out_shape)) + (slice(None),)
-        view = out[idx]
-        np.add(view, cols[..., j, :], out=view)
-    return out
+def _add_into(view, part):
+    np.add(view, part, out=view)
 
 
 def _relu_inplace(slope: float = 0.0, scale: float = 1.0):
@@ -173,7 +158,7 @@ def make_numpy_backend(name: str = "numpy", index: int | None = None) -> NumpyBa
     return NumpyBackend(name=name, xp=xp, device="cpu", library="numpy",
                         kernels={"window_gather": _window_gather,
                                  "im2col": _im2col,
-                                 "window_scatter_add": _window_scatter_add,
+                                 "window_scatter_add": window_scatter_add_with(_add_into),
                                  "sum_rows": _sum_rows,
                                  "bias_act_inplace:relu": _relu_inplace(),
                                  "bias_act_inplace:scaled_relu": _relu_inplace(scale=1.1),

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 
-from .base import Backend
+from .base import Backend, window_scatter_add_with
 
 
 def _torch_window_gather(x, window: tuple[int, ...], stride: tuple[int, ...]):
@@ -19,20 +17,6 @@ def _torch_window_gather(x, window: tuple[int, ...], stride: tuple[int, ...]):
     for axis, (w, s) in enumerate(zip(window, stride)):
         x = x.unfold(first + axis, w, s)
     return x
-
-
-def _torch_window_scatter_add(out, cols, kernel: tuple[int, ...], stride: tuple[int, ...],
-                              dilation: tuple[int, ...]):
-    """Add every window of ``cols [B, *O, K, C]`` into ``out [B, *S, C]`` in place.
-
-    One in-place ``add_`` on a strided view per kernel offset (no temporaries).
-    """
-    out_shape = cols.shape[1:-2]
-    for j, off in enumerate(itertools.product(*(range(k) for k in kernel))):
-        idx = (slice(None),) + tuple(slice(o * d, o * d + s * (m - 1) + 1, s) for o, d, s, m
-                                     in zip(off, dilation, stride, out_shape)) + (slice(None),)
-        out[idx].add_(cols[..., j, :])
-    return out
 
 
 class TorchBackend(Backend):
@@ -108,5 +92,6 @@ def make_torch_backend(name: str = "torch", device: str | None = None) -> TorchB
 
     return TorchBackend(name=name, xp=xp, device=dev, library="torch",
                         kernels={"window_gather": _torch_window_gather,
-                                 "window_scatter_add": _torch_window_scatter_add,
+                                 "window_scatter_add": window_scatter_add_with(
+                                     lambda view, part: view.add_(part)),
                                  **activation_kernels()})

@@ -54,17 +54,6 @@ def make_bias_act(name: str) -> Callable:
     return bias_act
 
 
-def make_act_backward(name: str) -> Callable:
-    """``act_backward:<name>``: ``(z, y, dy) -> dz``."""
-    backward = _ACTIVATIONS[name][1]
-
-    def act_backward(z, y, dy):
-        return backward(z, y, dy)
-
-    act_backward.__name__ = f"act_backward_{name}"
-    return act_backward
-
-
 #: ReLU family in place: ``x ← act(x + bias)``; their derivatives need only the sign of ``z``.
 _IN_PLACE: dict[str, Callable] = {
     "relu": torch.relu_,
@@ -93,7 +82,7 @@ def activation_kernels() -> dict[str, Callable]:
     kernels: dict[str, Callable] = {}
     for name in _ACTIVATIONS:
         kernels[f"bias_act:{name}"] = make_bias_act(name)
-        kernels[f"act_backward:{name}"] = make_act_backward(name)
+        kernels[f"act_backward:{name}"] = _ACTIVATIONS[name][1]
     for name in _IN_PLACE:
         kernels[f"bias_act_inplace:{name}"] = make_bias_act_inplace(name)
     return kernels

@@ -51,6 +51,29 @@ def _grads(net) -> dict:
     return {p.name: p.grad for p in net.parameters()}
 
 
+def _serial_step(make, backend, x, y, prepare=lambda net: None):
+    """``(gradients, output, mean loss)`` of one unsplit cross-entropy step on ``make(backend)``."""
+    loss = get_loss("cross_entropy")
+    net = make(backend)
+    prepare(net)
+    net.zero_grad()
+    out, ctx = net.forward(x, train=True)
+    value, dout = loss(out, y)
+    net.backward(dout, ctx)
+    return _grads(net), out, value
+
+
+def _serial_grads(make, backend, x, y, prepare=lambda net: None):
+    return _serial_step(make, backend, x, y, prepare)[0]
+
+
+def _assert_grads(net, expected, backend):
+    got = _grads(net)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert_close(got[name], expected[name], backend, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("n, shards, sizes", [(10, 2, [5, 5]), (11, 3, [4, 3, 4]),
                                               (2, 4, [1, 1]), (1, 1, [1]), (7, 1, [7])])
 def test_split_batch_covers_every_row_once(n, shards, sizes):
@@ -64,28 +87,18 @@ def test_split_batch_covers_every_row_once(n, shards, sizes):
                          ids=["cnn", "lstm", "residual-parallel"])
 @pytest.mark.parametrize("workers", [2, 3])
 def test_gradients_equal_the_serial_step(backend64, make, shape, workers):
-    loss = get_loss("cross_entropy")
     x, y = _batch(backend64, shape)
-    serial = make(backend64)
+    net = make(backend64)
     if not _is_cpu(backend64):
         with pytest.raises(ConfigError, match="CPU threads"):
-            BatchParallel(serial, workers)
+            BatchParallel(net, workers)
         return
-    serial.zero_grad()
-    out, ctx = serial.forward(x, train=True)
-    value, dout = loss(out, y)
-    serial.backward(dout, ctx)
-    expected = _grads(serial)
-
-    net = make(backend64)
+    expected, out, value = _serial_step(make, backend64, x, y)
     net.zero_grad()
     with BatchParallel(net, workers) as par:
-        results = par.forward_backward(x, y, loss)
+        results = par.forward_backward(x, y, get_loss("cross_entropy"))
     assert [r.rows for r in results] == split_batch(11, workers)
-    got = _grads(net)
-    assert got.keys() == expected.keys()
-    for name in expected:
-        assert_close(got[name], expected[name], backend64, rtol=1e-10, atol=1e-12)
+    _assert_grads(net, expected, backend64)
     # the shards' outputs and mean losses are those of the whole batch
     xp = backend64.xp
     outs = xp.concat([r.out for r in results], axis=0)
@@ -198,22 +211,6 @@ def test_fit_with_workers_follows_the_serial_run(backend64):
     assert h2["accuracy"] == h1["accuracy"]
     for a, b in zip(serial.parameters(), split.parameters()):
         assert_close(b.value, a.value, backend64, rtol=1e-9, atol=1e-11)
-
-
-def _serial_grads(make, backend, x, y, prepare=lambda net: None):
-    loss = get_loss("cross_entropy")
-    net = make(backend)
-    prepare(net)
-    net.zero_grad()
-    out, ctx = net.forward(x, train=True)
-    net.backward(loss(out, y)[1], ctx)
-    return _grads(net)
-
-
-def _assert_grads(net, expected, backend):
-    got = _grads(net)
-    for name in expected:
-        assert_close(got[name], expected[name], backend, rtol=1e-10, atol=1e-12)
 
 
 def test_replicas_are_kept_between_steps_and_follow_setting_changes(numpy64):
