@@ -13,7 +13,6 @@ import pytest
 import loomx
 from loomx.errors import ConfigError
 from loomx.models import stream
-from tests.conftest import assert_close
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -24,6 +23,7 @@ from tests.tiny_models import (  # noqa: E402
     VOCAB,
     LoadedModels,
     cached_logits,
+    check_cached_logits_on,
     reference_greedy,
     reference_logits,
     tiny_model,
@@ -80,13 +80,7 @@ def test_half_precision_and_sharded_files(variant, loaded):
 
 
 def test_every_backend_gives_the_same_logits(backend):
-    model = loomx.load_model(tiny_model("qwen3")[0], backend=backend)
-    cache = model.new_cache(2, 12)
-    first = model(model.ids(IDS[:, :6]), cache)
-    nxt = model(model.ids(IDS[:, 6:7]), cache)
-    ref = _reference("qwen3")
-    assert_close(first, ref[:, :6], backend, rtol=0, atol=1e-4)
-    assert_close(nxt, ref[:, 6:7], backend, rtol=0, atol=1e-4)
+    check_cached_logits_on(backend, "qwen3", IDS)
 
 
 def test_float64_backend_is_closer(loaded):

@@ -8,9 +8,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import loomx
-from tests.conftest import assert_close
-
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
@@ -18,8 +15,8 @@ from tests.tiny_models import (  # noqa: E402
     MOE_FAMILIES,
     VOCAB,
     LoadedModels,
+    check_cached_logits_on,
     reference_logits,
-    tiny_model,
 )
 
 IDS = np.random.default_rng(0).integers(3, VOCAB, size=(2, 9))
@@ -48,10 +45,4 @@ def test_moe_blocks_are_built_from_the_file(family, loaded):
 
 
 def test_every_backend_gives_the_same_logits(backend):
-    model = loomx.load_model(tiny_model("qwen2_moe")[0], backend=backend)
-    cache = model.new_cache(2, 12)
-    first = model(model.ids(IDS[:, :6]), cache)
-    nxt = model(model.ids(IDS[:, 6:7]), cache)
-    ref = _reference("qwen2_moe")
-    assert_close(first, ref[:, :6], backend, rtol=0, atol=1e-4)
-    assert_close(nxt, ref[:, 6:7], backend, rtol=0, atol=1e-4)
+    check_cached_logits_on(backend, "qwen2_moe", IDS)

@@ -150,6 +150,21 @@ def cached_logits(model, ids: np.ndarray, prefix: int, max_len: int) -> np.ndarr
     return np.concatenate(parts, axis=1)
 
 
+def check_cached_logits_on(backend, family: str, ids: np.ndarray) -> None:
+    """``family`` loaded on ``backend``: a 6-token prompt into the KV cache, then the 7th token,
+    against transformers' logits (values, dtype and device checked by ``assert_close``)."""
+    import loomx
+    from tests.conftest import assert_close
+
+    model = loomx.load_model(tiny_model(family)[0], backend=backend)
+    cache = model.new_cache(ids.shape[0], 12)
+    first = model(model.ids(ids[:, :6]), cache)
+    nxt = model(model.ids(ids[:, 6:7]), cache)
+    ref = reference_logits(family, ids)
+    assert_close(first, ref[:, :6], backend, rtol=0, atol=1e-4)
+    assert_close(nxt, ref[:, 6:7], backend, rtol=0, atol=1e-4)
+
+
 class LoadedModels:
     """loomx models loaded once per (family, variant, backend)."""
 
