@@ -9,6 +9,9 @@ provides here with an array-API reference fallback:
 - ``to_host`` / ``from_host``: the only sanctioned copies between host (numpy) and device.
 - ``sync``: wait for queued device work (a no-op on the CPU).
 - ``memory_info``: used / total bytes where the library knows them.
+- ``scratch`` / ``scratch_matmul`` / ``contiguous_scratch``: temporaries (``xp.empty``, a
+  product, a C-contiguous copy), recycled on numpy where nothing references them any more
+  (no page faults for large blocks).
 - ``kernel(name)``: an optional fast kernel (e.g. strided-window gather) or ``None``; callers
   fall back to the reference path when it is ``None``. Every kernel is tested against it.
 - ``random(seed)``: a seeded :class:`RandomSource`. Draws are made on the host with numpy's
@@ -117,6 +120,29 @@ class Backend:
     def zeros(self, shape, dtype=None):
         """Zeros of ``shape`` on this backend's device (default dtype: ``float_dtype``)."""
         return self.xp.zeros(tuple(shape), dtype=dtype or self.float_dtype, device=self.device)
+
+    def scratch(self, shape, dtype=None):
+        """An uninitialised array of ``shape`` for a temporary the caller fills completely.
+
+        Semantically ``xp.empty``; the numpy backend recycles the memory of large scratch
+        arrays nothing references any more (``backends/scratch.py``), which saves the page
+        faults of fresh allocations. GPU libraries already pool their device memory.
+        """
+        return self.xp.empty(tuple(shape), dtype=dtype or self.float_dtype, device=self.device)
+
+    def scratch_matmul(self, a, b):
+        """``xp.matmul(a, b)`` with the product written into :meth:`scratch` memory."""
+        return self.xp.matmul(a, b)
+
+    def contiguous_scratch(self, x) -> tuple[Any, bool]:
+        """``x`` laid out C-contiguously: ``(x, False)`` when it already is (or the library
+        does not expose layouts), else ``(copy, True)``; the copy is the caller's to overwrite
+        and sits in :meth:`scratch` memory on numpy."""
+        return x, False
+
+    def clear_scratch(self) -> int:
+        """Release the memory kept for reuse by :meth:`scratch`; returns the bytes freed."""
+        return 0
 
     def ones(self, shape, dtype=None):
         """Ones of ``shape`` on this backend's device."""

@@ -8,6 +8,12 @@ import math
 import numpy as np
 
 from .base import Backend, offset_slices, window_scatter_add_with
+from .scratch import ScratchPool
+
+#: Large temporaries of every numpy backend (and its dtype variants), recycled per thread.
+SCRATCH = ScratchPool()
+#: Matrix products with fewer output elements than this skip the scratch bookkeeping.
+_SCRATCH_MIN_ITEMS = 1 << 16
 
 
 def _window_gather(x, window: tuple[int, ...], stride: tuple[int, ...]):
@@ -36,7 +42,7 @@ def _im2col(x, kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple
     if any(r > n for r, n in zip(reach, x.shape[1:-1])):
         raise ValueError(f"windows {out_shape} of kernel {kernel} reach {reach}, beyond the "
                          f"input's spatial shape {tuple(x.shape[1:-1])}")
-    cols = np.empty((x.shape[0], *out_shape, math.prod(kernel), x.shape[-1]), dtype=x.dtype)
+    cols = SCRATCH.empty((x.shape[0], *out_shape, math.prod(kernel), x.shape[-1]), x.dtype)
     if x.shape[-1] == 1:
         for j, spatial in enumerate(offset_slices(kernel, stride, dilation, out_shape)):
             cols[..., j, :] = x[(slice(None), *spatial)]
@@ -72,6 +78,21 @@ def _relu_inplace(slope: float = 0.0, scale: float = 1.0):
         else:
             np.maximum(x, x * slope, out=x)
         return x, x
+
+    return kernel
+
+
+def _relu_backward_inplace(scale: float = 1.0):
+    """``act_backward_inplace:<relu|scaled_relu>``: ``(z, y, dy) -> dy`` overwritten with
+    ``dz = dy·[z > 0]·scale`` (the same values as the reference ``dy * step(z) * scale``)."""
+
+    def kernel(z, y, dy):
+        mask = SCRATCH.empty(z.shape, np.bool_)
+        np.greater(z, 0, out=mask)
+        np.multiply(dy, mask, out=dy)
+        if scale != 1.0:
+            np.multiply(dy, scale, out=dy)
+        return dy
 
     return kernel
 
@@ -131,6 +152,25 @@ class NumpyBackend(Backend):
         """The error function to float64 accuracy (|error| ≤ 3e-16), in the dtype of ``x``."""
         return _erf(np.asarray(x, dtype=np.float64)).astype(x.dtype, copy=False)
 
+    def scratch(self, shape, dtype=None):
+        return SCRATCH.empty(tuple(shape), dtype or self.float_dtype)
+
+    def scratch_matmul(self, a, b):
+        if a.ndim < 2 or b.ndim < 2 or a.shape[-2] * b.shape[-1] < _SCRATCH_MIN_ITEMS:
+            return np.matmul(a, b)  # small or vector products: no bookkeeping
+        shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
+        return np.matmul(a, b, out=SCRATCH.empty(shape, np.result_type(a, b)))
+
+    def contiguous_scratch(self, x):
+        if x.flags.c_contiguous:
+            return x, False
+        out = SCRATCH.empty(x.shape, x.dtype)
+        np.copyto(out, x)
+        return out, True
+
+    def clear_scratch(self) -> int:
+        return SCRATCH.clear()
+
     def scatter_add(self, target, indices, values):
         """``np.add.at`` into a copy of ``target`` (duplicates add)."""
         out = np.array(target, copy=True)
@@ -163,4 +203,7 @@ def make_numpy_backend(name: str = "numpy", index: int | None = None) -> NumpyBa
                                  "bias_act_inplace:relu": _relu_inplace(),
                                  "bias_act_inplace:scaled_relu": _relu_inplace(scale=1.1),
                                  "bias_act_inplace:leaky_relu": _relu_inplace(0.01),
-                                 "bias_act_inplace:loom_leaky_relu": _relu_inplace(0.1)})
+                                 "bias_act_inplace:loom_leaky_relu": _relu_inplace(0.1),
+                                 "act_backward_inplace:relu": _relu_backward_inplace(),
+                                 "act_backward_inplace:scaled_relu":
+                                     _relu_backward_inplace(1.1)})

@@ -108,3 +108,17 @@ def test_loomx_bench_runs_the_same_runner(tmp_path):
     assert record["key"] == "f_sample"
     assert set(record["timings"]) == {"loomx[numpy]", "torch"}
     assert doc["command"].startswith("loomx bench")
+
+
+@pytest.mark.parametrize("extra", [[], ["--workers", "2"]])
+def test_alone_times_one_loomx_op_and_counts_faults(extra):
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.alone", "--quick", "--case", "b_cnn", "--warmup",
+         "1", "--calls", "3", *extra], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = proc.stdout.strip()
+    assert line.startswith("b_cnn loomx[numpy] threads=1")
+    assert "median" in line and "over 3 calls" in line and "page faults per call" in line
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.alone", "--case", "zz"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "unknown case 'zz'" in bad.stderr

@@ -87,6 +87,24 @@ def check_act_backward(backend, kernel, name):
     assert_close(kernel(z, y, dy), backend.to_host(expected), backend, rtol=1e-5, atol=2e-6)
 
 
+def check_act_backward_inplace(backend, kernel, name):
+    """The in-place backward overwrites ``dy`` with exactly the reference gradient (zeros
+    included: a negative ``dy`` where ``z ≤ 0`` gives ``-0.0`` in both)."""
+    act = ACTIVATIONS[name.split(":", 1)[1]]
+    xp = backend.xp
+    z = _rand(backend, (4, 9, 6), 9, scale=2.0)
+    z[0, 0, :] = 0.0  # the kink itself: derivative 0, as the reference
+    y = act.forward(backend, z)
+    dy = _rand(backend, (4, 9, 6), 10)
+    expected = backend.to_host(act.backward(backend, z, y, dy))
+    owned = xp.asarray(dy, copy=True)
+    out = kernel(z, y, owned)
+    got = backend.to_host(out)
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(expected))
+    np.testing.assert_array_equal(backend.to_host(owned), expected)  # written in place
+
+
 def check_softmax(backend, kernel, name):
     xp = backend.xp
     x = _rand(backend, (2, 3, 37), 4, scale=3.0)
@@ -247,6 +265,8 @@ KERNEL_CHECKS = {
     **{f"act_backward:{a}": check_act_backward for a in FUSED_ACTIVATIONS},
     **{f"bias_act_inplace:{a}": check_bias_act_inplace
        for a in ("relu", "scaled_relu", "leaky_relu", "loom_leaky_relu")},
+    **{f"act_backward_inplace:{a}": check_act_backward_inplace
+       for a in ("relu", "scaled_relu")},
     "softmax": check_softmax,
     "log_softmax": check_softmax,
     "softmax_backward": check_softmax_backward,

@@ -70,10 +70,14 @@ def pad_spatial(backend, x: Array, pads: Pads, value: float = 0.0) -> Array:
     spatial = tuple(x.shape[1:-1])
     shape = ((x.shape[0],) + tuple(s + lo + hi for s, (lo, hi) in zip(spatial, pads))
              + (x.shape[-1],))
-    if value == 0.0:
-        out = backend.zeros(shape, dtype=x.dtype)
-    else:
-        out = backend.full(shape, value, dtype=x.dtype)
+    out = backend.scratch(shape, dtype=x.dtype)
+    # fill only the border (every element outside the interior, corners maybe twice), then
+    # copy the interior: each element is written once or twice instead of zeros-then-copy
+    full = (slice(None),) * len(spatial)
+    for axis, (s, (lo, hi)) in enumerate(zip(spatial, pads)):
+        for part in (slice(0, lo), slice(lo + s, lo + s + hi)):
+            if part.stop > part.start:
+                out[_spatial_index(full[:axis] + (part,) + full[axis + 1:])] = value
     out[_spatial_index(tuple(slice(lo, lo + s) for s, (lo, _) in zip(spatial, pads)))] = x
     return out
 
@@ -149,7 +153,8 @@ def scatter_windows(backend, cols: Array, spatial: tuple[int, ...], kernel: tupl
     shape = (cols.shape[0],) + tuple(spatial) + (cols.shape[-1],)
     if all(d == 1 and s == k for k, s, d in zip(kernel, stride, dilation)):
         return _untile(backend, cols, shape, kernel)
-    out = backend.zeros(shape, dtype=cols.dtype)
+    out = backend.scratch(shape, dtype=cols.dtype)
+    out[...] = 0
     fast = backend.kernel("window_scatter_add")
     if fast is None:
         return scatter_windows_reference(backend, out, cols, kernel, stride, dilation)

@@ -230,9 +230,18 @@ def bias_activation(backend, act: Activation, x: Array, bias: Array | None = Non
     return z, act.forward(backend, z)
 
 
-def activation_backward(backend, act: Activation, z: Array, y: Array, dy: Array) -> Array:
+def activation_backward(backend, act: Activation, z: Array, y: Array, dy: Array, *,
+                        owned: bool = False) -> Array:
     """``dz`` of ``y = act(z)`` given ``dy``; one fused pass where the backend has an
-    ``act_backward:<name>`` kernel."""
+    ``act_backward:<name>`` kernel.
+
+    ``owned=True`` says that ``dy`` is a fresh array nobody else reads: a backend's
+    ``act_backward_inplace:<name>`` kernel may then overwrite it with ``dz`` and return it.
+    """
+    if owned:
+        inplace = backend.kernel("act_backward_inplace:" + act.name)
+        if inplace is not None:
+            return inplace(z, y, dy)
     fused = backend.kernel("act_backward:" + act.name)
     if fused is not None:
         return fused(z, y, dy)

@@ -240,7 +240,8 @@ class ConvND(_ConvBase):
         rows = x.shape[0] * math.prod(self._out_spatial)
         cols = _split_groups(xp, cols, rows, k, self.groups)  # [g, B·P, K·C/g]
         w = _weight_rows(xp, self.params["weight"], self.groups)  # [g, F/g, K·C/g]
-        z = _merge_groups(xp, xp.matmul(cols, xp.matrix_transpose(w)), 1)  # [B·P, 1, F]
+        z = _merge_groups(xp, self.backend.scratch_matmul(cols, xp.matrix_transpose(w)),
+                          1)  # [B·P, 1, F]
         z, y = self._finish(xp.reshape(z, (x.shape[0], *self._out_spatial, -1)))
         return y, (cols, z, y)
 
@@ -256,7 +257,8 @@ class ConvND(_ConvBase):
         if self.groups == 1:
             w = self.params["weight"]
             wk = xp.permute_dims(xp.reshape(w, (w.shape[0], c, k)), (2, 0, 1))  # [K, F, C]
-            dk = xp.reshape(xp.matmul(dz2[0, ...], wk), (k, *lead, c))  # [K, B, *O, C]
+            dk = xp.reshape(self.backend.scratch_matmul(dz2[0, ...], wk),
+                            (k, *lead, c))  # [K, B, *O, C]
             return xp.permute_dims(dk, tuple(range(1, n + 2)) + (0, n + 2))
         w = _weight_rows(xp, self.params["weight"], self.groups)
         dcols = _merge_groups(xp, xp.matmul(dz2, w), k)  # [B·P, K, C]
@@ -267,10 +269,10 @@ class ConvND(_ConvBase):
         xp = self.xp
         g, k, rows = self.groups, math.prod(self._k), cols.shape[1]
         # work channels-last: z and y already are in memory; dy is copied once if it is not
-        shape_cl = (dy.shape[0], *self._out_spatial, self.out_channels)
-        dycl = xp.reshape(xp.reshape(to_channels_last(xp, dy), (rows, -1)), shape_cl)
+        # (into recycled memory on numpy), and that copy then receives dz in place
+        dycl, owned = self.backend.contiguous_scratch(to_channels_last(xp, dy))
         dzcl = activation_backward(self.backend, self._act, to_channels_last(xp, z),
-                                   to_channels_last(xp, y), dycl)
+                                   to_channels_last(xp, y), dycl, owned=owned)
         self._bias_grad(dzcl)
         dz2 = _split_groups(xp, dzcl, rows, 1, g)  # [g, B·P, F/g]
         if cols.shape[-1] < dz2.shape[-1]:  # few window columns (e.g. one input channel):

@@ -62,7 +62,10 @@ class Flatten(Layer):
 
     def forward(self, x: Array, train: bool = False) -> tuple[Array, Any]:
         self.check_input(x)
-        return self.xp.reshape(x, (x.shape[0], -1)), tuple(x.shape)
+        # a non-contiguous input (a conv's channels-first view) is copied once, into
+        # recycled memory on numpy
+        flat, _ = self.backend.contiguous_scratch(x)
+        return self.xp.reshape(flat, (x.shape[0], -1)), tuple(x.shape)
 
     def backward(self, dy: Array, ctx: Any) -> Array:
         return self.xp.reshape(dy, ctx)

@@ -1,0 +1,87 @@
+"""``python -m benchmarks.alone``: one loomx workload alone in its process, with page faults.
+
+The side-by-side runner keeps PyTorch in the same process, and PyTorch's own allocations change
+how glibc reuses freed memory (its dynamic mmap threshold). This tool times the loomx op of
+one case with nothing else loaded, which is the situation of a user's training loop, and
+reports the page faults per call next to the median time::
+
+    python -m benchmarks.alone --case b_cnn --threads 1
+    python -m benchmarks.alone --case b_cnn --threads 2 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+
+def _faults() -> int | None:
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.alone", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", default="b_cnn", help="case key (a_mlp, b_cnn, c_lstm, ...)")
+    parser.add_argument("--threads", type=int, default=1, help="BLAS threads")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="split training steps over this many threads (BatchParallel)")
+    parser.add_argument("--backend", default="numpy", help="loomx backend spec")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--calls", type=int, default=100)
+    parser.add_argument("--quick", action="store_true", help="the tiny shapes of the tests")
+    args = parser.parse_args(argv)
+    if args.threads < 1 or args.calls < 1 or args.warmup < 0:
+        parser.error("--threads and --calls must be at least 1, --warmup at least 0")
+    os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads)  # before numpy loads OpenBLAS
+
+    import threadpoolctl
+
+    import loomx
+
+    from . import loomx_side
+    from .cases import Missing
+    from .workloads import all_cases
+
+    threadpoolctl.threadpool_limits(args.threads)
+    cases = {c.key: c for c in all_cases(args.quick)}
+    if args.case not in cases:
+        parser.error(f"unknown case {args.case!r}; choose from {', '.join(cases)}")
+    loomx_side.WORKERS = args.workers
+    backend = loomx.get_backend(args.backend)
+    try:
+        op = cases[args.case].loomx(backend)
+    except Missing as exc:
+        print(f"{args.case}: not available on loomx[{args.backend}]: {exc}", file=sys.stderr)
+        return 1
+    times = []
+    for _ in range(args.warmup):
+        if op.setup:
+            op.setup()
+        op.run()
+    start = _faults()
+    for _ in range(args.calls):
+        if op.setup:
+            op.setup()
+        t0 = time.perf_counter()
+        op.run()
+        if op.sync:
+            op.sync()
+        times.append(time.perf_counter() - t0)
+    end = _faults()
+    faults = "n/a" if start is None else f"{(end - start) / args.calls:.0f}"
+    print(f"{args.case} loomx[{backend.name}] threads={args.threads} workers={args.workers}: "
+          f"median {statistics.median(times) * 1e3:.2f} ms over {args.calls} calls, "
+          f"page faults per call {faults}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Recycled scratch memory: ``ScratchPool`` reuses a block only when nothing references it,
+and ``Backend.scratch`` / ``scratch_matmul`` / ``contiguous_scratch`` behave like their plain
+counterparts on every backend."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import numpy as np
+import pytest
+from loomx.backends.scratch import ScratchPool
+
+from tests.conftest import assert_close
+
+
+def _addr(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
+@pytest.fixture
+def pool() -> ScratchPool:
+    return ScratchPool(min_bytes=1 << 12, max_free_bytes=1 << 22, max_entries=8)
+
+
+def test_shape_dtype_and_layout(pool):
+    a = pool.empty((64, 33), np.float32)
+    assert a.shape == (64, 33) and a.dtype == np.float32 and a.flags.c_contiguous
+    assert a.flags.writeable
+    b = pool.empty((3, 4), np.float64)  # below min_bytes: a plain np.empty, not tracked
+    assert b.shape == (3, 4) and b.dtype == np.float64
+    assert pool.stats()["buffers"] == 1
+
+
+def test_reused_only_when_nothing_references_it(pool):
+    a = pool.empty((128, 128), np.float32)
+    first = _addr(a)
+    b = pool.empty((128, 128), np.float32)
+    assert _addr(b) != first  # a is alive
+    view = a[::2, 1:]
+    del a
+    c = pool.empty((128, 128), np.float32)
+    assert _addr(c) != first  # a view of a keeps it busy
+    del view
+    d = pool.empty((128, 128), np.float32)
+    assert _addr(d) == first
+    assert pool.stats()["hits"] == 1
+
+
+def test_foreign_references_keep_a_block_busy(pool):
+    a = pool.empty((64, 64), np.float32)
+    first = _addr(a)
+    mem = memoryview(a.reshape(-1))
+    del a
+    other = pool.empty((64, 64), np.float32)
+    assert _addr(other) != first
+    mem.release()
+    del mem
+    gc.collect()
+    assert _addr(pool.empty((64, 64), np.float32)) == first
+
+
+def test_values_written_are_not_clobbered_while_alive(pool):
+    arrays = []
+    for k in range(5):
+        a = pool.empty((32, 32), np.float32)
+        a[...] = k
+        arrays.append(a)
+    for k, a in enumerate(arrays):
+        assert np.all(a == k)
+
+
+def test_same_bytes_other_shape_or_dtype_reuses(pool):
+    a = pool.empty((256, 64), np.float32)
+    first = _addr(a)
+    del a
+    b = pool.empty((128, 64), np.float64)
+    assert _addr(b) == first and b.dtype == np.float64 and b.shape == (128, 64)
+
+
+def test_bounds_drop_free_buffers_and_forget_busy_ones():
+    pool = ScratchPool(min_bytes=1 << 12, max_free_bytes=3 << 16, max_entries=4)
+    for n in range(1, 9):  # eight different sizes, each freed at once
+        pool.empty((n << 14,), np.uint8)
+    # trimmed at each new block: at most the budget plus the block last handed out
+    assert pool.stats()["free_bytes"] <= (3 << 16) + (8 << 14)
+    assert pool.stats()["buffers"] < 8
+    busy = [pool.empty((n << 14,), np.uint8) for n in range(10, 16)]
+    assert pool.stats()["buffers"] <= 4  # the oldest busy blocks are forgotten, not freed
+    for k, a in enumerate(busy):
+        a[...] = k
+    assert all(np.all(a == k) for k, a in enumerate(busy))
+
+
+def test_clear_releases_free_buffers(pool):
+    a = pool.empty((64, 64), np.float32)
+    del a
+    assert pool.clear() >= 64 * 64 * 4
+    assert pool.stats()["buffers"] == 0
+
+
+def test_threads_never_share_a_block(pool):
+    barrier = threading.Barrier(2)
+    got: dict[int, list[int]] = {}
+
+    def work(k: int) -> None:
+        addrs = []
+        for _ in range(20):
+            a = pool.empty((64, 64), np.float32)
+            a[...] = k
+            barrier.wait()
+            assert np.all(a == k)  # the other thread did not receive the same block
+            addrs.append(_addr(a))
+            del a
+        got[k] = addrs
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(got[0]).isdisjoint(got[1])
+
+
+# ------------------------------------------------------------ the Backend methods
+def test_backend_scratch_like_empty(backend):
+    a = backend.scratch((300, 1000))
+    assert tuple(a.shape) == (300, 1000) and a.dtype == backend.float_dtype
+    assert backend.is_array(a)
+    a[...] = 1.5
+    assert float(backend.to_host(backend.xp.sum(a))) == 1.5 * 300 * 1000
+    i = backend.scratch((4,), dtype=backend.xp.int32)
+    assert i.dtype == backend.xp.int32
+    assert backend.clear_scratch() >= 0
+
+
+def test_backend_scratch_matmul_equals_matmul(backend):
+    rng = np.random.default_rng(0)
+    xp = backend.xp
+    for sa, sb in [((300, 40), (40, 600)), ((3, 5), (5, 2)), ((2, 300, 40), (40, 600)),
+                   ((300, 40), (3, 40, 600)), ((7,), (7, 3))]:
+        a = backend.from_host(rng.standard_normal(sa))
+        b = backend.from_host(rng.standard_normal(sb))
+        got = backend.scratch_matmul(a, b)
+        assert tuple(got.shape) == tuple(xp.matmul(a, b).shape)
+        assert_close(got, backend.to_host(xp.matmul(a, b)), backend, rtol=1e-6, atol=1e-6)
+
+
+def test_backend_contiguous_scratch(backend):
+    xp = backend.xp
+    x = backend.from_host(np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4))
+    same, copied = backend.contiguous_scratch(x)
+    assert not copied and same is x
+    t = xp.permute_dims(x, (0, 2, 1))
+    c, copied = backend.contiguous_scratch(t)
+    assert_close(c, backend.to_host(t), backend)
+    if copied:  # the caller owns the copy: writing to it leaves x alone
+        c[...] = 0
+        assert float(backend.to_host(xp.sum(x))) == float(sum(range(24)))
+
+
+def test_numpy_contiguous_scratch_copies_strided_views():
+    from loomx.backends import get_backend
+
+    b = get_backend("numpy")
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4).transpose(0, 2, 1)
+    c, copied = b.contiguous_scratch(x)
+    assert copied and c.flags.c_contiguous
+    np.testing.assert_array_equal(c, x)
