@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 
+from .allocator import tune_host_allocator
 from .base import Backend, offset_slices, window_scatter_add_with
 from .scratch import ScratchPool
 
@@ -195,6 +196,7 @@ def make_numpy_backend(name: str = "numpy", index: int | None = None) -> NumpyBa
 
     if index not in (None, 0):
         raise BackendUnavailableError(f"numpy has only the 'cpu' device; got index {index}.")
+    tune_host_allocator()
     return NumpyBackend(name=name, xp=xp, device="cpu", library="numpy",
                         kernels={"window_gather": _window_gather,
                                  "im2col": _im2col,

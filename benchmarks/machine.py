@@ -104,6 +104,12 @@ def machine_info(threads: int | None = None) -> dict:
     }
     if threads is not None:
         info["threads"] = threads
+    try:
+        from loomx.backends.allocator import host_allocator_state
+
+        info["host_allocator"] = host_allocator_state()
+    except ImportError:  # a loomx without it
+        pass
     info.update(blas_info())
     info.update(torch_info())
     return info

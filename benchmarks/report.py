@@ -155,6 +155,9 @@ def machine_lines(doc: dict) -> list[str]:
         f"- thread counts: {threads} (each in its own process; {doc['runs'][0]['thread_control']}"
         " for numpy's BLAS, torch.set_num_threads for PyTorch)",
         f"- load average at start: {m['load_avg']}",
+        *([f"- host allocator: {'tuned' if m['host_allocator']['tuned'] else 'left alone'} "
+           f"({m['host_allocator']['reason']}; backends/allocator.py)"]
+          if m.get("host_allocator") else []),
         f"- sgemm peak ({doc['runs'][0].get('sgemm_source', 'numpy')} float32 "
         f"{doc['runs'][0]['sgemm_size']}² matmul): " + ", ".join(
             f"{run['sgemm_gflops']:.0f} GFLOP/s at {run['threads']} thread(s)"

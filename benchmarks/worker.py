@@ -208,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         def measure_peak() -> float:
             return sgemm_gflops(size, 3 if args.quick else 20)
 
+    # set up the host allocator as a loomx numpy backend does, before anything is timed, so
+    # that every contender runs under the same allocator settings from its first call
+    from loomx.backends.allocator import tune_host_allocator
+
+    tune_host_allocator()
     machine = machine_info(args.threads)
     peaks = [measure_peak()]
     log(f"[threads {args.threads}] sgemm peak {peaks[0]:.1f} GFLOP/s")

@@ -167,3 +167,59 @@ def test_numpy_contiguous_scratch_copies_strided_views():
     c, copied = b.contiguous_scratch(x)
     assert copied and c.flags.c_contiguous
     np.testing.assert_array_equal(c, x)
+
+
+# ------------------------------------------------------------ the host allocator
+def test_host_allocator_is_set_up_by_the_numpy_backend():
+    import platform
+
+    from loomx.backends import get_backend
+    from loomx.backends.allocator import host_allocator_state
+
+    get_backend("numpy")
+    state = host_allocator_state()
+    assert state["tuned"] in (True, False) and state["reason"]
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        import os
+
+        if not any(v in os.environ for v in ("LOOMX_HOST_ALLOCATOR", "MALLOC_MMAP_THRESHOLD_",
+                                             "MALLOC_TRIM_THRESHOLD_")):
+            assert state["tuned"] is True and "mmap threshold 32 MiB" in state["reason"]
+
+
+@pytest.mark.parametrize("env, reason", [
+    ({"LOOMX_HOST_ALLOCATOR": "default"}, "LOOMX_HOST_ALLOCATOR=default"),
+    ({"LOOMX_HOST_ALLOCATOR": "off"}, "LOOMX_HOST_ALLOCATOR=off"),
+    ({"MALLOC_TRIM_THRESHOLD_": "1000000"}, "set by the user (MALLOC_TRIM_THRESHOLD_)"),
+    ({"MALLOC_MMAP_THRESHOLD_": "1000000"}, "set by the user (MALLOC_MMAP_THRESHOLD_)"),
+])
+def test_host_allocator_left_alone_when_asked(monkeypatch, env, reason):
+    from loomx.backends import allocator
+
+    for k in ("LOOMX_HOST_ALLOCATOR", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert allocator._decide() == {"tuned": False, "reason": reason}
+
+
+def test_host_allocator_unknown_setting_warns(monkeypatch):
+    from loomx.backends import allocator
+
+    monkeypatch.setenv("LOOMX_HOST_ALLOCATOR", "fast")
+    with pytest.warns(UserWarning, match="'fast' is not 'tuned' or 'default'"):
+        state = allocator._decide()
+    assert state["tuned"] is False
+
+
+def test_loomx_info_reports_the_host_allocator():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "LOOMX_BACKEND"}
+    env["LOOMX_HOST_ALLOCATOR"] = "default"
+    out = subprocess.run([sys.executable, "-m", "loomx", "info"], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "host allocator: left alone (LOOMX_HOST_ALLOCATOR=default" in out.stdout
