@@ -1,4 +1,4 @@
-"""glibc's large-block thresholds, pinned at the values its own heuristic ends at.
+"""glibc's large-block thresholds, pinned high so that step temporaries reuse memory.
 
 glibc serves blocks at or above its *mmap threshold* with fresh ``mmap`` pages, and returns
 free memory at the top of the heap to the kernel once it exceeds its *trim threshold*. Both
@@ -11,13 +11,13 @@ transformer training step about 6,000 page faults and 9 % of its time. It also m
 speed depend on what else the process had allocated (with PyTorch loaded the faults were gone).
 
 :func:`tune_host_allocator` sets the two thresholds once: the mmap threshold to glibc's own
-ceiling, 32 MiB, and the trim threshold to 256 MiB. 64 MiB, where glibc itself stops, still let a
-transformer step's transient memory be trimmed and faulted in again in some runs. Up to
-256 MiB of freed memory may therefore stay with the process. It runs when the first numpy backend is built, only on glibc, and never when the user has
-chosen either threshold through glibc's environment variables (``MALLOC_MMAP_THRESHOLD_``,
-``MALLOC_TRIM_THRESHOLD_``). ``LOOMX_HOST_ALLOCATOR=default`` turns it off. The setting is
-process-wide, like any ``mallopt``; ``loomx info`` and the benchmark reports show whether it
-was applied.
+ceiling, 32 MiB, and the trim threshold to 256 MiB (at 64 MiB, where glibc itself stops, a
+transformer step's transient memory was still trimmed and faulted in again in some runs), so
+up to 256 MiB of freed memory may stay with the process. It runs when the first numpy backend
+is built, only on glibc, and never when the user has chosen either threshold through glibc's
+environment variables (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``).
+``LOOMX_HOST_ALLOCATOR=default`` turns it off. The setting is process-wide, like any
+``mallopt``; ``loomx info`` and the benchmark reports show whether it was applied.
 """
 
 from __future__ import annotations

@@ -1,12 +1,17 @@
-"""``python -m benchmarks.alone``: one loomx workload alone in its process, with page faults.
+"""``python -m benchmarks.alone``: one workload's op alone in its process, with page faults.
 
-The side-by-side runner keeps PyTorch in the same process, and PyTorch's own allocations change
-how glibc reuses freed memory (its dynamic mmap threshold). This tool times the loomx op of
-one case with nothing else loaded, which is the situation of a user's training loop, and
-reports the page faults per call next to the median time::
+The side-by-side runner times loomx and PyTorch in one process, so both run under the same
+allocator settings (loomx's numpy backend pins glibc's thresholds: ``backends/allocator.py``).
+This tool times one library's op with nothing else loaded, which is what a user's training
+loop gets out of the box, and reports the page faults per call next to the median time::
 
     python -m benchmarks.alone --case b_cnn --threads 1
     python -m benchmarks.alone --case b_cnn --threads 2 --workers 2
+    python -m benchmarks.alone --case b_cnn --threads 2 --torch      # PyTorch eager, CPU
+
+With ``--torch`` no numpy backend is built, so glibc keeps its own dynamic thresholds
+("host allocator not tuned"); those rise with whatever the process allocated and freed
+before (here: the benchmark data), so PyTorch's page faults vary from run to run.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None,
                         help="split training steps over this many threads (BatchParallel)")
     parser.add_argument("--backend", default="numpy", help="loomx backend spec")
+    parser.add_argument("--torch", action="store_true",
+                        help="time the PyTorch eager op of the case instead (CPU; no numpy "
+                             "backend is built, so the host allocator is not tuned)")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--calls", type=int, default=100)
     parser.add_argument("--quick", action="store_true", help="the tiny shapes of the tests")
@@ -54,13 +62,28 @@ def main(argv: list[str] | None = None) -> int:
     cases = {c.key: c for c in all_cases(args.quick)}
     if args.case not in cases:
         parser.error(f"unknown case {args.case!r}; choose from {', '.join(cases)}")
-    loomx_side.WORKERS = args.workers
-    backend = loomx.get_backend(args.backend)
-    try:
-        op = cases[args.case].loomx(backend)
-    except Missing as exc:
-        print(f"{args.case}: not available on loomx[{args.backend}]: {exc}", file=sys.stderr)
-        return 1
+    if args.torch:
+        if args.workers:
+            parser.error("--workers splits loomx training steps; it does not apply to --torch")
+        import torch
+
+        torch.set_num_threads(args.threads)
+        op, label = cases[args.case].torch(torch.device("cpu")), "torch[cpu]"
+    else:
+        loomx_side.WORKERS = args.workers
+        backend = loomx.get_backend(args.backend)
+        try:
+            op = cases[args.case].loomx(backend)
+        except Missing as exc:
+            print(f"{args.case}: not available on loomx[{args.backend}]: {exc}",
+                  file=sys.stderr)
+            return 1
+        label = f"loomx[{backend.name}]"
+    from loomx.backends.allocator import host_allocator_state
+
+    allocator = host_allocator_state()
+    allocator = ("tuned" if allocator["tuned"] else "not tuned" if allocator["tuned"] is None
+                 else "left alone")
     times = []
     for _ in range(args.warmup):
         if op.setup:
@@ -77,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         times.append(time.perf_counter() - t0)
     end = _faults()
     faults = "n/a" if start is None else f"{(end - start) / args.calls:.0f}"
-    print(f"{args.case} loomx[{backend.name}] threads={args.threads} workers={args.workers}: "
+    print(f"{args.case} {label} threads={args.threads} workers={args.workers}: "
           f"median {statistics.median(times) * 1e3:.2f} ms over {args.calls} calls, "
-          f"page faults per call {faults}")
+          f"page faults per call {faults}, host allocator {allocator}")
     return 0
 
 

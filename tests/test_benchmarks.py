@@ -7,7 +7,9 @@ workload, reports ratios and writes its files, not how fast anything is.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import platform
 import subprocess
 import sys
 
@@ -110,15 +112,21 @@ def test_loomx_bench_runs_the_same_runner(tmp_path):
     assert doc["command"].startswith("loomx bench")
 
 
-@pytest.mark.parametrize("extra", [[], ["--workers", "2"]])
-def test_alone_times_one_loomx_op_and_counts_faults(extra):
+@pytest.mark.parametrize("extra, label, allocator", [
+    ([], "loomx[numpy]", "tuned"), (["--workers", "2"], "loomx[numpy]", "tuned"),
+    (["--torch"], "torch[cpu]", "not tuned")])
+def test_alone_times_one_op_and_counts_faults(extra, label, allocator):
+    env = {k: v for k, v in os.environ.items() if k != "LOOMX_HOST_ALLOCATOR"}
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.alone", "--quick", "--case", "b_cnn", "--warmup",
-         "1", "--calls", "3", *extra], cwd=ROOT, capture_output=True, text=True, timeout=120)
+         "1", "--calls", "3", *extra], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = proc.stdout.strip()
-    assert line.startswith("b_cnn loomx[numpy] threads=1")
+    assert line.startswith(f"b_cnn {label} threads=1")
     assert "median" in line and "over 3 calls" in line and "page faults per call" in line
+    if sys.platform == "linux" and platform.libc_ver()[0] == "glibc":
+        assert line.endswith(f"host allocator {allocator}")
     bad = subprocess.run([sys.executable, "-m", "benchmarks.alone", "--case", "zz"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "unknown case 'zz'" in bad.stderr
