@@ -88,10 +88,10 @@ def make_torch_backend(name: str = "torch", device: str | None = None) -> TorchB
             "exist.")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise BackendUnavailableError("torch device mps requested but MPS is not available.")
-    from .torch_kernels import activation_kernels
+    from .torch_kernels import activation_kernels, reduction_kernels
 
     return TorchBackend(name=name, xp=xp, device=dev, library="torch",
                         kernels={"window_gather": _torch_window_gather,
                                  "window_scatter_add": window_scatter_add_with(
                                      lambda view, part: view.add_(part)),
-                                 **activation_kernels()})
+                                 **activation_kernels(), **reduction_kernels()})

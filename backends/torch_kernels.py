@@ -11,7 +11,13 @@ kernel launch on CUDA and one loop on the CPU. Same contracts as the CuPy kernel
   ``y = act(z)``; inputs are not modified;
 - ``act_backward:<activation>``: ``(z, y, dy) -> dz``;
 - ``bias_act_inplace:<ReLU family>``: ``(x, bias | None) -> (x, x)``, overwriting ``x`` (the
-  layer's own fresh product).
+  layer's own fresh product);
+- ``softmax``, ``log_softmax`` and their ``*_backward`` over the last axis (``torch.softmax``,
+  ``aten._softmax_backward_data``, ...);
+- ``layer_norm_forward`` / ``layer_norm_backward`` (``aten.native_layer_norm`` and its
+  backward); RMSNorm keeps the reference path, because ATen's fused RMSNorm has no CPU
+  backward and its CPU forward is itself a composition of operations;
+- ``adam_update``: PyTorch's fused Adam / AdamW step on one parameter, in place.
 """
 
 from __future__ import annotations
@@ -86,3 +92,64 @@ def activation_kernels() -> dict[str, Callable]:
     for name in _IN_PLACE:
         kernels[f"bias_act_inplace:{name}"] = make_bias_act_inplace(name)
     return kernels
+
+
+# ---------------------------------------------------------------------- softmax
+def _softmax(x):
+    return torch.softmax(x, -1)
+
+
+def _log_softmax(x):
+    return torch.log_softmax(x, -1)
+
+
+def _softmax_backward(y, g):
+    """``y ⊙ (g - Σ g·y)`` at the softmax output ``y``."""
+    return _aten._softmax_backward_data(g, y, -1, y.dtype)
+
+
+def _log_softmax_backward(y, g):
+    """``g - exp(y)·Σ g`` at the log-softmax output ``y``."""
+    return _aten._log_softmax_backward_data(g, y, -1, y.dtype)
+
+
+# ---------------------------------------------------------------------- normalisation
+def _layer_norm_forward(x, weight, bias, eps):
+    """``(y, xhat, rstd [..., 1])`` of a LayerNorm over the last axis."""
+    y, mean, rstd = _aten.native_layer_norm(x, [x.shape[-1]], weight, bias, float(eps))
+    return y, (x - mean) * rstd, rstd
+
+
+def _layer_norm_backward(dy, xhat, rstd, weight):
+    """``(dx, dweight | None, dbias)`` from the saved ``xhat`` and ``rstd``.
+
+    ATen's backward wants the input, its mean and its ``rstd``; given ``xhat`` itself with mean
+    0 and ``rstd`` 1 it returns ``g - mean(g) - xhat·mean(g·xhat)`` (``g = dy·weight``), the
+    input gradient divided by ``rstd``, and the exact parameter gradients.
+    """
+    dxhat, dweight, _ = _aten.native_layer_norm_backward(
+        dy, xhat, [xhat.shape[-1]], torch.zeros_like(rstd), torch.ones_like(rstd), weight,
+        None, [True, weight is not None, False])  # ATen's bias gradient needs a bias tensor
+    return dxhat * rstd, dweight, dy.reshape(-1, dy.shape[-1]).sum(0)
+
+
+# ---------------------------------------------------------------------- Adam
+def _adam_update(w, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step, decoupled):
+    """One Adam (``decoupled=False``) or AdamW step of ``w`` with PyTorch's fused kernel,
+    updating ``w``, ``m`` and ``v`` in place; ``step`` is 1-based."""
+    fused = torch._fused_adamw_ if decoupled else torch._fused_adam_
+    steps = torch.full((), float(step), dtype=torch.float32, device=w.device)
+    fused([w], [g], [m], [v], [], [steps], lr=float(lr), beta1=float(beta1),
+          beta2=float(beta2), weight_decay=float(weight_decay), eps=float(eps), amsgrad=False,
+          maximize=False)
+    return w
+
+
+def reduction_kernels() -> dict[str, Callable]:
+    """The softmax, normalisation and Adam kernels, by name."""
+    return {"softmax": _softmax, "log_softmax": _log_softmax,
+            "softmax_backward": _softmax_backward,
+            "log_softmax_backward": _log_softmax_backward,
+            "layer_norm_forward": _layer_norm_forward,
+            "layer_norm_backward": _layer_norm_backward,
+            "adam_update": _adam_update}

@@ -29,7 +29,7 @@ from .dense import linear, linear_backward
 from .init import init_weight
 from .norm import rms_input_grad, rms_inverse
 from .rope import ROPE_STYLES, RopeCache, apply_rope, check_rope_scaling, rotary_dims
-from .softmax import softmax, softmax_vjp
+from .softmax import softmax_vjp_with, softmax_with
 
 
 class KVCache:
@@ -310,7 +310,7 @@ class MultiHeadAttention(Layer):
         bias = self._mask_bias(b, t, tk, offset, key_padding_mask)
         if bias is not None:
             s = s + bias
-        p = softmax(xp, s)
+        p = softmax_with(self.backend, s)
         a = xp.matmul(xp.reshape(p, (b, kv, g * t, tk)), v)
         merged = xp.reshape(xp.permute_dims(xp.reshape(a, (b, h, t, hd)), (0, 2, 1, 3)),
                             (b * t, h * hd))
@@ -337,7 +337,7 @@ class MultiHeadAttention(Layer):
         pg = xp.reshape(ctx.p, (b, kv, g * t, tk))
         dv = xp.matmul(xp.matrix_transpose(pg), dag)
         dp = xp.matmul(dag, xp.matrix_transpose(ctx.v))
-        ds = softmax_vjp(xp, pg, dp)
+        ds = softmax_vjp_with(self.backend, pg, dp)
         dq = xp.reshape(xp.matmul(ds, ctx.k), (b, h, t, hd)) * (1.0 / math.sqrt(hd))
         dk = xp.matmul(xp.matrix_transpose(ds), ctx.qg)  # qg carries the scale
         rot = self.rotary

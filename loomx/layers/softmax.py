@@ -54,6 +54,18 @@ def softmax_vjp(xp, y: Array, g: Array) -> Array:
     return y * (g - xp.sum(g * y, axis=-1, keepdims=True))
 
 
+def softmax_with(backend, z: Array) -> Array:
+    """:func:`softmax` through the backend's ``softmax`` kernel when it has one."""
+    fused = backend.kernel("softmax")
+    return fused(z) if fused is not None else softmax(backend.xp, z)
+
+
+def softmax_vjp_with(backend, y: Array, g: Array) -> Array:
+    """:func:`softmax_vjp` through the backend's ``softmax_backward`` kernel when it has one."""
+    fused = backend.kernel("softmax_backward")
+    return fused(y, g) if fused is not None else softmax_vjp(backend.xp, y, g)
+
+
 def log_softmax(xp, z: Array) -> Array:
     """Log-softmax over the last axis: ``z - max - log Σ exp(z - max)``."""
     shifted = z - xp.max(z, axis=-1, keepdims=True)
