@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import loomx_side as lx
-from .cases import Case, loomx_layer
+from .cases import Case, loomx_attr, loomx_layer
 from .plain_numpy import mlp_step_op
 
 
@@ -134,8 +134,13 @@ def transformer_case(quick: bool, scale: int = 1) -> Case:
     x, target = _normal((batch, seq, d)), _normal((batch, seq, d), seed=2)
 
     def loomx(backend):
-        block = lx.PreNormBlock(d, heads, heads, ffn, seq, backend, backend.random(0))
-        return lx.train_step_op(backend, block, backend.from_host(x), backend.from_host(target),
+        # the block as a grid network, as a loomx user writes it (docs: Residual): slots
+        # [RMSNorm, MHA, Residual(0), RMSNorm, SwiGLU, Residual(3)]
+        rms, mha, swiglu = (loomx_layer(n) for n in ("RMSNorm", "MultiHeadAttention", "SwiGLU"))
+        residual = loomx_attr("loomx.grid", "Residual")
+        net = lx.chain([rms(), mha(num_heads=heads, num_kv_heads=heads, d_model=d, causal=True),
+                        residual(0), rms(), swiglu(ffn), residual(3)], (seq, d), backend)
+        return lx.train_step_op(backend, net, backend.from_host(x), backend.from_host(target),
                                 "mse")
 
     def torch(device):
