@@ -15,7 +15,10 @@ ceiling, 32 MiB, and the trim threshold to 256 MiB (at 64 MiB, where glibc itsel
 transformer step's transient memory was still trimmed and faulted in again in some runs), so
 up to 256 MiB of freed memory may stay with the process. It runs when the first numpy backend
 is built, only on glibc, and never when the user has chosen either threshold through glibc's
-environment variables (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``).
+environment variables (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, or those
+``GLIBC_TUNABLES``) or preloads another allocator (jemalloc, tcmalloc, mimalloc). glibc applies
+the trim threshold to each malloc arena, so every thread that allocates may keep up to that
+much.
 ``LOOMX_HOST_ALLOCATOR=default`` turns it off. The setting is process-wide, like any
 ``mallopt``; ``loomx info`` and the benchmark reports show whether it was applied.
 """
@@ -48,20 +51,28 @@ def _decide() -> dict:
         warnings.warn(f"{reason}: the host allocator is left alone", stacklevel=3)
         return {"tuned": False, "reason": reason}
     user = [v for v in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_") if v in os.environ]
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    user += [f"GLIBC_TUNABLES {t}" for t in ("malloc.mmap_threshold", "malloc.trim_threshold")
+             if t in tunables]
     if user:
         return {"tuned": False, "reason": f"set by the user ({', '.join(user)})"}
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return {"tuned": False, "reason": "not glibc"}
+    preloaded = [a for a in ("jemalloc", "tcmalloc", "mimalloc")
+                 if a in os.environ.get("LD_PRELOAD", "")]
+    if preloaded:
+        return {"tuned": False, "reason": f"{preloaded[0]} is preloaded (LD_PRELOAD)"}
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return {"tuned": False, "reason": "mallopt not found"}
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
-    ok = (mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-          and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1)
-    if not ok:
-        return {"tuned": False, "reason": "mallopt refused the values"}
+    if mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1:
+        return {"tuned": False, "reason": "mallopt refused the mmap threshold"}
+    if mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) != 1:
+        return {"tuned": True, "reason": f"glibc mmap threshold {MMAP_THRESHOLD >> 20} MiB; "
+                                         "mallopt refused the trim threshold"}
     return {"tuned": True, "reason": f"glibc mmap threshold {MMAP_THRESHOLD >> 20} MiB, "
                                      f"trim threshold {TRIM_THRESHOLD >> 20} MiB"}
 

@@ -27,6 +27,10 @@ class CupyBackend(Backend):
         with self.device:
             return super().ones(shape, dtype)
 
+    def scratch(self, shape, dtype=None):
+        with self.device:
+            return super().scratch(shape, dtype)
+
     def full(self, shape, value, dtype=None):
         with self.device:
             return super().full(shape, value, dtype)

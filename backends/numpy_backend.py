@@ -157,9 +157,13 @@ class NumpyBackend(Backend):
         return SCRATCH.empty(tuple(shape), dtype or self.float_dtype)
 
     def scratch_matmul(self, a, b):
-        if a.ndim < 2 or b.ndim < 2 or a.shape[-2] * b.shape[-1] < _SCRATCH_MIN_ITEMS:
-            return np.matmul(a, b)  # small or vector products: no bookkeeping
-        shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
+        if a.ndim < 2 or b.ndim < 2:
+            return np.matmul(a, b)  # vector products: no bookkeeping
+        shape = (a.shape[-2], b.shape[-1])
+        if a.ndim > 2 or b.ndim > 2:
+            shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + shape
+        if math.prod(shape) < _SCRATCH_MIN_ITEMS:
+            return np.matmul(a, b)  # small products: no bookkeeping
         return np.matmul(a, b, out=SCRATCH.empty(shape, np.result_type(a, b)))
 
     def contiguous_scratch(self, x):

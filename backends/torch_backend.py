@@ -94,4 +94,4 @@ def make_torch_backend(name: str = "torch", device: str | None = None) -> TorchB
                         kernels={"window_gather": _torch_window_gather,
                                  "window_scatter_add": window_scatter_add_with(
                                      lambda view, part: view.add_(part)),
-                                 **activation_kernels(), **reduction_kernels()})
+                                 **activation_kernels(), **reduction_kernels(dev)})

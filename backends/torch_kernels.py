@@ -114,9 +114,15 @@ def _log_softmax_backward(y, g):
 
 
 # ---------------------------------------------------------------------- normalisation
+#: dtypes whose LayerNorm statistics ATen keeps in the same dtype on every device (on CUDA it
+#: keeps float16/bfloat16 statistics in float32, so those take the composed path below).
+_LN_NATIVE = (torch.float32, torch.float64)
+
+
 def _layer_norm_forward(x, weight, bias, eps):
-    """``(y, xhat, rstd [..., 1])`` of a LayerNorm over the last axis."""
+    """``(y, xhat, rstd [..., 1])`` of a LayerNorm over the last axis, all in ``x``'s dtype."""
     y, mean, rstd = _aten.native_layer_norm(x, [x.shape[-1]], weight, bias, float(eps))
+    mean, rstd = mean.to(x.dtype), rstd.to(x.dtype)
     return y, (x - mean) * rstd, rstd
 
 
@@ -125,31 +131,66 @@ def _layer_norm_backward(dy, xhat, rstd, weight):
 
     ATen's backward wants the input, its mean and its ``rstd``; given ``xhat`` itself with mean
     0 and ``rstd`` 1 it returns ``g - mean(g) - xhat·mean(g·xhat)`` (``g = dy·weight``), the
-    input gradient divided by ``rstd``, and the exact parameter gradients.
+    input gradient divided by ``rstd``, and the exact parameter gradients. Half-precision input
+    uses the same formula composed of PyTorch operations.
     """
+    d = xhat.shape[-1]
+    dbias = dy.reshape(-1, d).sum(0)
+    if xhat.dtype not in _LN_NATIVE or dy.dtype != xhat.dtype:
+        g = dy if weight is None else dy * weight
+        dx = rstd * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+        dweight = None if weight is None else (dy * xhat).reshape(-1, d).sum(0)
+        return dx, dweight, dbias
     dxhat, dweight, _ = _aten.native_layer_norm_backward(
-        dy, xhat, [xhat.shape[-1]], torch.zeros_like(rstd), torch.ones_like(rstd), weight,
+        dy, xhat, [d], torch.zeros_like(rstd), torch.ones_like(rstd), weight,
         None, [True, weight is not None, False])  # ATen's bias gradient needs a bias tensor
-    return dxhat * rstd, dweight, dy.reshape(-1, dy.shape[-1]).sum(0)
+    return dxhat * rstd, dweight, dbias
 
 
 # ---------------------------------------------------------------------- Adam
 def _adam_update(w, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step, decoupled):
     """One Adam (``decoupled=False``) or AdamW step of ``w`` with PyTorch's fused kernel,
-    updating ``w``, ``m`` and ``v`` in place; ``step`` is 1-based."""
+    updating ``w``, ``m`` and ``v`` in place; ``step`` is 1-based.
+
+    The fused kernel pairs elements by their position in memory, so it runs on the tensors
+    themselves only when all four are contiguous. Otherwise (a convolution's weight
+    gradient computed transposed, buffers restored contiguous next to a strided weight) it runs
+    on contiguous copies, which are then copied back.
+    """
     fused = torch._fused_adamw_ if decoupled else torch._fused_adam_
     steps = torch.full((), float(step), dtype=torch.float32, device=w.device)
-    fused([w], [g], [m], [v], [], [steps], lr=float(lr), beta1=float(beta1),
-          beta2=float(beta2), weight_decay=float(weight_decay), eps=float(eps), amsgrad=False,
-          maximize=False)
+    same = all(t.is_contiguous() for t in (w, g, m, v))
+    ws, ms, vs = (w, m, v) if same else (w.contiguous(), m.contiguous(), v.contiguous())
+    fused([ws], [g if same else g.contiguous()], [ms], [vs], [], [steps], lr=float(lr),
+          beta1=float(beta1), beta2=float(beta2), weight_decay=float(weight_decay),
+          eps=float(eps), amsgrad=False, maximize=False)
+    for dst, src in ((w, ws), (m, ms), (v, vs)):
+        if dst is not src:
+            dst.copy_(src)
     return w
 
 
-def reduction_kernels() -> dict[str, Callable]:
-    """The softmax, normalisation and Adam kernels, by name."""
-    return {"softmax": _softmax, "log_softmax": _log_softmax,
-            "softmax_backward": _softmax_backward,
-            "log_softmax_backward": _log_softmax_backward,
-            "layer_norm_forward": _layer_norm_forward,
-            "layer_norm_backward": _layer_norm_backward,
-            "adam_update": _adam_update}
+def _fused_adam_runs(device) -> bool:
+    """Whether this PyTorch build has the fused Adam and AdamW kernels on ``device`` (CPU
+    support arrived in PyTorch 2.4): one step on one element each."""
+    try:
+        for decoupled in (False, True):
+            t = [torch.zeros(1, device=device) for _ in range(4)]
+            _adam_update(*t, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                         step=1, decoupled=decoupled)
+    except (RuntimeError, NotImplementedError, AttributeError, TypeError):
+        return False
+    return True
+
+
+def reduction_kernels(device=None) -> dict[str, Callable]:
+    """The softmax, normalisation and Adam kernels, by name (Adam only where this PyTorch
+    build runs its fused kernel on ``device``)."""
+    kernels = {"softmax": _softmax, "log_softmax": _log_softmax,
+               "softmax_backward": _softmax_backward,
+               "log_softmax_backward": _log_softmax_backward,
+               "layer_norm_forward": _layer_norm_forward,
+               "layer_norm_backward": _layer_norm_backward}
+    if _fused_adam_runs(device if device is not None else "cpu"):
+        kernels["adam_update"] = _adam_update
+    return kernels

@@ -46,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=100)
     parser.add_argument("--quick", action="store_true", help="the tiny shapes of the tests")
     args = parser.parse_args(argv)
-    if args.threads < 1 or args.calls < 1 or args.warmup < 0:
-        parser.error("--threads and --calls must be at least 1, --warmup at least 0")
+    if args.threads < 1 or args.calls < 1 or args.warmup < 0 or \
+            (args.workers is not None and args.workers < 1):
+        parser.error("--threads, --workers and --calls must be at least 1, --warmup at least 0")
     os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads)  # before numpy loads OpenBLAS
 
     import threadpoolctl
@@ -89,18 +90,21 @@ def main(argv: list[str] | None = None) -> int:
         if op.setup:
             op.setup()
         op.run()
-    start = _faults()
+    faults = 0
     for _ in range(args.calls):
         if op.setup:
             op.setup()
+        f0 = _faults()
         t0 = time.perf_counter()
         op.run()
         if op.sync:
             op.sync()
         times.append(time.perf_counter() - t0)
-    end = _faults()
-    faults = "n/a" if start is None else f"{(end - start) / args.calls:.0f}"
-    print(f"{args.case} {label} threads={args.threads} workers={args.workers}: "
+        if f0 is not None:
+            faults += _faults() - f0  # the timed call only, not its untimed setup
+    faults = "n/a" if _faults() is None else f"{faults / args.calls:.0f}"
+    workers = args.workers if loomx_side.WORKERS_USED else None
+    print(f"{args.case} {label} threads={args.threads} workers={workers}: "
           f"median {statistics.median(times) * 1e3:.2f} ms over {args.calls} calls, "
           f"page faults per call {faults}, host allocator {allocator}")
     return 0

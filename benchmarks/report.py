@@ -139,6 +139,9 @@ def overhead_lines(results: list[dict]) -> list[str]:
     return out
 
 
+_ALLOCATOR_STATES = {True: "tuned", False: "left alone", None: "not set up"}
+
+
 def machine_lines(doc: dict) -> list[str]:
     m = doc["machine"]
     gpu = f"; GPU {m['cuda_device']}" if "cuda_device" in m else ""
@@ -155,7 +158,7 @@ def machine_lines(doc: dict) -> list[str]:
         f"- thread counts: {threads} (each in its own process; {doc['runs'][0]['thread_control']}"
         " for numpy's BLAS, torch.set_num_threads for PyTorch)",
         f"- load average at start: {m['load_avg']}",
-        *([f"- host allocator: {'tuned' if m['host_allocator']['tuned'] else 'left alone'} "
+        *([f"- host allocator: {_ALLOCATOR_STATES[m['host_allocator']['tuned']]} "
            f"({m['host_allocator']['reason']}; backends/allocator.py)"]
           if m.get("host_allocator") else []),
         f"- sgemm peak ({doc['runs'][0].get('sgemm_source', 'numpy')} float32 "

@@ -122,6 +122,62 @@ def test_threads_never_share_a_block(pool):
     assert set(got[0]).isdisjoint(got[1])
 
 
+def test_a_finished_threads_blocks_are_released(pool):
+    def work() -> None:
+        keep = [pool.empty((256, 64), np.float32) for _ in range(3)]
+        del keep
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    gc.collect()
+    assert pool.stats()["buffers"] == 0
+
+
+def test_clear_and_stats_while_other_threads_allocate(pool):
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            while not stop.is_set():
+                a = pool.empty((128, 64), np.float32)
+                b = pool.empty((64, 64), np.float32)
+                a[...] = 1
+                b[...] = 2
+                assert np.all(a == 1) and np.all(b == 2)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for _ in range(300):
+        pool.clear()
+        pool.stats()
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def test_free_blocks_are_trimmed_after_hits_too():
+    pool = ScratchPool(min_bytes=1 << 12, max_free_bytes=1 << 16, max_entries=64)
+    peak = [pool.empty((1 << 15,), np.uint8) for _ in range(10)]  # 320 KiB busy at once
+    del peak
+    for _ in range(3):
+        pool.empty((1 << 15,), np.uint8)  # hits
+    # the budget, plus the block handed out last (busy while the pool trimmed)
+    assert pool.stats()["free_bytes"] <= (1 << 16) + (1 << 15)
+
+
+def test_object_dtypes_and_int_shapes(pool):
+    o = pool.empty((1 << 12,), object)
+    assert o.dtype == object and pool.stats()["buffers"] == 0  # never pooled
+    a = pool.empty(4096, np.float32)
+    assert a.shape == (4096,)
+
+
 # ------------------------------------------------------------ the Backend methods
 def test_backend_scratch_like_empty(backend):
     a = backend.scratch((300, 1000))
@@ -192,15 +248,33 @@ def test_host_allocator_is_set_up_by_the_numpy_backend():
     ({"LOOMX_HOST_ALLOCATOR": "off"}, "LOOMX_HOST_ALLOCATOR=off"),
     ({"MALLOC_TRIM_THRESHOLD_": "1000000"}, "set by the user (MALLOC_TRIM_THRESHOLD_)"),
     ({"MALLOC_MMAP_THRESHOLD_": "1000000"}, "set by the user (MALLOC_MMAP_THRESHOLD_)"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"},
+     "set by the user (GLIBC_TUNABLES malloc.mmap_threshold)"),
 ])
 def test_host_allocator_left_alone_when_asked(monkeypatch, env, reason):
     from loomx.backends import allocator
 
-    for k in ("LOOMX_HOST_ALLOCATOR", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+    for k in ("LOOMX_HOST_ALLOCATOR", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+              "GLIBC_TUNABLES"):
         monkeypatch.delenv(k, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert allocator._decide() == {"tuned": False, "reason": reason}
+
+
+def test_host_allocator_left_alone_under_another_allocator(monkeypatch):
+    import platform
+
+    from loomx.backends import allocator
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("the preload check runs on glibc only")
+    for k in ("LOOMX_HOST_ALLOCATOR", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+              "GLIBC_TUNABLES"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    assert allocator._decide() == {"tuned": False,
+                                   "reason": "jemalloc is preloaded (LD_PRELOAD)"}
 
 
 def test_host_allocator_unknown_setting_warns(monkeypatch):

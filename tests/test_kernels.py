@@ -165,8 +165,19 @@ def check_rms_norm(backend, kernel, name):
         _check_norm_layer(backend, RMSNorm, opts)
 
 
+def _grad_in_layout(b, shape, seed, transposed):
+    """A random gradient of ``shape``; ``transposed`` lays 2-d ones out column-major (as a
+    convolution's weight gradient can be), with the same values."""
+    if not transposed or len(shape) != 2:
+        return _rand(b, shape, seed)
+    return b.xp.permute_dims(b.from_host(np.ascontiguousarray(
+        np.random.default_rng(seed).standard_normal(shape).T)), (1, 0))
+
+
 def check_adam(backend, kernel, name):
-    for cls, opts in ((Adam, {}), (Adam, {"weight_decay": 0.1}), (AdamW, {})):
+    cases = [(Adam, {}, False), (Adam, {"weight_decay": 0.1}, False), (AdamW, {}, False),
+             (Adam, {}, True), (AdamW, {"weight_decay": 0.1}, True)]
+    for cls, opts, transposed in cases:
         results = []
         for b in (backend, reference_backend(backend)):
             layer = Dense(6)
@@ -175,7 +186,8 @@ def check_adam(backend, kernel, name):
             for step in range(3):
                 layer.zero_grad()
                 for i, ref in enumerate(layer.parameters()):
-                    ref.grad = _rand(b, tuple(ref.value.shape), 20 + 3 * i + step)
+                    ref.grad = _grad_in_layout(b, tuple(ref.value.shape), 20 + 3 * i + step,
+                                               transposed)
                 opt.step()
             results.append((layer, opt))
         (fast, fast_opt), (slow, slow_opt) = results

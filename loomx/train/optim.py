@@ -171,7 +171,10 @@ class Adam(Optimizer):
         h = self.hyper
         xp = self.backend.xp
         b1, b2, wd = h["beta1"], h["beta2"], h["weight_decay"]
-        fused = None if h["amsgrad"] else self.backend.kernel("adam_update")
+        # the fused kernels update in place in w's dtype; a mixed-dtype gradient (bfloat16
+        # weights, float32 gradients) takes the reference path, which promotes
+        fused = (None if h["amsgrad"] or g.dtype != w.dtype
+                 else self.backend.kernel("adam_update"))
         if fused is not None:
             for key in ("exp_avg", "exp_avg_sq"):
                 if state.get(key) is None:
