@@ -93,3 +93,13 @@ def host_allocator_state() -> dict:
     if _state is None:
         return {"tuned": None, "reason": "no numpy backend built yet"}
     return dict(_state)
+
+
+#: How :func:`host_allocator_state`'s ``tuned`` reads in reports.
+_LABELS = {True: "tuned", False: "left alone", None: "not tuned"}
+
+
+def host_allocator_label(state: dict | None = None) -> str:
+    """``"tuned"``, ``"left alone"`` (loomx decided not to) or ``"not tuned"`` (no numpy
+    backend built yet) for ``state`` (default: this process's)."""
+    return _LABELS[(state or host_allocator_state())["tuned"]]

@@ -22,6 +22,7 @@ kernel launch on CUDA and one loop on the CPU. Same contracts as the CuPy kernel
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -170,9 +171,10 @@ def _adam_update(w, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step, decou
     return w
 
 
-def _fused_adam_runs(device) -> bool:
+@functools.lru_cache(maxsize=16)
+def _fused_adam_runs(device: str) -> bool:
     """Whether this PyTorch build has the fused Adam and AdamW kernels on ``device`` (CPU
-    support arrived in PyTorch 2.4): one step on one element each."""
+    support arrived in PyTorch 2.4): one step on one element each, once per device."""
     try:
         for decoupled in (False, True):
             t = [torch.zeros(1, device=device) for _ in range(4)]
@@ -191,6 +193,6 @@ def reduction_kernels(device=None) -> dict[str, Callable]:
                "log_softmax_backward": _log_softmax_backward,
                "layer_norm_forward": _layer_norm_forward,
                "layer_norm_backward": _layer_norm_backward}
-    if _fused_adam_runs(device if device is not None else "cpu"):
+    if _fused_adam_runs(str(device) if device is not None else "cpu"):
         kernels["adam_update"] = _adam_update
     return kernels

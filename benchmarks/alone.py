@@ -80,11 +80,9 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 1
         label = f"loomx[{backend.name}]"
-    from loomx.backends.allocator import host_allocator_state
+    from loomx.backends.allocator import host_allocator_label
 
-    allocator = host_allocator_state()
-    allocator = ("tuned" if allocator["tuned"] else "not tuned" if allocator["tuned"] is None
-                 else "left alone")
+    allocator = host_allocator_label()
     times = []
     for _ in range(args.warmup):
         if op.setup:

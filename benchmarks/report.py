@@ -139,7 +139,14 @@ def overhead_lines(results: list[dict]) -> list[str]:
     return out
 
 
-_ALLOCATOR_STATES = {True: "tuned", False: "left alone", None: "not set up"}
+def _allocator_line(state: dict | None) -> list[str]:
+    """The host-allocator line, when the run recorded one (loomx's numpy backend)."""
+    if not state:
+        return []
+    from loomx.backends.allocator import host_allocator_label
+
+    return [f"- host allocator: {host_allocator_label(state)} ({state['reason']}; "
+            "backends/allocator.py)"]
 
 
 def machine_lines(doc: dict) -> list[str]:
@@ -158,9 +165,7 @@ def machine_lines(doc: dict) -> list[str]:
         f"- thread counts: {threads} (each in its own process; {doc['runs'][0]['thread_control']}"
         " for numpy's BLAS, torch.set_num_threads for PyTorch)",
         f"- load average at start: {m['load_avg']}",
-        *([f"- host allocator: {_ALLOCATOR_STATES[m['host_allocator']['tuned']]} "
-           f"({m['host_allocator']['reason']}; backends/allocator.py)"]
-          if m.get("host_allocator") else []),
+        *_allocator_line(m.get("host_allocator")),
         f"- sgemm peak ({doc['runs'][0].get('sgemm_source', 'numpy')} float32 "
         f"{doc['runs'][0]['sgemm_size']}² matmul): " + ", ".join(
             f"{run['sgemm_gflops']:.0f} GFLOP/s at {run['threads']} thread(s)"

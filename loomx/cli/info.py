@@ -36,9 +36,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"default backend: {backend.describe()}  (set LOOMX_BACKEND or loomx.use_backend)")
     if args.backend:
         print(f"requested: {get_backend(args.backend).describe()}")
-    from ..backends.allocator import ENV, host_allocator_state
+    from ..backends.allocator import ENV, host_allocator_label, host_allocator_state
 
     state = host_allocator_state()
-    label = {True: "tuned", False: "left alone", None: "not set up"}[state["tuned"]]
-    print(f"host allocator: {label} ({state['reason']}; {ENV}=default turns it off)")
+    print(f"host allocator: {host_allocator_label(state)} ({state['reason']}; "
+          f"{ENV}=default turns it off)")
     return 0
