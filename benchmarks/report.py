@@ -110,7 +110,7 @@ def best_table(results: list[dict], notes: list[str]) -> str:
     for rows in by_key.values():
         target = rows[0]["target"]
         torch_t = [r["timings"][TORCH]["median_s"] for r in rows if TORCH in r["timings"]]
-        row = [rows[0]["title"], "—" if target is None else f"≤ {target:.1f}",
+        row = [rows[0]["title"], "—" if target is None else f"≤ {target:g}",
                _fmt_ms(min(torch_t)) if torch_t else "n/a"]
         for c in cols:
             mine = [r["timings"][c]["median_s"] for r in rows if c in r["timings"]]

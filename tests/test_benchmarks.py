@@ -130,3 +130,74 @@ def test_alone_times_one_op_and_counts_faults(extra, label, allocator):
     bad = subprocess.run([sys.executable, "-m", "benchmarks.alone", "--case", "zz"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "unknown case 'zz'" in bad.stderr
+
+
+def test_kernel_benchmark_times_each_kernel_fused_and_unfused():
+    from loomx.backends import get_backend
+
+    from benchmarks import kernels
+
+    backend = get_backend("torch")
+    results = kernels.run_cases(backend, rows=8, cols=16, inner=1, rounds=2,
+                                only=["softmax", "adam_update", "lstm_cell_forward"])
+    names = [r["case"] for r in results]
+    assert names == ["softmax", "softmax backward", "log softmax", "log softmax backward",
+                     "AdamW step", "LSTM cell forward"]
+    timed = [r for r in results if "skipped" not in r]
+    assert {r["case"] for r in timed} >= {"softmax", "AdamW step"}
+    for r in timed:
+        assert r["fused_s"] > 0 and r["unfused_s"] > 0
+        assert r["speedup"] == pytest.approx(r["unfused_s"] / r["fused_s"])
+    lstm = next(r for r in results if r["case"] == "LSTM cell forward")
+    assert lstm["skipped"] == "not registered: lstm_cell_forward"  # no torch kernel for it
+    table = kernels.markdown(results, "header")
+    assert table.startswith("header\n\n| call | kernel | fused ms | unfused ms | speedup |")
+    assert "| AdamW step | `adam_update` |" in table
+
+
+def test_kernel_benchmark_command_writes_json(tmp_path):
+    out = tmp_path / "kernels.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernels", "--backend", "numpy",
+                           "--quick", "--only", "sum_rows,relu", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert "python -m benchmarks.kernels --backend numpy" in doc["header"]
+    by_case = {r["case"]: r for r in doc["results"]}
+    assert by_case["bias gradient, [49·rows, 32]"]["speedup"] > 0  # numpy has sum_rows
+    assert by_case["bias + relu"]["skipped"] == "not registered: bias_act:relu"
+
+
+def test_profile_attributes_the_call_to_layers_and_kernels_then_restores_them():
+    from loomx.backends import get_backend
+
+    from benchmarks.profile import profile
+    from loomx.layers import Conv2D
+
+    forward, backward = Conv2D.__dict__.get("forward"), Conv2D.__dict__.get("backward")
+    kernels = dict(get_backend("numpy").kernels)
+    text = profile("b_cnn", "numpy", calls=2, quick=True)
+    assert text.startswith("b. CNN") and "median" in text and "instrumented" in text
+    for row in ("| Conv2D | backward |", "| Dense | forward |", "| kernel im2col |",
+                "| (loss, optimizer, glue) |"):
+        assert row in text, row
+    assert Conv2D.__dict__.get("forward") is forward
+    assert Conv2D.__dict__.get("backward") is backward
+    assert get_backend("numpy").kernels == kernels
+
+
+def test_gpu_runs_use_the_gpu_target():
+    from types import SimpleNamespace
+
+    from benchmarks.worker import GPU_TARGET, _target
+
+    case = SimpleNamespace(target=1.0)
+    assert _target(case, SimpleNamespace(type="cpu")) == 1.0
+    assert _target(case, SimpleNamespace(type="cuda")) == GPU_TARGET == 1.25
+    assert _target(SimpleNamespace(target=None), SimpleNamespace(type="cuda")) is None
+
+
+def test_gpu_check_script_is_valid_bash():
+    script = ROOT / ".ci" / "gpu"
+    assert os.access(script, os.X_OK)
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0

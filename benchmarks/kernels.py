@@ -1,0 +1,268 @@
+"""Fused kernels against the unfused array-API composition they replace.
+
+``python -m benchmarks.kernels --backend cupy`` times, for every fast kernel the backend
+registers, the loomx call that uses it twice in the same process: once on the backend as it is
+(the kernel runs) and once on the same backend with no kernels (the layer's array-API reference
+path runs, the "unfused composition"). Inputs are identical; the two are timed in alternating
+blocks (:func:`benchmarks.timing.time_alternating`) and the report gives both medians and the
+speedup unfused/fused (target on a GPU: ≥ 1.5×).
+
+Each timed call runs ``--inner`` launches and then waits for the device, so the per-launch time
+does not carry a full synchronisation. Rows × columns default to 8192 × 4096 (float32, 128 MiB
+per array) on a GPU and 1024 × 1024 on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .timing import Op, time_alternating
+
+
+@dataclass
+class KernelCase:
+    """One loomx call that a backend kernel speeds up.
+
+    ``make(backend, rows, cols)`` builds the inputs on ``backend`` (from fixed seeds, so both
+    sides get equal data) and returns the call; ``kernels`` are the names it needs.
+    """
+
+    name: str
+    kernels: tuple[str, ...]
+    make: Callable[..., Callable[[], object]]
+
+
+def _rand(backend, shape, seed: int, scale: float = 1.0):
+    rng = np.random.default_rng(seed)
+    host = (rng.standard_normal(shape) * scale).astype(np.float32)
+    return backend.from_host(host)
+
+
+def _activation(name: str) -> KernelCase:
+    def make(backend, rows, cols):
+        from loomx.layers.activations import ACTIVATIONS, bias_activation
+
+        act = ACTIVATIONS[name]
+        x, b = _rand(backend, (rows, cols), 0, 2.0), _rand(backend, (cols,), 1)
+        return lambda: bias_activation(backend, act, x, b)
+
+    return KernelCase(f"bias + {name}", (f"bias_act:{name}",), make)
+
+
+def _activation_backward(name: str) -> KernelCase:
+    def make(backend, rows, cols):
+        from loomx.layers.activations import ACTIVATIONS, activation_backward
+
+        act = ACTIVATIONS[name]
+        z = _rand(backend, (rows, cols), 0, 2.0)
+        y, dy = act.forward(backend, z), _rand(backend, (rows, cols), 2)
+        return lambda: activation_backward(backend, act, z, y, dy)
+
+    return KernelCase(f"{name} backward", (f"act_backward:{name}",), make)
+
+
+def _softmax(log: bool, backward: bool) -> KernelCase:
+    name = ("log_softmax" if log else "softmax") + ("_backward" if backward else "")
+
+    def make(backend, rows, cols):
+        from loomx.layers import softmax as sm
+
+        xp = backend.xp
+        kernel = backend.kernel(name)
+        x = _rand(backend, (rows, cols), 3, 3.0)
+        if not backward:
+            ref = sm.log_softmax if log else sm.softmax
+            return (lambda: kernel(x)) if kernel else (lambda: ref(xp, x))
+        y = (sm.log_softmax if log else sm.softmax)(xp, x)
+        g = _rand(backend, (rows, cols), 4)
+        ref = sm.log_softmax_vjp if log else sm.softmax_vjp
+        return (lambda: kernel(y, g)) if kernel else (lambda: ref(xp, y, g))
+
+    return KernelCase(name.replace("_", " "), (name,), make)
+
+
+def _norm(kind: str, backward: bool) -> KernelCase:
+    prefix = "layer_norm" if kind == "LayerNorm" else "rms_norm"
+
+    def make(backend, rows, cols):
+        import loomx.layers as layers
+
+        layer = getattr(layers, kind)()
+        layer.build((cols,), backend)
+        x = _rand(backend, (rows, cols), 5)
+        if not backward:
+            return lambda: layer.forward(x, train=True)
+        _, ctx = layer.forward(x, train=True)
+        dy = _rand(backend, (rows, cols), 6)
+        return lambda: layer.backward(dy, ctx)
+
+    part = "backward" if backward else "forward"
+    return KernelCase(f"{kind} {part}", (f"{prefix}_{part}",), make)
+
+
+def _adam() -> KernelCase:
+    def make(backend, rows, cols):
+        import loomx.layers as layers
+        from loomx.train.optim import AdamW
+
+        layer = layers.Dense(cols, bias=False)
+        layer.build((rows,), backend)
+        layer.grads["weight"] = _rand(backend, tuple(layer.params["weight"].shape), 7, 1e-2)
+        opt = AdamW(layer, lr=1e-3)
+        return opt.step
+
+    return KernelCase("AdamW step", ("adam_update",), make)
+
+
+def _lstm_cell(backward: bool) -> KernelCase:
+    name = "lstm_cell_backward" if backward else "lstm_cell_forward"
+
+    def make(backend, rows, cols):
+        from functools import partial
+
+        from loomx.layers import recurrent
+
+        xp, hidden = backend.xp, cols // 4
+        forward = (backend.kernel("lstm_cell_forward")
+                   or partial(recurrent.lstm_cell_forward, xp))
+        xw, hw = _rand(backend, (rows, 4 * hidden), 8), _rand(backend, (rows, 4 * hidden), 9)
+        c_prev = _rand(backend, (rows, hidden), 10)
+        if not backward:
+            return lambda: forward(xw, hw, c_prev)
+        saved = forward(xw, hw, c_prev)
+        i, f, g, o, _, tc, _ = saved
+        dh, dc = _rand(backend, (rows, hidden), 11), _rand(backend, (rows, hidden), 12)
+        dpx = backend.zeros((1, rows, 4 * hidden))
+        cell = backend.kernel(name) or partial(recurrent.lstm_cell_backward, xp)
+        return lambda: cell(i, f, g, o, c_prev, tc, dh, dc, dpx, 0)
+
+    return KernelCase(f"LSTM cell {'backward' if backward else 'forward'}", (name,), make)
+
+
+def _sum_rows() -> KernelCase:
+    def make(backend, rows, cols):
+        from loomx.layers.dense import sum_rows
+
+        a = _rand(backend, (49 * rows, 32), 13)  # a convolution's dz over B·P rows, 32 filters
+        return lambda: sum_rows(backend, a)
+
+    return KernelCase("bias gradient, [49·rows, 32]", ("sum_rows",), make)
+
+
+def kernel_cases() -> list[KernelCase]:
+    """Every case, in report order."""
+    cases = []
+    for act in ("relu", "gelu", "silu"):
+        cases += [_activation(act), _activation_backward(act)]
+    cases += [_softmax(log, bwd) for log in (False, True) for bwd in (False, True)]
+    cases += [_norm(kind, bwd) for kind in ("LayerNorm", "RMSNorm") for bwd in (False, True)]
+    cases += [_adam(), _lstm_cell(False), _lstm_cell(True), _sum_rows()]
+    return cases
+
+
+def _unfused(backend):
+    """The same backend with no kernels: every call takes its array-API reference path."""
+    return type(backend)(name=backend.name, xp=backend.xp, device=backend.device,
+                         float_dtype=backend.float_dtype, library=backend.library, kernels={})
+
+
+def _op(backend, fn, inner: int) -> Op:
+    def run():
+        for _ in range(inner):
+            fn()
+
+    return Op(run=run, sync=backend.sync)
+
+
+def run_cases(backend, rows: int, cols: int, inner: int, rounds: int,
+              only: list[str] | None = None) -> list[dict]:
+    """Time every registered case on ``backend`` fused and unfused; one dict per case."""
+    results = []
+    plain = _unfused(backend)
+    for case in kernel_cases():
+        if only and not any(k in case.name or k in case.kernels for k in only):
+            continue
+        missing = [k for k in case.kernels if backend.kernel(k) is None]
+        row = {"case": case.name, "kernels": list(case.kernels), "shape": [rows, cols]}
+        if missing:
+            results.append({**row, "skipped": f"not registered: {', '.join(missing)}"})
+            continue
+        with backend.activate():
+            ops = {"fused": _op(backend, case.make(backend, rows, cols), inner),
+                   "unfused": _op(plain, case.make(plain, rows, cols), inner)}
+            timing = time_alternating(ops, warmup=2, rounds=rounds, block=3)
+        fused, unfused = timing["fused"].median / inner, timing["unfused"].median / inner
+        results.append({**row, "fused_s": fused, "unfused_s": unfused,
+                        "speedup": unfused / fused})
+    return results
+
+
+def markdown(results: list[dict], header: str) -> str:
+    """The results as a Markdown table under a one-line ``header``."""
+    lines = [header, "", "| call | kernel | fused ms | unfused ms | speedup |",
+             "|---|---|---:|---:|---:|"]
+    for r in results:
+        kernels = ", ".join(f"`{k}`" for k in r["kernels"])
+        if "skipped" in r:
+            lines.append(f"| {r['case']} | {kernels} | — | — | {r['skipped']} |")
+        else:
+            lines.append(f"| {r['case']} | {kernels} | {r['fused_s'] * 1e3:.3f} | "
+                         f"{r['unfused_s'] * 1e3:.3f} | {r['speedup']:.2f}× |")
+    return "\n".join(lines)
+
+
+def _describe(backend) -> str:
+    from .machine import machine_info
+
+    m = machine_info()
+    where = (f"GPU {m['cuda_device']}" if "cuda_device" in m and backend.library != "numpy"
+             else f"CPU {m['cpu']}")
+    return (f"{backend.describe()} on {where}; CuPy {m['cupy']}, PyTorch {m['torch']}, "
+            f"numpy {m['numpy']}, commit {m['git_commit']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.kernels",
+        description="Time each fused kernel against the unfused composition it replaces.")
+    parser.add_argument("--backend", default="cupy",
+                        help="loomx backend spec (default cupy; also torch, torch:cuda, numpy)")
+    parser.add_argument("--rows", type=int, default=None)
+    parser.add_argument("--cols", type=int, default=None)
+    parser.add_argument("--inner", type=int, default=None,
+                        help="launches per timed call (default 10 on a GPU, 1 on a CPU)")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--only", default=None,
+                        help="comma-separated case or kernel names (substring match)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument("--json", metavar="PATH", default=None)
+    args = parser.parse_args(argv)
+
+    from loomx.backends import get_backend
+
+    backend = get_backend(args.backend)
+    gpu = backend.library == "cupy" or "cuda" in str(backend.device)
+    rows = args.rows or (16 if args.quick else 8192 if gpu else 1024)
+    cols = args.cols or (32 if args.quick else 4096 if gpu else 1024)
+    inner = args.inner or (10 if gpu and not args.quick else 1)
+    rounds = 2 if args.quick else args.rounds
+    only = args.only.split(",") if args.only else None
+    results = run_cases(backend, rows, cols, inner, rounds, only)
+    command = " ".join(["python -m benchmarks.kernels",
+                        *(argv if argv is not None else sys.argv[1:])])
+    header = f"{_describe(backend)}. Command: `{command}`"
+    print(markdown(results, header))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "results": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,158 @@
+"""Where one loomx benchmark call spends its time, layer by layer.
+
+``python -m benchmarks.profile --case b_cnn --backend cupy --batch-scale 8`` builds the loomx
+side of one case from :mod:`benchmarks.workloads`, times the whole call (median, as the side by
+side benchmark does), then runs it again with every layer's ``forward`` and ``backward`` wrapped
+in device synchronisations and timers. The table gives each layer class's exclusive time
+(nested layers' time is subtracted from their container's) per call, and what is left over:
+the loss, the optimizer, and the glue between layers.
+
+The synchronisations cost a little and remove overlap between the host and the device, so the
+per-layer times add up to more than the plain median; they say where the time goes, not how
+fast the call is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+from .workloads import all_cases
+
+
+def _layer_classes() -> list[type]:
+    from loomx.layers.base import Layer
+
+    seen, todo = [], [Layer]
+    while todo:
+        cls = todo.pop()
+        for sub in cls.__subclasses__():
+            if sub not in seen:
+                seen.append(sub)
+                todo.append(sub)
+    return seen
+
+
+#: helpers timed on their own (module, function): the window gather and scatter of the
+#: convolutions, as the convolution module imported them
+FUNCTIONS = (("loomx.layers.conv", "gather_windows"), ("loomx.layers.conv", "scatter_windows"))
+
+
+@contextmanager
+def instrument(sync, backend=None):
+    """Wrap every layer class's ``forward``/``backward``, the :data:`FUNCTIONS` and the
+    backend's kernels; yields ``{(name, part): seconds}`` of exclusive time."""
+    import importlib
+
+    records: dict[tuple[str, str], float] = defaultdict(float)
+    stack: list[float] = []  # time spent in nested calls of the call on top
+    undo = []
+
+    def timed(fn, key):
+        def call(*args, **kwargs):
+            sync()
+            stack.append(0.0)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync()
+                spent = time.perf_counter() - t0
+                nested = stack.pop()
+                records[key(args)] += spent - nested
+                if stack:
+                    stack[-1] += spent
+
+        return call
+
+    def patch(owner, attr, value):
+        undo.append((owner, attr, owner[attr] if isinstance(owner, dict)
+                     else getattr(owner, attr)))
+        if isinstance(owner, dict):
+            owner[attr] = value
+        else:
+            setattr(owner, attr, value)
+
+    for cls in _layer_classes():
+        for method in ("forward", "backward"):
+            if method in cls.__dict__:
+                patch(cls, method, timed(cls.__dict__[method],
+                                         lambda a, m=method: (type(a[0]).__name__, m)))
+    for module, name in FUNCTIONS:
+        mod = importlib.import_module(module)
+        if hasattr(mod, name):
+            patch(mod, name, timed(getattr(mod, name), lambda a, n=name: (n, "")))
+    if backend is not None:
+        for name, fn in list(backend.kernels.items()):
+            patch(backend.kernels, name, timed(fn, lambda a, n=name: (f"kernel {n}", "")))
+    try:
+        yield records
+    finally:
+        for owner, attr, original in reversed(undo):
+            if isinstance(owner, dict):
+                owner[attr] = original
+            else:
+                setattr(owner, attr, original)
+
+
+def _call(op) -> float:
+    if op.setup is not None:
+        op.setup()
+    t0 = time.perf_counter()
+    op.run()
+    if op.sync is not None:
+        op.sync()
+    return time.perf_counter() - t0
+
+
+def profile(key: str, spec: str, scale: int = 1, calls: int = 10, quick: bool = False) -> str:
+    """The Markdown profile of case ``key`` on backend ``spec``."""
+    from loomx.backends import get_backend
+
+    cases = {c.key: c for c in all_cases(quick=quick, scale=scale)}
+    if key not in cases:
+        raise SystemExit(f"unknown case {key!r}; known: {', '.join(cases)}")
+    case = cases[key]
+    backend = get_backend(spec)
+    with backend.activate():
+        op = case.loomx(backend)
+        for _ in range(3):
+            _call(op)
+        plain = statistics.median(_call(op) for _ in range(calls))
+        sync = op.sync or (lambda: None)
+        with instrument(sync, backend) as records:
+            total = sum(_call(op) for _ in range(calls)) / calls
+    rows = sorted(records.items(), key=lambda kv: -kv[1])
+    layers = sum(records.values()) / calls
+    lines = [f"{case.title} on {backend.describe()}: median {plain * 1e3:.3f} ms per call; "
+             f"instrumented {total * 1e3:.3f} ms", "",
+             "| layer or function | method | ms per call | share |", "|---|---|---:|---:|"]
+    for (name, method), spent in rows:
+        lines.append(f"| {name} | {method} | {spent / calls * 1e3:.3f} | "
+                     f"{spent / calls / total:.0%} |")
+    rest = total - layers
+    lines.append(f"| (loss, optimizer, glue) | | {rest * 1e3:.3f} | {rest / total:.0%} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile",
+                                     description="Per-layer time of one loomx benchmark call.")
+    parser.add_argument("--case", action="append", required=True,
+                        help="case key (a_mlp, b_cnn, c_lstm, d_transformer, ...); repeatable")
+    parser.add_argument("--backend", default="numpy")
+    parser.add_argument("--batch-scale", type=int, default=1)
+    parser.add_argument("--calls", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    args = parser.parse_args(argv)
+    for key in args.case:
+        print(profile(key, args.backend, args.batch_scale, args.calls, args.quick))
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
