@@ -12,9 +12,13 @@ that reference (tests/test_kernels.py).
 - ``softmax`` / ``log_softmax`` and ``softmax_backward`` / ``log_softmax_backward``: over the
   last axis, one thread block per row;
 - ``layer_norm_forward`` / ``layer_norm_backward`` and ``rms_norm_forward`` /
-  ``rms_norm_backward``: one block per row for the row statistics, one fused column reduction
-  per parameter gradient;
-- ``adam_update``: one elementwise kernel updating param, first and second moment in place.
+  ``rms_norm_backward``: one block per row for the row statistics, the parameter gradients
+  as products with a vector of ones;
+- ``sum_rows``: ``a [R, N] -> [N]`` as ``ones [R] @ a`` (on a GPU many times faster than
+  ``cupy.sum(a, axis=0)`` for tall matrices);
+- ``adam_update``: one elementwise kernel updating param, first and second moment in place;
+- ``lstm_cell_forward`` / ``lstm_cell_backward``: one LSTM step's gate arithmetic in one pass
+  each (the hidden-state product stays a matrix product).
 
 float32 and float64 run natively; other float dtypes (float16) are computed in float32 and cast
 back.
@@ -49,9 +53,9 @@ ACTIVATION_BODIES: dict[str, tuple[str, str]] = {
     "scaled_relu": (f"y = t > {_c(0.0)} ? t * {_c(1.1)} : {_c(0.0)};",
                     f"dz = z > {_c(0.0)} ? dy * {_c(1.1)} : {_c(0.0)};"),
     "leaky_relu": (f"y = t >= {_c(0.0)} ? t : t * {_c(0.01)};",
-                   f"dz = z >= {_c(0.0)} ? dy : dy * {_c(0.01)};"),
+                   f"dz = z > {_c(0.0)} ? dy : dy * {_c(0.01)};"),
     "loom_leaky_relu": (f"y = t >= {_c(0.0)} ? t : t * {_c(0.1)};",
-                        f"dz = z >= {_c(0.0)} ? dy : dy * {_c(0.1)};"),
+                        f"dz = z > {_c(0.0)} ? dy : dy * {_c(0.1)};"),
     "sigmoid": (f"y = {_SIG};", f"dz = dy * y * ({_c(1.0)} - y);"),
     "tanh": ("y = tanh(t);", f"dz = dy * ({_c(1.0)} - y * y);"),
     "gelu": (f"y = {_c(0.5)} * t * ({_c(1.0)} + erf(t * {_c(_INV_SQRT2)}));",
@@ -338,20 +342,32 @@ def log_softmax_backward(y, g):
     return _softmax_backward(y, g, True)
 
 
-@functools.cache
-def _dot_columns(n_inputs: int):
-    """Column sums of a product of ``n_inputs`` broadcast arrays (one fused reduction)."""
-    names = ("p", "q", "r")[:n_inputs]
-    return _cupy().ReductionKernel(", ".join(f"T {a}" for a in names), "T out",
-                                   " * ".join(names), "a + b", "out = a", "0",
-                                   f"loomx_dot_columns{n_inputs}")
+@functools.lru_cache(maxsize=64)
+def _ones(n: int, dtype: str, device: int):
+    """A cached vector of ``n`` ones on ``device`` (never written)."""
+    with _cupy().cuda.Device(device):
+        return _cupy().ones(n, dtype=dtype)
+
+
+def sum_rows(a):
+    """``sum_rows``: ``a [R, N] -> [N]``, the sum over rows, as ``ones [R] @ a`` (cuBLAS).
+
+    ``cupy.sum(a, axis=0)`` reduces each column in one thread block, which leaves most of the
+    GPU idle on tall, narrow matrices (a convolution's bias gradient over ``B·P`` rows);
+    the product spreads the rows over the whole device. Other dtypes use ``cupy.sum``.
+    """
+    cp = _cupy()
+    if a.ndim != 2 or not _native(a):
+        return cp.sum(a, axis=0)
+    return _ones(a.shape[0], a.dtype.str, a.device.id) @ a
 
 
 def _column_sum(*arrays):
     """``Σ_rows prod(arrays)`` for ``[R, N]`` (or ``[R, 1]``) arrays → ``[N]``."""
-    if len(arrays) == 1:
-        return _cupy().sum(arrays[0], axis=0)
-    return _dot_columns(len(arrays))(*arrays, axis=0)
+    prod = arrays[0]
+    for a in arrays[1:]:
+        prod = prod * a
+    return sum_rows(prod)
 
 
 def layer_norm_forward(x, weight, bias, eps: float):
@@ -427,6 +443,75 @@ def rms_norm_backward(dy, x, rinv, weight, unit_offset: bool = False):
     return dx.reshape(dy.shape), _column_sum(g2, x2, r2)
 
 
+# ---------------------------------------------------------------------- LSTM cell
+_LSTM_FORWARD = f"""
+const ptrdiff_t b = i / H, j = i % H, k = b * 4 * H + j;
+const T ui = tanh(xw[k] + hw[k]), uf = tanh(xw[k + H] + hw[k + H]);
+const T uo = tanh(xw[k + 2 * H] + hw[k + 2 * H]);
+gi = {_c(0.5)} * ui + {_c(0.5)};
+gf = {_c(0.5)} * uf + {_c(0.5)};
+go = {_c(0.5)} * uo + {_c(0.5)};
+gg = tanh(xw[k + 3 * H] + hw[k + 3 * H]);
+c = gf * c_prev + gi * gg;
+tc = tanh(c);
+h = go * tc;
+"""
+
+_LSTM_BACKWARD = f"""
+const ptrdiff_t b = i / H, j = i % H, k = off + b * 4 * H + j;
+const T dc = dh * go * ({_c(1.0)} - tc * tc) + dcn;
+dpx[k] = dc * gg * gi * ({_c(1.0)} - gi);
+dpx[k + H] = dc * c_prev * gf * ({_c(1.0)} - gf);
+dpx[k + 2 * H] = dc * gi * ({_c(1.0)} - gg * gg);
+dpx[k + 3 * H] = dh * tc * go * ({_c(1.0)} - go);
+dc_prev = dc * gf;
+"""
+
+
+@functools.cache
+def _lstm_kernels():
+    cp = _cupy()
+    forward = cp.ElementwiseKernel("raw T xw, raw T hw, T c_prev, int64 H",
+                                   "T gi, T gf, T gg, T go, T c, T tc, T h", _LSTM_FORWARD,
+                                   "loomx_lstm_cell_forward")
+    backward = cp.ElementwiseKernel(
+        "T gi, T gf, T gg, T go, T c_prev, T tc, T dh, T dcn, int64 H, int64 off",
+        "T dc_prev, raw T dpx", _LSTM_BACKWARD, "loomx_lstm_cell_backward")
+    return forward, backward
+
+
+def lstm_cell_forward(xw_t, hw, c_prev):
+    """``lstm_cell_forward``: ``(xw_t [B, 4H], hw [B, 4H], c_prev [B, H])`` →
+    ``(i, f, g, o, c, tanh(c), h)``, each ``[B, H]``, in one pass; pre-activation blocks in
+    the order (i, f, o, g) with i, f, o halved (loomx/layers/recurrent.py)."""
+    cp = _cupy()
+    if not _native(c_prev):
+        outs = lstm_cell_forward(*_up(xw_t, hw, c_prev))
+        return tuple(a.astype(c_prev.dtype) for a in outs)
+    xw_t, hw = cp.ascontiguousarray(xw_t), cp.ascontiguousarray(hw)
+    c_prev = cp.broadcast_to(c_prev, (xw_t.shape[0], xw_t.shape[1] // 4))
+    return _lstm_kernels()[0](xw_t, hw, c_prev, np.int64(c_prev.shape[1]))
+
+
+def lstm_cell_backward(i, f, g, o, c_prev, tc, dh, dc_next, dpx, t: int):
+    """``lstm_cell_backward``: the step's saved gates and states, ``dh [B, H]`` and
+    ``dc_next [B, H] | None`` → ``dc_prev [B, H]``; writes the pre-activation gradient in gate
+    order (i, f, g, o) into ``dpx[t]`` of the C-contiguous ``[T, B, 4H]`` buffer ``dpx``."""
+    saved = (i, f, g, o, c_prev, tc, dh)
+    if not _native(dpx) or not dpx.flags.c_contiguous:
+        work = dpx.dtype if _native(dpx) else np.float32
+        part = _cupy().empty((1,) + tuple(dpx.shape[1:]), dtype=work)
+        dc = lstm_cell_backward(*_up(*saved, dc_next), part, 0)
+        dpx[t, ...] = part[0].astype(dpx.dtype)
+        return dc.astype(dpx.dtype)
+    dcn = dpx.dtype.type(0) if dc_next is None else dc_next
+    rows, width = dpx.shape[1], dpx.shape[2]
+    dc_prev = _cupy().empty_like(dh)
+    _lstm_kernels()[1](*saved, dcn, np.int64(width // 4), np.int64(t * rows * width), dc_prev,
+                       dpx)
+    return dc_prev
+
+
 # ---------------------------------------------------------------------- Adam / AdamW
 @functools.cache
 def _adam_kernel():
@@ -476,5 +561,7 @@ def cupy_kernels() -> dict:
         "layer_norm_forward": layer_norm_forward, "layer_norm_backward": layer_norm_backward,
         "rms_norm_forward": rms_norm_forward, "rms_norm_backward": rms_norm_backward,
         "adam_update": adam_update,
+        "sum_rows": sum_rows,
+        "lstm_cell_forward": lstm_cell_forward, "lstm_cell_backward": lstm_cell_backward,
     })
     return kernels

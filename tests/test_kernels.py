@@ -25,6 +25,7 @@ from loomx.layers._windows import (
 from loomx.layers.activations import ACTIVATIONS
 from loomx.layers.conv import Conv1D, Conv2D, Conv3D, ConvTranspose2D
 from loomx.layers.dense import Activation, Dense
+from loomx.layers.recurrent import LSTM, lstm_cell_backward, lstm_cell_forward
 from loomx.layers.softmax import log_softmax, log_softmax_vjp, softmax, softmax_vjp
 from loomx.train.optim import Adam, AdamW
 from tests.conftest import assert_close
@@ -79,8 +80,11 @@ def check_bias_act_inplace(backend, kernel, name):
 
 
 def check_act_backward(backend, kernel, name):
+    """Random points and the kink ``z = 0`` itself (where the ReLU family's one-sided
+    derivative is the reference's, PyTorch's: the left one)."""
     act = ACTIVATIONS[name.split(":", 1)[1]]
     z = _rand(backend, (4, 9), 2, scale=2.0)
+    z[0, :] = 0.0
     y = act.forward(backend, z)
     dy = _rand(backend, (4, 9), 3)
     expected = act.backward(backend, z, y, dy)
@@ -272,6 +276,40 @@ def check_window_scatter_add(backend, kernel, name):
                      backend.to_host(expected), backend, rtol=1e-6, atol=1e-6)
 
 
+def _lstm_step_inputs(backend, batch=3, hidden=5, seed=40):
+    return (_rand(backend, (batch, 4 * hidden), seed, scale=1.5),
+            _rand(backend, (batch, 4 * hidden), seed + 1, scale=1.5),
+            _rand(backend, (batch, hidden), seed + 2))
+
+
+def check_lstm_cell_forward(backend, kernel, name):
+    xw, hw, c_prev = _lstm_step_inputs(backend)
+    got = kernel(xw, hw, c_prev)
+    want = lstm_cell_forward(backend.xp, xw, hw, c_prev)
+    assert len(got) == len(want) == 7
+    for a, b in zip(got, want):
+        assert_close(a, backend.to_host(b), backend, rtol=1e-5, atol=2e-6)
+
+
+def check_lstm_cell_backward(backend, kernel, name):
+    """Every step of a 3-step buffer, with and without the incoming cell gradient; rows of
+    ``dpx`` other than step ``t`` stay untouched."""
+    xp = backend.xp
+    steps, batch, hidden = 3, 3, 5
+    saved = lstm_cell_forward(xp, *_lstm_step_inputs(backend, batch, hidden))
+    i, f, g, o, _, tc, _ = saved
+    c_prev = _rand(backend, (batch, hidden), 44)
+    dh = _rand(backend, (batch, hidden), 45)
+    for dc_next in (None, _rand(backend, (batch, hidden), 46)):
+        for t in range(steps):
+            dpx = backend.zeros((steps, batch, 4 * hidden))
+            ref = backend.zeros((steps, batch, 4 * hidden))
+            dc = kernel(i, f, g, o, c_prev, tc, dh, dc_next, dpx, t)
+            want = lstm_cell_backward(xp, i, f, g, o, c_prev, tc, dh, dc_next, ref, t)
+            assert_close(dc, backend.to_host(want), backend, rtol=1e-5, atol=2e-6)
+            assert_close(dpx, backend.to_host(ref), backend, rtol=1e-5, atol=2e-6)
+
+
 KERNEL_CHECKS = {
     **{f"bias_act:{a}": check_bias_act for a in FUSED_ACTIVATIONS},
     **{f"act_backward:{a}": check_act_backward for a in FUSED_ACTIVATIONS},
@@ -288,6 +326,8 @@ KERNEL_CHECKS = {
     "rms_norm_forward": check_rms_norm,
     "rms_norm_backward": check_rms_norm,
     "adam_update": check_adam,
+    "lstm_cell_forward": check_lstm_cell_forward,
+    "lstm_cell_backward": check_lstm_cell_backward,
     "sum_rows": check_sum_rows,
     "window_gather": check_window_gather,
     "im2col": check_im2col,
@@ -384,5 +424,12 @@ def test_cupy_backend_registers_the_fused_kernels():
         pytest.skip(f"cupy backend unusable: {reason}")
     backend = get_backend("cupy")
     for name in ("bias_act:relu", "act_backward:gelu", "softmax", "log_softmax",
-                 "layer_norm_forward", "rms_norm_backward", "adam_update"):
+                 "layer_norm_forward", "rms_norm_backward", "adam_update",
+                 "lstm_cell_forward", "lstm_cell_backward", "sum_rows"):
         assert backend.kernel(name) is not None, name
+
+
+@pytest.mark.parametrize("sequences", [True, False])
+def test_lstm_layer_same_with_and_without_kernels(backend, sequences):
+    _same_layer_both_ways(backend, lambda: LSTM(5, return_sequences=sequences), (4, 3),
+                          (2, 4, 3))

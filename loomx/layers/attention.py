@@ -25,7 +25,7 @@ import math
 from ..backends import RandomSource
 from ..errors import ConfigError, LoomxError, ShapeError
 from .base import Array, Layer, Shape, register_layer
-from .dense import linear, linear_backward
+from .dense import linear, linear_backward, sum_rows
 from .init import init_weight
 from .norm import rms_input_grad, rms_inverse
 from .rope import ROPE_STYLES, RopeCache, apply_rope, check_rope_scaling, rotary_dims
@@ -246,7 +246,7 @@ class MultiHeadAttention(Layer):
     def _rms_back(self, g: Array, z: Array, r: Array, key: str) -> Array:
         """Backward of :meth:`_rms`: adds the ``key`` gradient, returns the gradient of ``z``."""
         xp = self.xp
-        self._accumulate(key, xp.sum(xp.reshape(g * z * r, (-1, z.shape[-1])), axis=0))
+        self._accumulate(key, sum_rows(self.backend, xp.reshape(g * z * r, (-1, z.shape[-1]))))
         return rms_input_grad(xp, z, r, g * self.params[key])
 
     def _mask_bias(self, b: int, t: int, tk: int, offset: int,

@@ -19,6 +19,7 @@ initial state (for truncated backpropagation across calls).
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from ..backends import RandomSource
@@ -38,6 +39,46 @@ def _add(a: Array | None, b: Array | None) -> Array | None:
     if a is None:
         return b
     return a if b is None else a + b
+
+
+def lstm_cell_forward(xp: Any, xw_t: Array, hw: Array, c_prev: Array) -> tuple[Array, ...]:
+    """One LSTM step's gate arithmetic (the reference of the ``lstm_cell_forward`` kernel).
+
+    ``xw_t`` and ``hw`` are the input- and hidden-side pre-activations ``[B, 4H]`` with the
+    gate blocks in the order (i, f, o, g) and the sigmoid blocks i, f, o halved (see
+    :meth:`LSTM._gate_weights`), ``c_prev [B, H]`` the cell state before the step. Returns
+    ``(i, f, g, o, c, tanh(c), h)``, each ``[B, H]`` and contiguous (the backward step reads
+    each gate several times).
+    """
+    hs_ = c_prev.shape[-1]
+    # u = tanh(½·pre) for i, f, o (σ(z) = ½·tanh(½z) + ½) and tanh(pre) for g
+    u = xp.tanh(xw_t + hw)
+    i = 0.5 * u[:, :hs_] + 0.5
+    f = 0.5 * u[:, hs_:2 * hs_] + 0.5
+    o = 0.5 * u[:, 2 * hs_:3 * hs_] + 0.5
+    g = xp.asarray(u[:, 3 * hs_:], copy=True)
+    c = f * c_prev + i * g
+    tc = xp.tanh(c)
+    return i, f, g, o, c, tc, o * tc
+
+
+def lstm_cell_backward(xp: Any, i: Array, f: Array, g: Array, o: Array, c_prev: Array, tc: Array,
+                       dh: Array, dc_next: Array | None, dpx: Array, t: int) -> Array:
+    """One LSTM step backwards (the reference of the ``lstm_cell_backward`` kernel).
+
+    Takes the step's saved ``(i, f, g, o, c_prev, tanh(c))`` (each ``[B, H]``), the gradient
+    ``dh`` of its hidden output and ``dc_next`` of its cell state (``None``: zero). Writes the
+    pre-activation gradient ``[B, 4H]``, in the parameters' gate order (i, f, g, o), into
+    ``dpx[t]`` of the time-major ``[T, B, 4H]`` buffer ``dpx``; returns the gradient of
+    ``c_prev``.
+    """
+    hs_ = i.shape[-1]
+    dc = _add(dh * o * (1.0 - tc * tc), dc_next)
+    dpx[t, :, :hs_] = dc * g * i * (1.0 - i)
+    dpx[t, :, hs_:2 * hs_] = dc * c_prev * f * (1.0 - f)
+    dpx[t, :, 2 * hs_:3 * hs_] = dc * i * (1.0 - g * g)
+    dpx[t, :, 3 * hs_:] = dh * tc * o * (1.0 - o)
+    return dc * f
 
 
 class RecurrentContext:
@@ -298,19 +339,11 @@ class LSTM(RecurrentLayer):
         x_tb, xw = self._project_inputs(x, w_ih, bias)
         ctx = RecurrentContext(x_tb, batch, h, c)
         w_hh_t = self._hidden_weight_t(w_hh)
+        cell = self.backend.kernel("lstm_cell_forward") or partial(lstm_cell_forward, xp)
         hs = []
         for t in range(xw.shape[0]):
-            # u = tanh(½·pre) for i, f, o (the sigmoid blocks) and tanh(pre) for g; every gate
-            # is kept contiguous, as the backward step reads each several times
-            u = xp.tanh(xw[t, ...] + xp.matmul(h, w_hh_t))
-            i = 0.5 * u[:, :hs_] + 0.5
-            f = 0.5 * u[:, hs_:2 * hs_] + 0.5
-            o = 0.5 * u[:, 2 * hs_:3 * hs_] + 0.5
-            g = xp.asarray(u[:, 3 * hs_:], copy=True)
             c_prev = c
-            c = f * c_prev + i * g
-            tc = xp.tanh(c)
-            h = o * tc
+            i, f, g, o, c, tc, h = cell(xw[t, ...], xp.matmul(h, w_hh_t), c_prev)
             ctx.steps.append((i, f, g, o, c_prev, tc))
             hs.append(h)
         return self._finish(ctx, hs, (h, c))
@@ -332,20 +365,15 @@ class LSTM(RecurrentLayer):
 
     def backward(self, dy: Array, ctx: RecurrentContext,
                  need_input_grad: bool = True) -> Array | None:
-        xp, hs_ = self.xp, self.hidden_size
+        xp = self.xp
         w_hh = self.params["weight_hh"]
         dpx = self._grad_buffer(ctx)  # gate order of the parameters: i, f, g, o
+        cell = self.backend.kernel("lstm_cell_backward") or partial(lstm_cell_backward, xp)
         dc_next = None
 
         def step_back(t: int, dh: Array) -> Array:
             nonlocal dc_next
-            i, f, g, o, c_prev, tc = ctx.steps[t]
-            dc = _add(dh * o * (1.0 - tc * tc), dc_next)
-            dpx[t, :, :hs_] = dc * g * i * (1.0 - i)
-            dpx[t, :, hs_:2 * hs_] = dc * c_prev * f * (1.0 - f)
-            dpx[t, :, 2 * hs_:3 * hs_] = dc * i * (1.0 - g * g)
-            dpx[t, :, 3 * hs_:] = dh * tc * o * (1.0 - o)
-            dc_next = dc * f
+            dc_next = cell(*ctx.steps[t], dh, dc_next, dpx, t)
             return xp.matmul(dpx[t, ...], w_hh)
 
         dx = self._bptt(dy, ctx, step_back, dpx, dpx, "bias" if self.bias else None, None,
