@@ -67,6 +67,17 @@ class TorchBackend(Backend):
         return {"used": None, "total": None}
 
 
+def with_index(dev, current_cuda):
+    """``dev`` with its index: a bare ``cuda`` is the current CUDA device (``current_cuda()``),
+    a bare ``mps`` is ``mps:0``. Tensors report indexed devices, so ``backend.device`` compares
+    equal to theirs."""
+    import torch
+
+    if dev.index is not None or dev.type not in ("cuda", "mps"):
+        return dev
+    return torch.device(dev.type, current_cuda() if dev.type == "cuda" else 0)
+
+
 def make_torch_backend(name: str = "torch", device: str | None = None) -> TorchBackend:
     """Build the torch backend on ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``)."""
     from loomx.errors import BackendUnavailableError
@@ -90,6 +101,7 @@ def make_torch_backend(name: str = "torch", device: str | None = None) -> TorchB
         raise BackendUnavailableError("torch device mps requested but MPS is not available.")
     from .torch_kernels import activation_kernels, reduction_kernels
 
+    dev = with_index(dev, torch.cuda.current_device)
     return TorchBackend(name=name, xp=xp, device=dev, library="torch",
                         kernels={"window_gather": _torch_window_gather,
                                  "window_scatter_add": window_scatter_add_with(

@@ -10,6 +10,9 @@ Every numeric test takes the ``backend`` fixture, parametrised over:
 - ``torch``: PyTorch CPU through array-api-compat;
 - ``cupy``: CUDA through CuPy, marked ``gpu`` and skipped with the reason when unusable.
 
+``LOOMX_TEST_BACKENDS`` replaces the matrix (comma-separated specs); ``torch:cuda`` there runs
+the tests on PyTorch CUDA tensors, also marked ``gpu``.
+
 ``backend64`` is the same matrix in float64 (gradient checks).
 """
 
@@ -67,8 +70,10 @@ def _make(spec: str, dtype: str):
         if not ok:
             pytest.skip(f"cupy backend unusable: {reason}")
         return get_backend("cupy", dtype)
-    if spec == "torch":
-        pytest.importorskip("torch")
+    if spec.startswith("torch"):
+        torch = pytest.importorskip("torch")
+        if "cuda" in spec and not torch.cuda.is_available():
+            pytest.skip("torch:cuda backend unusable: PyTorch sees no CUDA device")
     if spec.startswith("strict"):
         pytest.importorskip("array_api_strict")
         return get_backend("strict", dtype)
@@ -76,7 +81,8 @@ def _make(spec: str, dtype: str):
 
 
 def _params(dtype: str):
-    return [pytest.param((s, dtype), id=s, marks=[pytest.mark.gpu] if s == "cupy" else [])
+    return [pytest.param((s, dtype), id=s,
+                         marks=[pytest.mark.gpu] if s == "cupy" or "cuda" in s else [])
             for s in MATRIX]
 
 

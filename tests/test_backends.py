@@ -93,3 +93,16 @@ def test_bfloat16_host_round_trip():
     x = b.from_host(host)
     assert str(x.dtype) == "torch.bfloat16"
     np.testing.assert_array_equal(b.to_host(x).astype(np.float32), [1.5, -2.25])
+
+
+def test_torch_backend_device_carries_its_index():
+    """Tensors report ``cuda:0`` / ``mps:0``; a backend built from a bare ``torch:cuda`` must
+    name the same device, or device checks compare ``cuda`` with ``cuda:0``."""
+    torch = pytest.importorskip("torch")
+    from loomx.backends.torch_backend import with_index
+
+    assert with_index(torch.device("cuda"), lambda: 2) == torch.device("cuda", 2)
+    assert with_index(torch.device("cuda:1"), lambda: 2) == torch.device("cuda", 1)
+    assert with_index(torch.device("mps"), lambda: 2) == torch.device("mps", 0)
+    assert with_index(torch.device("cpu"), lambda: 2) == torch.device("cpu")
+    assert str(get_backend("torch").device) == "cpu"
