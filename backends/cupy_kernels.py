@@ -344,9 +344,13 @@ def log_softmax_backward(y, g):
 
 @functools.lru_cache(maxsize=64)
 def _ones(n: int, dtype: str, device: int):
-    """A cached vector of ``n`` ones on ``device`` (never written)."""
-    with _cupy().cuda.Device(device):
-        return _cupy().ones(n, dtype=dtype)
+    """A cached vector of ``n`` ones on ``device`` (never written; filled before it is
+    returned, so that work on any stream may read it)."""
+    cp = _cupy()
+    with cp.cuda.Device(device):
+        ones = cp.ones(n, dtype=dtype)
+        cp.cuda.get_current_stream().synchronize()
+    return ones
 
 
 def sum_rows(a):
@@ -354,12 +358,20 @@ def sum_rows(a):
 
     ``cupy.sum(a, axis=0)`` reduces each column in one thread block, which leaves most of the
     GPU idle on tall, narrow matrices (a convolution's bias gradient over ``B·P`` rows);
-    the product spreads the rows over the whole device. Other dtypes use ``cupy.sum``.
+    the product spreads the rows over the whole device. Other dtypes use ``cupy.sum``, and so
+    does float32 under ``CUPY_TF32=1`` (TF32 would round the summands to 10-bit mantissas).
+    The ones are made once per length, dtype and device.
     """
     cp = _cupy()
-    if a.ndim != 2 or not _native(a):
+    if a.ndim != 2 or not _native(a) or (a.dtype == np.float32 and _tf32()):
         return cp.sum(a, axis=0)
     return _ones(a.shape[0], a.dtype.str, a.device.id) @ a
+
+
+def _tf32() -> bool:
+    import os
+
+    return os.environ.get("CUPY_TF32", "0") != "0"
 
 
 def _column_sum(*arrays):
@@ -480,36 +492,49 @@ def _lstm_kernels():
     return forward, backward
 
 
+def _common_dtype(*arrays):
+    """``(result dtype, dtype to compute in)``: the promoted float dtype of ``arrays`` (as the
+    reference path promotes), computed natively, or in float32 for float16."""
+    dtype = np.dtype(_cupy().result_type(*arrays))
+    return dtype, (dtype if dtype in (np.float32, np.float64) else np.dtype(np.float32))
+
+
 def lstm_cell_forward(xw_t, hw, c_prev):
     """``lstm_cell_forward``: ``(xw_t [B, 4H], hw [B, 4H], c_prev [B, H])`` →
     ``(i, f, g, o, c, tanh(c), h)``, each ``[B, H]``, in one pass; pre-activation blocks in
-    the order (i, f, o, g) with i, f, o halved (loomx/layers/recurrent.py)."""
+    the order (i, f, o, g) with i, f, o halved (loomx/layers/recurrent.py). Mixed dtypes
+    promote as the reference does."""
     cp = _cupy()
-    if not _native(c_prev):
-        outs = lstm_cell_forward(*_up(xw_t, hw, c_prev))
-        return tuple(a.astype(c_prev.dtype) for a in outs)
-    xw_t, hw = cp.ascontiguousarray(xw_t), cp.ascontiguousarray(hw)
-    c_prev = cp.broadcast_to(c_prev, (xw_t.shape[0], xw_t.shape[1] // 4))
-    return _lstm_kernels()[0](xw_t, hw, c_prev, np.int64(c_prev.shape[1]))
+    dtype, work = _common_dtype(xw_t, hw, c_prev)
+    xw_t = cp.ascontiguousarray(xw_t, dtype=work)
+    hw = cp.ascontiguousarray(hw, dtype=work)
+    c_prev = cp.broadcast_to(c_prev.astype(work, copy=False),
+                             (xw_t.shape[0], xw_t.shape[1] // 4))
+    outs = _lstm_kernels()[0](xw_t, hw, c_prev, np.int64(c_prev.shape[1]))
+    return outs if work == dtype else tuple(a.astype(dtype) for a in outs)
 
 
 def lstm_cell_backward(i, f, g, o, c_prev, tc, dh, dc_next, dpx, t: int):
     """``lstm_cell_backward``: the step's saved gates and states, ``dh [B, H]`` and
     ``dc_next [B, H] | None`` → ``dc_prev [B, H]``; writes the pre-activation gradient in gate
-    order (i, f, g, o) into ``dpx[t]`` of the C-contiguous ``[T, B, 4H]`` buffer ``dpx``."""
+    order (i, f, g, o) into ``dpx[t]`` of the time-major ``[T, B, 4H]`` buffer ``dpx`` (in
+    place when ``dpx`` is C-contiguous and of the computing dtype, else through a copy).
+    Mixed dtypes promote as the reference does."""
+    cp = _cupy()
     saved = (i, f, g, o, c_prev, tc, dh)
-    if not _native(dpx) or not dpx.flags.c_contiguous:
-        work = dpx.dtype if _native(dpx) else np.float32
-        part = _cupy().empty((1,) + tuple(dpx.shape[1:]), dtype=work)
-        dc = lstm_cell_backward(*_up(*saved, dc_next), part, 0)
-        dpx[t, ...] = part[0].astype(dpx.dtype)
-        return dc.astype(dpx.dtype)
-    dcn = dpx.dtype.type(0) if dc_next is None else dc_next
-    rows, width = dpx.shape[1], dpx.shape[2]
-    dc_prev = _cupy().empty_like(dh)
-    _lstm_kernels()[1](*saved, dcn, np.int64(width // 4), np.int64(t * rows * width), dc_prev,
-                       dpx)
-    return dc_prev
+    dtype, work = _common_dtype(*saved, *(() if dc_next is None else (dc_next,)))
+    saved = tuple(a.astype(work, copy=False) for a in saved)
+    dcn = work.type(0) if dc_next is None else dc_next.astype(work, copy=False)
+    direct = dpx.dtype == work and dpx.flags.c_contiguous
+    target = dpx if direct else cp.empty((1,) + tuple(dpx.shape[1:]), dtype=work)
+    row = t if direct else 0
+    rows, width = target.shape[1], target.shape[2]
+    dc_prev = cp.empty(tuple(i.shape), dtype=work)
+    _lstm_kernels()[1](*saved, dcn, np.int64(width // 4), np.int64(row * rows * width),
+                       dc_prev, target)
+    if not direct:
+        dpx[t, ...] = target[0].astype(dpx.dtype)
+    return dc_prev if work == dtype else dc_prev.astype(dtype)
 
 
 # ---------------------------------------------------------------------- Adam / AdamW

@@ -283,12 +283,16 @@ def _lstm_step_inputs(backend, batch=3, hidden=5, seed=40):
 
 
 def check_lstm_cell_forward(backend, kernel, name):
+    """The backend's dtype, then a float64 cell state that promotes (as the reference)."""
+    xp = backend.xp
     xw, hw, c_prev = _lstm_step_inputs(backend)
-    got = kernel(xw, hw, c_prev)
-    want = lstm_cell_forward(backend.xp, xw, hw, c_prev)
-    assert len(got) == len(want) == 7
-    for a, b in zip(got, want):
-        assert_close(a, backend.to_host(b), backend, rtol=1e-5, atol=2e-6)
+    for c, dtype in ((c_prev, None), (xp.astype(c_prev, xp.float64), xp.float64)):
+        got = kernel(xw, hw, c)
+        want = lstm_cell_forward(xp, xw, hw, c)
+        assert len(got) == len(want) == 7
+        for a, b in zip(got, want):
+            assert_close(a, backend.to_host(b), backend, rtol=1e-5, atol=2e-6,
+                         dtype=b.dtype if dtype is not None else None)
 
 
 def check_lstm_cell_backward(backend, kernel, name):
@@ -300,14 +304,25 @@ def check_lstm_cell_backward(backend, kernel, name):
     i, f, g, o, _, tc, _ = saved
     c_prev = _rand(backend, (batch, hidden), 44)
     dh = _rand(backend, (batch, hidden), 45)
-    for dc_next in (None, _rand(backend, (batch, hidden), 46)):
-        for t in range(steps):
-            dpx = backend.zeros((steps, batch, 4 * hidden))
-            ref = backend.zeros((steps, batch, 4 * hidden))
-            dc = kernel(i, f, g, o, c_prev, tc, dh, dc_next, dpx, t)
-            want = lstm_cell_backward(xp, i, f, g, o, c_prev, tc, dh, dc_next, ref, t)
-            assert_close(dc, backend.to_host(want), backend, rtol=1e-5, atol=2e-6)
-            assert_close(dpx, backend.to_host(ref), backend, rtol=1e-5, atol=2e-6)
+    # a float64 dc_next promotes; array-api-strict refuses the float64 → float32 write
+    mixed = () if backend.library == "array_api_strict" else (
+        xp.astype(_rand(backend, (batch, hidden), 47), xp.float64),)
+
+    def buffer(strided):
+        if not strided:
+            return backend.zeros((steps, batch, 4 * hidden))
+        return xp.permute_dims(backend.zeros((batch, steps, 4 * hidden)), (1, 0, 2))
+
+    # dc_next: none, the backend's dtype, float64 (promotes); dpx: contiguous, then a view
+    for dc_next in (None, _rand(backend, (batch, hidden), 46), *mixed):
+        for strided in (False, True):
+            for t in range(steps):
+                dpx, ref = buffer(strided), buffer(strided)
+                dc = kernel(i, f, g, o, c_prev, tc, dh, dc_next, dpx, t)
+                want = lstm_cell_backward(xp, i, f, g, o, c_prev, tc, dh, dc_next, ref, t)
+                assert_close(dc, backend.to_host(want), backend, rtol=1e-5, atol=2e-6,
+                             dtype=want.dtype)
+                assert_close(dpx, backend.to_host(ref), backend, rtol=1e-5, atol=2e-6)
 
 
 KERNEL_CHECKS = {
@@ -433,3 +448,19 @@ def test_cupy_backend_registers_the_fused_kernels():
 def test_lstm_layer_same_with_and_without_kernels(backend, sequences):
     _same_layer_both_ways(backend, lambda: LSTM(5, return_sequences=sequences), (4, 3),
                           (2, 4, 3))
+
+
+def test_lstm_initial_state_and_its_gradient_same_with_and_without_kernels(backend):
+    """A given (h0, c0), c0 a strided view, and the gradient of both after backward."""
+    xp = backend.xp
+    results = []
+    for b in (backend, reference_backend(backend)):
+        layer = LSTM(5, return_sequences=True)
+        layer.build((4, 3), b, rng=0)
+        h0 = _rand(b, (2, 5), 60)
+        c0 = xp.permute_dims(_rand(b, (5, 2), 61), (1, 0))
+        y, ctx = layer.forward(_rand(b, (2, 4, 3), 62), True, initial_state=(h0, c0))
+        dx = layer.backward(_rand(b, tuple(y.shape), 63), ctx)
+        results.append((y, dx, *layer.initial_state_grad(ctx), *layer.final_state(ctx)))
+    for got, want in zip(*results):
+        assert_close(got, backend.to_host(want), backend, rtol=1e-4, atol=1e-5)
