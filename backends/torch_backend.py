@@ -79,7 +79,12 @@ def with_index(dev, current_cuda):
 
 
 def make_torch_backend(name: str = "torch", device: str | None = None) -> TorchBackend:
-    """Build the torch backend on ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``)."""
+    """Build the torch backend on ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``).
+
+    A bare ``"cuda"`` is the CUDA device current when the backend is built (backends are
+    cached per spec, so later ``torch.cuda.set_device`` calls do not move it); name the index
+    to choose another.
+    """
     from loomx.errors import BackendUnavailableError
 
     try:

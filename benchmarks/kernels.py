@@ -186,7 +186,8 @@ def run_cases(backend, rows: int, cols: int, inner: int, rounds: int,
     results = []
     plain = _unfused(backend)
     for case in kernel_cases():
-        if only and not any(k in case.name or k in case.kernels for k in only):
+        if only and not any(k in case.name or any(k in n for n in case.kernels)
+                            for k in only):
             continue
         missing = [k for k in case.kernels if backend.kernel(k) is None]
         row = {"case": case.name, "kernels": list(case.kernels), "shape": [rows, cols]}
@@ -221,8 +222,8 @@ def _describe(backend) -> str:
     from .machine import machine_info
 
     m = machine_info()
-    where = (f"GPU {m['cuda_device']}" if "cuda_device" in m and backend.library != "numpy"
-             else f"CPU {m['cpu']}")
+    on_gpu = backend.library == "cupy" or "cuda" in str(backend.device)
+    where = f"GPU {m['cuda_device']}" if on_gpu and "cuda_device" in m else f"CPU {m['cpu']}"
     return (f"{backend.describe()} on {where}; CuPy {m['cupy']}, PyTorch {m['torch']}, "
             f"numpy {m['numpy']}, commit {m['git_commit']}")
 
@@ -250,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     gpu = backend.library == "cupy" or "cuda" in str(backend.device)
     rows = args.rows or (16 if args.quick else 8192 if gpu else 1024)
     cols = args.cols or (32 if args.quick else 4096 if gpu else 1024)
+    if rows < 1 or cols < 4:
+        parser.error("--rows must be at least 1 and --cols at least 4 (the LSTM cases use "
+                     "cols / 4 hidden units)")
     inner = args.inner or (10 if gpu and not args.quick else 1)
     rounds = 2 if args.quick else args.rounds
     only = args.only.split(",") if args.only else None

@@ -19,7 +19,9 @@ import statistics
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from dataclasses import replace
 
+from .timing import time_call
 from .workloads import all_cases
 
 
@@ -41,18 +43,38 @@ def _layer_classes() -> list[type]:
 FUNCTIONS = (("loomx.layers.conv", "gather_windows"), ("loomx.layers.conv", "scatter_windows"))
 
 
+class Recording:
+    """What :func:`instrument` yields: ``records`` maps ``(name, part)`` to seconds of
+    exclusive time; nothing is recorded inside ``with recording.paused():``."""
+
+    def __init__(self):
+        self.records: dict[tuple[str, str], float] = defaultdict(float)
+        self.on = True
+
+    @contextmanager
+    def paused(self):
+        self.on = False
+        try:
+            yield
+        finally:
+            self.on = True
+
+
 @contextmanager
 def instrument(sync, backend=None):
     """Wrap every layer class's ``forward``/``backward``, the :data:`FUNCTIONS` and the
-    backend's kernels; yields ``{(name, part): seconds}`` of exclusive time."""
+    backend's kernels; yields a :class:`Recording`. Everything is restored on exit."""
     import importlib
 
-    records: dict[tuple[str, str], float] = defaultdict(float)
+    recording = Recording()
+    records = recording.records
     stack: list[float] = []  # time spent in nested calls of the call on top
     undo = []
 
     def timed(fn, key):
         def call(*args, **kwargs):
+            if not recording.on:
+                return fn(*args, **kwargs)
             sync()
             stack.append(0.0)
             t0 = time.perf_counter()
@@ -89,23 +111,13 @@ def instrument(sync, backend=None):
         for name, fn in list(backend.kernels.items()):
             patch(backend.kernels, name, timed(fn, lambda a, n=name: (f"kernel {n}", "")))
     try:
-        yield records
+        yield recording
     finally:
         for owner, attr, original in reversed(undo):
             if isinstance(owner, dict):
                 owner[attr] = original
             else:
                 setattr(owner, attr, original)
-
-
-def _call(op) -> float:
-    if op.setup is not None:
-        op.setup()
-    t0 = time.perf_counter()
-    op.run()
-    if op.sync is not None:
-        op.sync()
-    return time.perf_counter() - t0
 
 
 def profile(key: str, spec: str, scale: int = 1, calls: int = 10, quick: bool = False) -> str:
@@ -120,11 +132,19 @@ def profile(key: str, spec: str, scale: int = 1, calls: int = 10, quick: bool = 
     with backend.activate():
         op = case.loomx(backend)
         for _ in range(3):
-            _call(op)
-        plain = statistics.median(_call(op) for _ in range(calls))
+            time_call(op)
+        plain = statistics.median(time_call(op) for _ in range(calls))
         sync = op.sync or (lambda: None)
-        with instrument(sync, backend) as records:
-            total = sum(_call(op) for _ in range(calls)) / calls
+        run_only = replace(op, setup=None)
+        total = 0.0
+        with instrument(sync, backend) as recording:
+            for _ in range(calls):  # the untimed setup (a decode's prefill) is not recorded
+                if op.setup is not None:
+                    with recording.paused():
+                        op.setup()
+                total += time_call(run_only)
+        total /= calls
+        records = recording.records
     rows = sorted(records.items(), key=lambda kv: -kv[1])
     layers = sum(records.values()) / calls
     lines = [f"{case.title} on {backend.describe()}: median {plain * 1e3:.3f} ms per call; "

@@ -40,7 +40,8 @@ class Timing:
         return {"median_s": self.median, "p25_s": self.p25, "p75_s": self.p75, "n": self.n}
 
 
-def _call(op: Op) -> float:
+def time_call(op: Op) -> float:
+    """Seconds of one ``op.run()`` (and ``op.sync()``), after its untimed ``setup``."""
     if op.setup is not None:
         op.setup()
     t0 = time.perf_counter()
@@ -71,7 +72,7 @@ def time_alternating(ops: dict[str, Op], warmup: int = 2, rounds: int = 5, block
     """
     for op in ops.values():
         for _ in range(warmup):
-            _call(op)
+            time_call(op)
     samples: dict[str, list[float]] = {name: [] for name in ops}
     names = list(ops)
     start = time.perf_counter()
@@ -80,7 +81,7 @@ def time_alternating(ops: dict[str, Op], warmup: int = 2, rounds: int = 5, block
         for name in order:
             gc.collect()
             for _ in range(block):
-                samples[name].append(_call(ops[name]))
+                samples[name].append(time_call(ops[name]))
         if budget_s is not None and r >= 1 and time.perf_counter() - start > budget_s:
             break
     return {name: Timing(statistics.median(s), _quantile(s, 0.25), _quantile(s, 0.75), len(s))

@@ -63,13 +63,13 @@ def no_sync_guard():
 
 
 def _make(spec: str, dtype: str):
-    if spec == "cupy":
+    if spec.startswith("cupy"):
         from loomx.backends.cupy_backend import cupy_status
 
         ok, reason = cupy_status()
         if not ok:
             pytest.skip(f"cupy backend unusable: {reason}")
-        return get_backend("cupy", dtype)
+        return get_backend(spec, dtype)
     if spec.startswith("torch"):
         torch = pytest.importorskip("torch")
         if "cuda" in spec and not torch.cuda.is_available():
@@ -82,7 +82,8 @@ def _make(spec: str, dtype: str):
 
 def _params(dtype: str):
     return [pytest.param((s, dtype), id=s,
-                         marks=[pytest.mark.gpu] if s == "cupy" or "cuda" in s else [])
+                         marks=[pytest.mark.gpu] if s.startswith("cupy") or "cuda" in s
+                         else [])
             for s in MATRIX]
 
 
