@@ -17,7 +17,10 @@ kernel launch on CUDA and one loop on the CPU. Same contracts as the CuPy kernel
 - ``layer_norm_forward`` / ``layer_norm_backward`` (``aten.native_layer_norm`` and its
   backward); RMSNorm keeps the reference path, because ATen's fused RMSNorm has no CPU
   backward and its CPU forward is itself a composition of operations;
-- ``adam_update``: PyTorch's fused Adam / AdamW step on one parameter, in place.
+- ``adam_update``: PyTorch's fused Adam / AdamW step on one parameter, in place;
+- ``lstm_cell_forward`` / ``lstm_cell_backward``: one LSTM step's gate arithmetic in 8 and
+  about 16 ATen operations (``addcmul`` for the ``x·(1 - x)`` factors, ``out=`` into the
+  gradient buffer) instead of 14 and 26 array calls: fewer launches per step on CUDA.
 """
 
 from __future__ import annotations
@@ -185,6 +188,38 @@ def _fused_adam_runs(device: str) -> bool:
     return True
 
 
+# ---------------------------------------------------------------------- LSTM cell
+def _lstm_cell_forward(xw_t, hw, c_prev):
+    """``lstm_cell_forward`` in 8 ATen operations instead of 14 array calls: the sigmoid
+    gates as ``(tanh(½z) + 1)·½`` over one ``[B, 3H]`` block, ``c`` through ``addcmul``."""
+    hs = c_prev.shape[-1]
+    u = torch.add(xw_t, hw).tanh_()
+    s = u[:, :3 * hs].add(1.0).mul_(0.5)
+    i, f, o = s[:, :hs], s[:, hs:2 * hs], s[:, 2 * hs:]
+    g = u[:, 3 * hs:]
+    c = torch.addcmul(f * c_prev, i, g)
+    tc = torch.tanh(c)
+    return i, f, g, o, c, tc, o * tc
+
+
+def _lstm_cell_backward(i, f, g, o, c_prev, tc, dh, dc_next, dpx, t):
+    """``lstm_cell_backward`` in about 16 ATen operations instead of 26 array calls: each
+    ``x·(1 - x)`` as one ``addcmul``, each gate gradient written by its last product into
+    ``dpx[t]`` (``out=``, which casts to ``dpx``'s dtype as the reference's assignment)."""
+    hs = i.shape[-1]
+    a = torch.mul(dh, o)
+    dc = torch.addcmul(a, a, tc.square(), value=-1)  # dh·o·(1 - tanh²c)
+    if dc_next is not None:
+        dc = dc + dc_next
+    d = dpx[t]
+    torch.mul(dc * g, torch.addcmul(i, i, i, value=-1), out=d[:, :hs])
+    torch.mul(dc * c_prev, torch.addcmul(f, f, f, value=-1), out=d[:, hs:2 * hs])
+    x = dc * i
+    torch.addcmul(x, x, g.square(), value=-1, out=d[:, 2 * hs:3 * hs])
+    torch.mul(dh * tc, torch.addcmul(o, o, o, value=-1), out=d[:, 3 * hs:])
+    return dc * f
+
+
 def reduction_kernels(device=None) -> dict[str, Callable]:
     """The softmax, normalisation and Adam kernels, by name (Adam only where this PyTorch
     build runs its fused kernel on ``device``)."""
@@ -192,7 +227,9 @@ def reduction_kernels(device=None) -> dict[str, Callable]:
                "softmax_backward": _softmax_backward,
                "log_softmax_backward": _log_softmax_backward,
                "layer_norm_forward": _layer_norm_forward,
-               "layer_norm_backward": _layer_norm_backward}
+               "layer_norm_backward": _layer_norm_backward,
+               "lstm_cell_forward": _lstm_cell_forward,
+               "lstm_cell_backward": _lstm_cell_backward}
     if _fused_adam_runs(str(device) if device is not None else "cpu"):
         kernels["adam_update"] = _adam_update
     return kernels

@@ -139,10 +139,10 @@ def test_kernel_benchmark_times_each_kernel_fused_and_unfused():
 
     backend = get_backend("torch")
     results = kernels.run_cases(backend, rows=8, cols=16, inner=1, rounds=2,
-                                only=["softmax", "adam_update", "lstm_cell_forward"])
+                                only=["softmax", "adam_update", "rms_norm_forward"])
     names = [r["case"] for r in results]
     assert names == ["softmax", "softmax backward", "log softmax", "log softmax backward",
-                     "AdamW step", "LSTM cell forward"]
+                     "RMSNorm forward", "AdamW step"]
     timed = [r for r in results if "skipped" not in r]
     # the fused Adam is registered where the PyTorch build runs it on the CPU (2.4 and later)
     expected = {"softmax"} | ({"AdamW step"} if backend.kernel("adam_update") else set())
@@ -150,8 +150,8 @@ def test_kernel_benchmark_times_each_kernel_fused_and_unfused():
     for r in timed:
         assert r["fused_s"] > 0 and r["unfused_s"] > 0
         assert r["speedup"] == pytest.approx(r["unfused_s"] / r["fused_s"])
-    lstm = next(r for r in results if r["case"] == "LSTM cell forward")
-    assert lstm["skipped"] == "not registered: lstm_cell_forward"  # no torch kernel for it
+    rms = next(r for r in results if r["case"] == "RMSNorm forward")
+    assert rms["skipped"] == "not registered: rms_norm_forward"  # no torch kernel for it
     table = kernels.markdown(results, "header")
     assert table.startswith("header\n\n| call | kernel | fused ms | unfused ms | speedup |")
     assert "| softmax | `softmax` |" in table
