@@ -505,13 +505,19 @@ def lstm_cell_forward(xw_t, hw, c_prev):
     the order (i, f, o, g) with i, f, o halved (loomx/layers/recurrent.py). Mixed dtypes
     promote as the reference does."""
     cp = _cupy()
-    dtype, work = _common_dtype(xw_t, hw, c_prev)
-    xw_t = cp.ascontiguousarray(xw_t, dtype=work)
-    hw = cp.ascontiguousarray(hw, dtype=work)
-    c_prev = cp.broadcast_to(c_prev.astype(work, copy=False),
-                             (xw_t.shape[0], xw_t.shape[1] // 4))
-    outs = _lstm_kernels()[0](xw_t, hw, c_prev, np.int64(c_prev.shape[1]))
-    return outs if work == dtype else tuple(a.astype(dtype) for a in outs)
+    dt = c_prev.dtype
+    shape = (xw_t.shape[0], xw_t.shape[1] // 4)
+    if (xw_t.dtype == hw.dtype == dt and _native(c_prev) and tuple(c_prev.shape) == shape
+            and xw_t.flags.c_contiguous and hw.flags.c_contiguous):
+        return _lstm_kernels()[0](xw_t, hw, c_prev, np.int64(shape[1]))
+    # the general case: computed in the promoted dtype, then given the reference's dtypes
+    # (the gates that of xw_t + hw, the states that of all three)
+    gates, _ = _common_dtype(xw_t, hw)
+    states, work = _common_dtype(xw_t, hw, c_prev)
+    outs = lstm_cell_forward(cp.ascontiguousarray(xw_t, dtype=work),
+                             cp.ascontiguousarray(hw, dtype=work),
+                             cp.broadcast_to(c_prev.astype(work, copy=False), shape))
+    return tuple(a.astype(gates if k < 4 else states, copy=False) for k, a in enumerate(outs))
 
 
 def lstm_cell_backward(i, f, g, o, c_prev, tc, dh, dc_next, dpx, t: int):
@@ -522,18 +528,25 @@ def lstm_cell_backward(i, f, g, o, c_prev, tc, dh, dc_next, dpx, t: int):
     Mixed dtypes promote as the reference does."""
     cp = _cupy()
     saved = (i, f, g, o, c_prev, tc, dh)
-    dtype, work = _common_dtype(*saved, *(() if dc_next is None else (dc_next,)))
-    saved = tuple(a.astype(work, copy=False) for a in saved)
-    dcn = work.type(0) if dc_next is None else dc_next.astype(work, copy=False)
-    direct = dpx.dtype == work and dpx.flags.c_contiguous
-    target = dpx if direct else cp.empty((1,) + tuple(dpx.shape[1:]), dtype=work)
-    row = t if direct else 0
+    dt = dpx.dtype
+    if (_native(dpx) and dpx.flags.c_contiguous and all(a.dtype == dt for a in saved)
+            and (dc_next is None or dc_next.dtype == dt)):
+        dtype = work = dt  # the common case: one launch straight into dpx[t]
+        target, row = dpx, t
+    else:
+        dtype, work = _common_dtype(*saved, *(() if dc_next is None else (dc_next,)))
+        saved = tuple(a.astype(work, copy=False) for a in saved)
+        dc_next = None if dc_next is None else dc_next.astype(work, copy=False)
+        direct = dt == work and dpx.flags.c_contiguous
+        target = dpx if direct else cp.empty((1,) + tuple(dpx.shape[1:]), dtype=work)
+        row = t if direct else 0
+    dcn = work.type(0) if dc_next is None else dc_next
     rows, width = target.shape[1], target.shape[2]
     dc_prev = cp.empty(tuple(i.shape), dtype=work)
     _lstm_kernels()[1](*saved, dcn, np.int64(width // 4), np.int64(row * rows * width),
                        dc_prev, target)
-    if not direct:
-        dpx[t, ...] = target[0].astype(dpx.dtype)
+    if target is not dpx:
+        dpx[t, ...] = target[0].astype(dt)
     return dc_prev if work == dtype else dc_prev.astype(dtype)
 
 

@@ -464,3 +464,84 @@ def test_lstm_initial_state_and_its_gradient_same_with_and_without_kernels(backe
         results.append((y, dx, *layer.initial_state_grad(ctx), *layer.final_state(ctx)))
     for got, want in zip(*results):
         assert_close(got, backend.to_host(want), backend, rtol=1e-4, atol=1e-5)
+
+
+def _numpy_lstm_kernels(np_):
+    """numpy stand-ins with the CuPy ElementwiseKernels' calling convention, which insist on
+    what the kernels need: one dtype, contiguous raw operands, the output written at ``off``."""
+
+    def forward(xw, hw, c_prev, hidden):
+        h = int(hidden)
+        assert xw.dtype == hw.dtype == c_prev.dtype and xw.flags.c_contiguous
+        assert hw.flags.c_contiguous
+        u = np_.tanh(xw + hw)
+        gi, gf, go = (0.5 * u[:, k * h:(k + 1) * h] + 0.5 for k in range(3))
+        gg = u[:, 3 * h:]
+        c = gf * c_prev + gi * gg
+        tc = np_.tanh(c)
+        return tuple(np_.ascontiguousarray(a) for a in (gi, gf, gg, go, c, tc, go * tc))
+
+    def backward(gi, gf, gg, go, c_prev, tc, dh, dcn, hidden, off, dc_prev, dpx):
+        off = int(off)
+        assert all(a.dtype == dpx.dtype for a in (gi, gf, gg, go, c_prev, tc, dh, dc_prev))
+        assert np_.asarray(dcn).dtype == dpx.dtype and dpx.flags.c_contiguous
+        dc = dh * go * (1 - tc * tc) + dcn
+        block = np_.stack([dc * gg * gi * (1 - gi), dc * c_prev * gf * (1 - gf),
+                           dc * gi * (1 - gg * gg), dh * tc * go * (1 - go)], axis=1)
+        dpx.reshape(-1)[off:off + block.size] = block.reshape(-1)
+        dc_prev[...] = dc * gf
+
+    return forward, backward
+
+
+def test_cupy_lstm_wrappers_promote_and_copy_like_the_reference():
+    """Runs without a GPU: the CuPy LSTM wrappers with numpy standing in for CuPy and its
+    kernels. Mixed and half dtypes, strided inputs and strided or foreign-dtype gradient
+    buffers must give the reference's values and dtypes."""
+    from loomx.backends import get_backend
+
+    module = _cupy_kernels_module()
+    module._cupy = lambda: np
+    module._lstm_kernels = lambda: _numpy_lstm_kernels(np)
+    rng = np.random.default_rng(3)
+    b, h, steps = 3, 5, 3
+
+    def r(*shape, dt=np.float32):
+        return rng.standard_normal(shape).astype(dt)
+
+    def close(got, want, half):
+        assert got.dtype == want.dtype
+        tol = 3e-3 if half else 1e-6
+        np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64),
+                                   rtol=tol, atol=tol)
+
+    xp = get_backend("numpy").xp
+    for dts in [(np.float32,) * 3, (np.float32, np.float32, np.float64), (np.float16,) * 3,
+                (np.float64, np.float32, np.float32)]:
+        xw, hw, c = r(b, 4 * h, dt=dts[0]), r(b, 4 * h, dt=dts[1]), r(b, h, dt=dts[2])
+        for got, want in zip(module.lstm_cell_forward(xw, hw, c),
+                             lstm_cell_forward(xp, xw, hw, c)):
+            close(got, want, np.float16 in dts)
+    strided = r(b, 8 * h)[:, :4 * h]
+    hw, c = r(b, 4 * h), r(b, h)
+    for got, want in zip(module.lstm_cell_forward(strided, hw, c),
+                         lstm_cell_forward(xp, strided, hw, c)):
+        close(got, want, False)
+    i, f, g, o, _, tc, _ = lstm_cell_forward(xp, r(b, 4 * h), r(b, 4 * h), r(b, h))
+    c_prev, dh = r(b, h), r(b, h)
+    def buffer(layout, dtype):
+        if layout == "contiguous":
+            return np.zeros((steps, b, 4 * h), dtype)
+        return np.zeros((b, steps, 4 * h), dtype).transpose(1, 0, 2)
+
+    for dpx_dtype in (np.float32, np.float16, np.float64):
+        for dc_next in (None, r(b, h), r(b, h, dt=np.float64)):
+            for layout in ("contiguous", "strided"):
+                for t in range(steps):
+                    got_dpx, want_dpx = buffer(layout, dpx_dtype), buffer(layout, dpx_dtype)
+                    got = module.lstm_cell_backward(i, f, g, o, c_prev, tc, dh, dc_next,
+                                                    got_dpx, t)
+                    want = lstm_cell_backward(xp, i, f, g, o, c_prev, tc, dh, dc_next,
+                                              want_dpx, t)
+                    close(got, want, False)
+                    close(got_dpx, want_dpx, dpx_dtype == np.float16)
