@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -272,6 +272,11 @@ class Backend:
             float_dtype = getattr(self.xp, float_dtype)
         return type(self)(name=self.name, xp=self.xp, device=self.device,
                           float_dtype=float_dtype, library=self.library, kernels=self.kernels)
+
+    def without_kernels(self) -> Backend:
+        """A copy of this backend with no fast kernels: every caller takes its array-API
+        reference path (what the kernel tests and ``benchmarks.kernels`` compare against)."""
+        return replace(self, kernels={})
 
     def activate(self):
         """A context manager making this backend's device current (CuPy); a no-op elsewhere."""

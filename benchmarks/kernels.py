@@ -166,12 +166,6 @@ def kernel_cases() -> list[KernelCase]:
     return cases
 
 
-def _unfused(backend):
-    """The same backend with no kernels: every call takes its array-API reference path."""
-    return type(backend)(name=backend.name, xp=backend.xp, device=backend.device,
-                         float_dtype=backend.float_dtype, library=backend.library, kernels={})
-
-
 def _op(backend, fn, inner: int) -> Op:
     def run():
         for _ in range(inner):
@@ -184,7 +178,7 @@ def run_cases(backend, rows: int, cols: int, inner: int, rounds: int,
               only: list[str] | None = None) -> list[dict]:
     """Time every registered case on ``backend`` fused and unfused; one dict per case."""
     results = []
-    plain = _unfused(backend)
+    plain = backend.without_kernels()
     for case in kernel_cases():
         if only and not any(k in case.name or any(k in n for n in case.kernels)
                             for k in only):

@@ -114,6 +114,14 @@ def single_threaded():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def loaded():
+    """The tiny checkpoints of ``tests/tiny_models.py``, each loaded once per module."""
+    from tests.tiny_models import LoadedModels
+
+    return LoadedModels()
+
+
 @pytest.fixture
 def numpy64():
     """The numpy backend in float64 (finite-difference checks)."""

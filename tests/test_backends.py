@@ -106,3 +106,12 @@ def test_torch_backend_device_carries_its_index():
     assert with_index(torch.device("mps"), lambda: 2) == torch.device("mps", 0)
     assert with_index(torch.device("cpu"), lambda: 2) == torch.device("cpu")
     assert str(get_backend("torch").device) == "cpu"
+
+
+def test_without_kernels_is_the_same_backend_on_its_reference_paths():
+    b = get_backend("numpy")
+    plain = b.without_kernels()
+    assert plain.kernels == {} and b.kernels  # the original keeps its kernels
+    assert type(plain) is type(b) and plain.device == b.device
+    assert plain.float_dtype == b.float_dtype and plain.xp is b.xp
+    assert plain.kernel("sum_rows") is None

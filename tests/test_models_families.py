@@ -21,7 +21,6 @@ from tests.tiny_models import (  # noqa: E402
     FAMILIES,
     MOE_FAMILIES,
     VOCAB,
-    LoadedModels,
     cached_logits,
     check_cached_logits_on,
     reference_greedy,
@@ -35,11 +34,6 @@ IDS = np.random.default_rng(0).integers(3, VOCAB, size=(2, 9))
 
 def _reference(family: str, variant: str = "f32", ids=IDS) -> np.ndarray:
     return reference_logits(family, ids, variant)
-
-
-@pytest.fixture(scope="module")
-def loaded():
-    return LoadedModels()
 
 
 @pytest.mark.parametrize("family", [*FAMILIES, *MOE_FAMILIES])

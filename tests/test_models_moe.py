@@ -14,7 +14,6 @@ pytest.importorskip("transformers")
 from tests.tiny_models import (  # noqa: E402
     MOE_FAMILIES,
     VOCAB,
-    LoadedModels,
     check_cached_logits_on,
     reference_logits,
 )
@@ -24,11 +23,6 @@ IDS = np.random.default_rng(0).integers(3, VOCAB, size=(2, 9))
 
 def _reference(family: str) -> np.ndarray:
     return reference_logits(family, IDS)
-
-
-@pytest.fixture(scope="module")
-def loaded():
-    return LoadedModels()
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)

@@ -19,7 +19,6 @@ pytest.importorskip("transformers")
 from tests.tiny_models import (  # noqa: E402
     ROPE_SCALED,
     VOCAB,
-    LoadedModels,
     cached_logits,
     reference_logits,
     tiny_model,
@@ -31,11 +30,6 @@ FAMILIES = sorted(ROPE_SCALED)
 
 def _reference(family: str) -> np.ndarray:
     return reference_logits(family, IDS)
-
-
-@pytest.fixture(scope="module")
-def loaded():
-    return LoadedModels()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
