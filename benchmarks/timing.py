@@ -1,8 +1,18 @@
 """Side-by-side timing: warm-up, then alternating blocks of calls, reported as medians.
 
-Contenders are timed in the same process in alternating blocks (not alternating single calls:
-a library's spinning idle BLAS/OpenMP threads would otherwise disturb the next call of the
-other one). The block order rotates every round so no contender always runs first.
+Contenders are timed in the same process in alternating blocks. The block order rotates every
+round so no contender always runs first.
+
+After a call, a library's idle thread pool keeps spinning for a while (OpenBLAS's threads for
+about 0.1 s, PyTorch's OpenMP threads for several milliseconds) and takes a core from whatever
+runs next. Measured on the 2-core CPU of ``benchmarks/RESULTS.md`` with the MLP step (case a) at
+2 threads, a call right after the other library's took 11–21 ms for loomx (5.5–6 ms otherwise)
+and 13–14 ms for PyTorch (5.3 ms). Sleeping the spin off is no cure: on that (virtual) machine
+an idle pause leaves thread hand-offs slow for several calls afterwards (loomx's BatchParallel
+step: 10–11 ms in the three calls after a 0.15 s sleep and one untimed call, 6 ms without the
+sleep). So each block starts with ``lead_s`` seconds of untimed calls of its own contender,
+back to back, which outlast the previous contender's spinning threads: each library is timed
+as it runs in a training loop, not in the other library's wake.
 """
 
 from __future__ import annotations
@@ -60,7 +70,7 @@ def _quantile(values: list[float], q: float) -> float:
 
 
 def time_alternating(ops: dict[str, Op], warmup: int = 2, rounds: int = 5, block: int = 3,
-                     budget_s: float | None = None) -> dict[str, Timing]:
+                     budget_s: float | None = None, lead_s: float = 0.0) -> dict[str, Timing]:
     """Time every op of ``ops`` in alternating blocks; return per-call statistics by name.
 
     Args:
@@ -69,6 +79,8 @@ def time_alternating(ops: dict[str, Op], warmup: int = 2, rounds: int = 5, block
         rounds: number of alternation rounds; each round runs a block of every op.
         block: timed calls per op per round (so each op gets ``rounds · block`` samples).
         budget_s: optional wall-clock budget; rounds stop early (after at least two) once spent.
+        lead_s: untimed calls, back to back, for this many seconds at the start of each block
+            (at least one call when positive).
     """
     for op in ops.values():
         for _ in range(warmup):
@@ -80,6 +92,12 @@ def time_alternating(ops: dict[str, Op], warmup: int = 2, rounds: int = 5, block
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
             gc.collect()
+            if lead_s > 0:
+                lead_end = time.perf_counter() + lead_s
+                while True:
+                    time_call(ops[name])
+                    if time.perf_counter() >= lead_end:
+                        break
             for _ in range(block):
                 samples[name].append(time_call(ops[name]))
         if budget_s is not None and r >= 1 and time.perf_counter() - start > budget_s:

@@ -6,6 +6,7 @@ workload, reports ratios and writes its files, not how fast anything is.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pathlib
@@ -210,3 +211,26 @@ def test_gpu_check_script_is_valid_bash():
     script = ROOT / ".ci" / "gpu"
     assert os.access(script, os.X_OK)
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+
+def test_each_block_starts_with_untimed_lead_calls_of_its_own_contender():
+    import time
+
+    from benchmarks.timing import Op, time_alternating
+
+    log: list[str] = []
+
+    def op(name: str) -> Op:
+        return Op(run=lambda: (log.append(name), time.sleep(0.002)))
+
+    timings = time_alternating({"a": op("a"), "b": op("b")}, warmup=1, rounds=2, block=2,
+                               lead_s=0.01)
+    assert {k: t.n for k, t in timings.items()} == {"a": 4, "b": 4}
+    # warm-up, then per block: lead calls (at least one, here several) then 2 timed calls
+    # (round 2 reverses the order, so b's two blocks run back to back)
+    runs = [(k, len(list(g))) for k, g in itertools.groupby(log[2:])]
+    assert [k for k, _ in runs] == ["a", "b", "a"]
+    assert [n >= want for (_, n), want in zip(runs, (4, 8, 4))] == [True] * 3
+    log.clear()
+    time_alternating({"a": op("a")}, warmup=0, rounds=1, block=1, lead_s=0.0)
+    assert log == ["a"]
