@@ -6,6 +6,7 @@ import datetime as _dt
 import os
 import re
 
+from .timing import paired_ratio
 from .worker import PLAIN, TORCH
 
 LATEST_BEGIN = "<!-- latest:begin -->"
@@ -55,12 +56,31 @@ def _cell(r: dict, name: str, notes: list[str]) -> str:
     return "—"
 
 
-def ratio(r: dict, name: str) -> float | None:
-    """loomx/PyTorch median time ratio of ``name`` in record ``r`` (None when not measured)."""
+def ratio(r: dict, name: str, ref: str = TORCH) -> float | None:
+    """Time ratio ``name`` / ``ref`` (PyTorch) in record ``r``, paired by round
+    (:func:`benchmarks.timing.paired_ratio`); None when either was not measured."""
     t = r["timings"]
-    if name in t and TORCH in t:
-        return t[name]["median_s"] / t[TORCH]["median_s"]
+    if name in t and ref in t:
+        return paired_ratio(t[name], t[ref])
     return None
+
+
+def best_ratio(rows: list[dict], name: str) -> tuple[float, float, float] | None:
+    """``(ratio, best ms of name, best ms of PyTorch)`` over the thread counts of ``rows``.
+
+    Each library at its own fastest thread count; when both are fastest at the same one, the
+    ratio is that record's paired :func:`ratio`, else the quotient of the two medians (timed in
+    different processes, so there is nothing to pair).
+    """
+    mine = [r for r in rows if name in r["timings"]]
+    ref = [r for r in rows if TORCH in r["timings"]]
+    if not mine or not ref:
+        return None
+    best_mine = min(mine, key=lambda r: r["timings"][name]["median_s"])
+    best_ref = min(ref, key=lambda r: r["timings"][TORCH]["median_s"])
+    m, t = best_mine["timings"][name]["median_s"], best_ref["timings"][TORCH]["median_s"]
+    q = ratio(best_mine, name) if best_mine is best_ref else m / t
+    return q, m, t
 
 
 def _ratio_cell(value: float | None) -> str:
@@ -113,14 +133,14 @@ def best_table(results: list[dict], notes: list[str]) -> str:
         row = [rows[0]["title"], "—" if target is None else f"≤ {target:g}",
                _fmt_ms(min(torch_t)) if torch_t else "n/a"]
         for c in cols:
-            mine = [r["timings"][c]["median_s"] for r in rows if c in r["timings"]]
-            if not mine or not torch_t:
+            best = best_ratio(rows, c)
+            if best is None:
                 reason = next((r["missing"][c] for r in rows if c in r["missing"]), "")
                 row += [_na(notes, reason) if reason else "n/a", "—", "—"]
                 continue
-            q = min(mine) / min(torch_t)
+            q, mine, _ = best
             met = "—" if target is None else ("yes" if q <= target else "no")
-            row += [_fmt_ms(min(mine)), f"**{q:.2f}×**", met]
+            row += [_fmt_ms(mine), f"**{q:.2f}×**", met]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -131,7 +151,7 @@ def overhead_lines(results: list[dict]) -> list[str]:
     for r in results:
         t = r["timings"]
         if PLAIN in t and "loomx[numpy]" in t:
-            over = t["loomx[numpy]"]["median_s"] / t[PLAIN]["median_s"] - 1.0
+            over = ratio(r, "loomx[numpy]", PLAIN) - 1.0
             out.append(f"- {r['title']}, {r['threads']} thread(s): plain numpy "
                        f"{_fmt_ms(t[PLAIN]['median_s'])} ms, loomx[numpy] "
                        f"{_fmt_ms(t['loomx[numpy]']['median_s'])} ms → overhead "
@@ -185,8 +205,9 @@ def markdown(doc: dict) -> str:
             continue
         notes: list[str] = []
         parts += [f"### {title} (median ms per call; ratio = loomx time / PyTorch time, "
-                  "below 1 = loomx faster; foreign load = cores other processes used "
-                  "meanwhile)", "", results_table(rows, peaks, notes), "",
+                  "the median of the per-round ratios, below 1 = loomx faster; foreign load "
+                  "= cores other processes used meanwhile)", "",
+                  results_table(rows, peaks, notes), "",
                   "Each library at its best thread count:", "", best_table(rows, notes), ""]
         parts += [f"[{i}] {n}  " for i, n in enumerate(notes, 1)] + ([""] if notes else [])
     over = overhead_lines(results)
@@ -203,11 +224,9 @@ def history_line(doc: dict) -> str:
     def best(name: str) -> dict[str, float]:
         out: dict[str, float] = {}
         for key in doc["order"]:
-            rows = [r for r in results if r["key"] == key]
-            mine = [r["timings"][name]["median_s"] for r in rows if name in r["timings"]]
-            ref = [r["timings"][TORCH]["median_s"] for r in rows if TORCH in r["timings"]]
-            if mine and ref:
-                out[key] = min(mine) / min(ref)
+            found = best_ratio([r for r in results if r["key"] == key], name)
+            if found is not None:
+                out[key] = found[0]
         return out
 
     numpy_best, workers_best = best("loomx[numpy]"), best("loomx[numpy+workers]")

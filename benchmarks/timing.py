@@ -21,7 +21,7 @@ import gc
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -39,15 +39,34 @@ class Op:
 
 @dataclass
 class Timing:
-    """Per-call seconds of one contender: median, quartiles and the number of timed calls."""
+    """Per-call seconds of one contender: median, quartiles, the number of timed calls and
+    the median of each block (one per round, in round order; see :func:`paired_ratio`)."""
 
     median: float
     p25: float
     p75: float
     n: int
+    blocks: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"median_s": self.median, "p25_s": self.p25, "p75_s": self.p75, "n": self.n}
+        return {"median_s": self.median, "p25_s": self.p25, "p75_s": self.p75, "n": self.n,
+                "block_medians_s": list(self.blocks)}
+
+
+def paired_ratio(mine: dict, ref: dict) -> float:
+    """``mine / ref`` time ratio of two contenders timed together (``Timing.as_dict()`` form).
+
+    The median, over rounds, of the ratio of their block medians in the same round; blocks of
+    one round run within about a second of each other, so a slow spell of the machine (on the
+    virtual machine of ``benchmarks/RESULTS.md`` the same call runs up to 1.5× slower for
+    seconds at a time) changes both sides of a round's ratio alike, where it may hit one
+    contender's overall median more than the other's. Falls back to the ratio of the overall
+    medians when either side lacks block medians or the rounds differ.
+    """
+    a, b = mine.get("block_medians_s") or [], ref.get("block_medians_s") or []
+    if len(a) != len(b) or not a:
+        return mine["median_s"] / ref["median_s"]
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def time_call(op: Op) -> float:
@@ -86,6 +105,7 @@ def time_alternating(ops: dict[str, Op], warmup: int = 2, rounds: int = 5, block
         for _ in range(warmup):
             time_call(op)
     samples: dict[str, list[float]] = {name: [] for name in ops}
+    blocks: dict[str, list[float]] = {name: [] for name in ops}
     names = list(ops)
     start = time.perf_counter()
     for r in range(rounds):
@@ -98,9 +118,11 @@ def time_alternating(ops: dict[str, Op], warmup: int = 2, rounds: int = 5, block
                     time_call(ops[name])
                     if time.perf_counter() >= lead_end:
                         break
-            for _ in range(block):
-                samples[name].append(time_call(ops[name]))
+            timed = [time_call(ops[name]) for _ in range(block)]
+            samples[name] += timed
+            blocks[name].append(statistics.median(timed))
         if budget_s is not None and r >= 1 and time.perf_counter() - start > budget_s:
             break
-    return {name: Timing(statistics.median(s), _quantile(s, 0.25), _quantile(s, 0.75), len(s))
+    return {name: Timing(statistics.median(s), _quantile(s, 0.25), _quantile(s, 0.75), len(s),
+                         blocks[name])
             for name, s in samples.items()}

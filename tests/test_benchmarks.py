@@ -234,3 +234,22 @@ def test_each_block_starts_with_untimed_lead_calls_of_its_own_contender():
     log.clear()
     time_alternating({"a": op("a")}, warmup=0, rounds=1, block=1, lead_s=0.0)
     assert log == ["a"]
+
+
+def test_ratios_pair_the_blocks_of_each_round():
+    from benchmarks.report import best_ratio, ratio
+    from benchmarks.timing import paired_ratio
+
+    # round 2 ran in a slow spell for both: the overall medians say 1.5, each round says 1.0
+    mine = {"median_s": 3.0, "block_medians_s": [2.0, 4.0, 3.0]}
+    ref = {"median_s": 2.0, "block_medians_s": [2.0, 4.0, 3.0]}
+    assert paired_ratio(mine, ref) == 1.0
+    assert paired_ratio({"median_s": 3.0}, ref) == 1.5  # no blocks: the medians' quotient
+    rec = {"timings": {"loomx[numpy]": mine, "torch": ref}}
+    assert ratio(rec, "loomx[numpy]") == 1.0
+    assert ratio(rec, "loomx[numpy+workers]") is None
+    # best thread counts: the same record → paired; different records → medians' quotient
+    one = {"timings": {"loomx[numpy]": {"median_s": 4.0}, "torch": {"median_s": 5.0}}}
+    assert best_ratio([one, rec], "loomx[numpy]") == (1.0, 3.0, 2.0)
+    slow_ref = {"timings": {"loomx[numpy]": {"median_s": 2.5}, "torch": {"median_s": 9.0}}}
+    assert best_ratio([slow_ref, rec], "loomx[numpy]") == (2.5 / 2.0, 2.5, 2.0)
