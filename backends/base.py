@@ -121,6 +121,15 @@ class Backend:
         """Zeros of ``shape`` on this backend's device (default dtype: ``float_dtype``)."""
         return self.xp.zeros(tuple(shape), dtype=dtype or self.float_dtype, device=self.device)
 
+    def grad_zeros(self, like):
+        """Zeros shaped, typed and placed like ``like``: a gradient nothing has added to yet.
+
+        Callers replace it rather than write into it (``Layer._accumulate`` does), so a
+        backend may return a read-only array: the numpy backend gives a zero-stride view of
+        one zero, which spares a pass over every parameter at each ``zero_grad``.
+        """
+        return self.xp.zeros_like(like)
+
     def scratch(self, shape, dtype=None):
         """An uninitialised array of ``shape`` for a temporary the caller fills completely.
 

@@ -106,6 +106,13 @@ def _ones(n: int, dtype: str) -> np.ndarray:
     return ones
 
 
+@functools.lru_cache(maxsize=256)
+def _zeros_view(dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A cached read-only view of ``shape`` zeros of ``dtype``, all strides 0 (one element in
+    memory; shared safely, since nothing can write into it)."""
+    return np.broadcast_to(np.zeros((), dtype=dtype), shape)
+
+
 def _sum_rows(a):
     """Sum of ``a [R, N]`` over its rows → ``[N]`` as ``ones [R] @ a`` (BLAS gemv).
 
@@ -152,6 +159,10 @@ class NumpyBackend(Backend):
     def erf(self, x):
         """The error function to float64 accuracy (|error| ≤ 3e-16), in the dtype of ``x``."""
         return _erf(np.asarray(x, dtype=np.float64)).astype(x.dtype, copy=False)
+
+    def grad_zeros(self, like):
+        """A read-only zero-stride view of one zero (writing into it raises ``ValueError``)."""
+        return _zeros_view(like.dtype, like.shape)
 
     def scratch(self, shape, dtype=None):
         return SCRATCH.empty(tuple(shape), dtype or self.float_dtype)

@@ -13,6 +13,7 @@ from loomx.backends.cupy_backend import cupy_status
 
 import loomx
 from loomx.errors import BackendUnavailableError, LoomxError
+from tests.conftest import assert_close
 
 
 def test_use_backend_context_and_default():
@@ -115,3 +116,28 @@ def test_without_kernels_is_the_same_backend_on_its_reference_paths():
     assert type(plain) is type(b) and plain.device == b.device
     assert plain.float_dtype == b.float_dtype and plain.xp is b.xp
     assert plain.kernel("sum_rows") is None
+
+
+def test_zero_grad_gives_zeros_that_the_first_gradient_replaces(backend):
+    from loomx.layers import Dense
+
+    layer = Dense(3)
+    layer.build((4,), backend=backend)
+    layer.zero_grad()
+    assert_close(layer.grads["weight"], np.zeros((3, 4)), backend, rtol=0, atol=0)
+    g = backend.from_host(np.ones((3, 4), np.float32))
+    layer._accumulate("weight", g)
+    assert layer.grads["weight"] is g  # replaced, not added to
+    layer._accumulate("weight", g)
+    assert_close(layer.grads["weight"], 2 * np.ones((3, 4)), backend, rtol=0, atol=0)
+
+
+def test_numpy_grad_zeros_are_a_shared_read_only_view():
+    b = get_backend("numpy")
+    like = b.zeros((512, 784))
+    z = b.grad_zeros(like)
+    assert z.strides == (0, 0) and not z.flags.writeable and z.dtype == np.float32
+    assert b.grad_zeros(b.zeros((512, 784))) is z  # cached per shape and dtype
+    with pytest.raises(ValueError, match="read-only"):
+        z += 1.0
+    assert not np.any(z)

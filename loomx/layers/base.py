@@ -232,8 +232,9 @@ class Layer:
             child.zero_grad()
 
     def zero_grad_of(self, key: str) -> None:
-        """Set ``grads[key]`` to zeros of the parameter's shape and dtype."""
-        zeros = self.xp.zeros_like(self.params[key])
+        """Set ``grads[key]`` to zeros of the parameter's shape and dtype
+        (:meth:`Backend.grad_zeros`: possibly read-only; :meth:`_accumulate` replaces it)."""
+        zeros = self.backend.grad_zeros(self.params[key])
         self.grads[key] = zeros
         self._zero_grads[key] = zeros
 

@@ -57,7 +57,7 @@ def _dense_target(xp, output: Array, target: Array, device, loss_name: str) -> A
     if tuple(target.shape) != tuple(output.shape):
         raise ShapeError(f"{loss_name}: target shape {list(target.shape)} does not match the "
                          f"output shape {list(output.shape)}")
-    return xp.astype(target, output.dtype)
+    return xp.astype(target, output.dtype, copy=False)
 
 
 def _count(shape) -> int:
