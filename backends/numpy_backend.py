@@ -98,6 +98,37 @@ def _relu_backward_inplace(scale: float = 1.0):
     return kernel
 
 
+def _adam_update(w, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step, decoupled):
+    """``adam_update``: one Adam (``decoupled=False``) or AdamW step, in place.
+
+    The reference's arithmetic (``loomx.train.optim.Adam``) with ``out=`` and one recycled
+    temporary instead of a fresh array per operation. ``m`` and ``v`` are updated in place;
+    so is ``w`` unless it is read-only (a weight memory-mapped from a checkpoint), which is
+    copied first. Returns the updated weight.
+    """
+    if not w.flags.writeable:
+        w = np.array(w, copy=True)
+    tmp = SCRATCH.empty(w.shape, w.dtype)
+    if weight_decay and decoupled:
+        w *= 1.0 - lr * weight_decay
+    elif weight_decay:
+        g = g + weight_decay * w
+    m *= beta1
+    np.multiply(g, 1.0 - beta1, out=tmp)
+    m += tmp
+    v *= beta2
+    np.multiply(g, g, out=tmp)
+    tmp *= 1.0 - beta2
+    v += tmp
+    np.sqrt(v, out=tmp)
+    tmp /= math.sqrt(1.0 - beta2 ** step)
+    tmp += eps
+    np.divide(m, tmp, out=tmp)
+    tmp *= lr / (1.0 - beta1 ** step)
+    w -= tmp
+    return w
+
+
 @functools.lru_cache(maxsize=64)
 def _ones(n: int, dtype: str) -> np.ndarray:
     """A cached read-only vector of ``n`` ones."""
@@ -217,6 +248,7 @@ def make_numpy_backend(name: str = "numpy", index: int | None = None) -> NumpyBa
                                  "im2col": _im2col,
                                  "window_scatter_add": window_scatter_add_with(_add_into),
                                  "sum_rows": _sum_rows,
+                                 "adam_update": _adam_update,
                                  "bias_act_inplace:relu": _relu_inplace(),
                                  "bias_act_inplace:scaled_relu": _relu_inplace(scale=1.1),
                                  "bias_act_inplace:leaky_relu": _relu_inplace(0.01),

@@ -544,3 +544,46 @@ def test_cupy_lstm_wrappers_promote_and_copy_like_the_reference():
                                               want_dpx, t)
                     close(got, want, False)
                     close(got_dpx, want_dpx, dpx_dtype == np.float16)
+
+
+@pytest.mark.parametrize("opt_cls", [Adam, AdamW])
+def test_numpy_adam_kernel_updates_in_place_and_copies_read_only_weights(opt_cls):
+    from loomx.backends import get_backend
+
+    b = get_backend("numpy")
+    layer = Dense(4)
+    layer.build((3,), b, rng=0)
+    opt = opt_cls(layer, lr=0.1, weight_decay=0.01)
+    w = layer.params["weight"]
+    frozen = np.array(layer.params["bias"])
+    frozen.flags.writeable = False  # a bias memory-mapped from a checkpoint
+    layer.params["bias"] = frozen
+    for _ in range(2):
+        layer.zero_grad()
+        for r in layer.parameters():
+            r.grad = b.from_host(np.ones(tuple(r.value.shape), np.float32))
+        opt.step()
+    assert layer.params["weight"] is w  # updated in place
+    assert layer.params["bias"] is not frozen and layer.params["bias"].flags.writeable
+    np.testing.assert_array_equal(frozen, 0.0)  # the read-only original is untouched
+    assert np.all(layer.params["bias"] < 0)
+
+
+def test_numpy_adam_state_restored_from_read_only_host_arrays_can_be_updated():
+    from loomx.backends import get_backend
+
+    b = get_backend("numpy")
+    layer = Dense(4)
+    layer.build((3,), b, rng=0)
+    opt = AdamW(layer, lr=0.1)
+    layer.zero_grad()
+    for r in layer.parameters():
+        r.grad = b.from_host(np.ones(tuple(r.value.shape), np.float32))
+    opt.step()
+    state = opt.state_dict()
+    for bufs in state["buffers"].values():
+        for host in bufs.values():
+            host.flags.writeable = False  # as np.load(..., mmap_mode="r") gives them
+    opt.load_state_dict(state)
+    opt.step()  # writes into the restored buffers in place
+    assert all(v.flags.writeable for bufs in opt.state.values() for v in bufs.values())

@@ -116,7 +116,10 @@ class Optimizer:
                     raise FormatError(f"optimizer buffer {name}.{k} has shape "
                                       f"{list(host.shape)}, parameter has "
                                       f"{list(ref.value.shape)}")
-                new_state[name][k] = self.backend.from_host(host, dtype=ref.value.dtype)
+                # an array of its own: in-place kernels (adam_update) write into the buffers,
+                # and numpy's from_host may share the host array (read-only when memory-mapped)
+                new_state[name][k] = self.backend.xp.asarray(
+                    self.backend.from_host(host, dtype=ref.value.dtype), copy=True)
         self.state = new_state
         self.hyper = {**self.defaults, **state.get("hyper", {})}
         self.lr = float(state.get("lr", self.lr))
