@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .timing import Op, time_alternating
+from .timing import Op, paired_ratio, time_alternating
 
 
 @dataclass
@@ -193,8 +193,9 @@ def run_cases(backend, rows: int, cols: int, inner: int, rounds: int,
                    "unfused": _op(plain, case.make(plain, rows, cols), inner)}
             timing = time_alternating(ops, warmup=2, rounds=rounds, block=3)
         fused, unfused = timing["fused"].median / inner, timing["unfused"].median / inner
-        results.append({**row, "fused_s": fused, "unfused_s": unfused,
-                        "speedup": unfused / fused})
+        # paired by round, as the side-by-side ratios (benchmarks.timing.paired_ratio)
+        speedup = paired_ratio(timing["unfused"].as_dict(), timing["fused"].as_dict())
+        results.append({**row, "fused_s": fused, "unfused_s": unfused, "speedup": speedup})
     return results
 
 

