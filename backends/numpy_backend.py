@@ -61,23 +61,55 @@ def _add_into(view, part):
     np.add(view, part, out=view)
 
 
+#: Elementwise rows of at least this many elements keep numpy's inner loops long.
+_MIN_ROW = 256
+
+
+def _wide_rows(x, width: int):
+    """``x`` (C-contiguous, last axis ``width``) as a 2-D view ``[R, k·width]`` of ``k`` of its
+    rows per row: the smallest power of two that makes a row ``_MIN_ROW`` elements long, as
+    far as powers of two divide the row count. Returns ``(view, k)``."""
+    rows = x.size // width if width else 0
+    k = 1
+    while k * width < _MIN_ROW and rows % (2 * k) == 0:
+        k *= 2
+    return x.reshape(rows // k, k * width), k
+
+
+@functools.lru_cache(maxsize=64)
+def _zero_row(n: int, dtype: np.dtype) -> np.ndarray:
+    """A cached read-only row of ``n`` zeros."""
+    row = np.zeros(n, dtype=dtype)
+    row.flags.writeable = False
+    return row
+
+
 def _relu_inplace(slope: float = 0.0, scale: float = 1.0):
     """``bias_act_inplace:<relu family>``: ``(x, bias | None) -> (x, x)``, overwriting ``x``.
 
     ``x += bias`` then ``x = max(scale·x, slope·scale·x)``; the same array serves as ``z`` and
     ``y``. Valid for the ReLU family only, whose derivative depends on the sign of ``z``
     alone, which the output keeps (``y > 0`` exactly where ``z > 0``).
+
+    A C-contiguous ``x`` is processed as rows of at least 256 elements (:func:`_wide_rows`):
+    the bias tiled to the row, ``max`` against a row of zeros. numpy's loops for a short
+    broadcast bias (a convolution's 32 channels) and for ``maximum`` with a scalar are 1.8×
+    and 2.2× slower than these on a ``[50176, 32]`` output (``docs/kernels.md``). The values
+    are the same.
     """
 
     def kernel(x, bias=None):
+        wide = (x.flags.c_contiguous and x.ndim >= 1 and x.size > 0
+                and (bias is None or tuple(bias.shape) == (x.shape[-1],)))
+        view, k = _wide_rows(x, x.shape[-1]) if wide else (x, 1)
         if bias is not None:
-            np.add(x, bias, out=x)
+            np.add(view, np.tile(bias, k) if k > 1 else bias, out=view)
         if scale != 1.0:
-            np.multiply(x, scale, out=x)
+            np.multiply(view, scale, out=view)
         if slope == 0.0:
-            np.maximum(x, 0.0, out=x)
+            np.maximum(view, _zero_row(view.shape[-1], view.dtype) if wide else 0.0, out=view)
         else:
-            np.maximum(x, x * slope, out=x)
+            np.maximum(view, view * slope, out=view)
         return x, x
 
     return kernel

@@ -587,3 +587,23 @@ def test_numpy_adam_state_restored_from_read_only_host_arrays_can_be_updated():
     opt.load_state_dict(state)
     opt.step()  # writes into the restored buffers in place
     assert all(v.flags.writeable for bufs in opt.state.values() for v in bufs.values())
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (50, 32), (7, 3), (3, 600), (4, 5, 6), (2, 1)])
+@pytest.mark.parametrize("name", ["relu", "scaled_relu", "leaky_relu"])
+def test_numpy_bias_relu_in_wide_rows_equals_the_reference_exactly(shape, name):
+    from loomx.backends import get_backend
+
+    b = get_backend("numpy")
+    act = ACTIVATIONS[name]
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(shape).astype(np.float32)
+    x.flat[0] = np.nan
+    bias = rng.standard_normal(shape[-1]).astype(np.float32)
+    want = b.to_host(act.forward(b, x + bias))
+    for strided in (False, True):
+        owned = np.array(x, copy=True) if not strided else np.array(x.T, copy=True).T
+        z, y = b.kernel(f"bias_act_inplace:{name}")(owned, bias)
+        assert z is owned and y is owned
+        np.testing.assert_array_equal(owned, want)
+        np.testing.assert_array_equal(np.signbit(owned), np.signbit(want))
