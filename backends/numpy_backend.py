@@ -69,7 +69,7 @@ def _wide_rows(x, width: int):
     """``x`` (C-contiguous, last axis ``width``) as a 2-D view ``[R, k·width]`` of ``k`` of its
     rows per row: the smallest power of two that makes a row ``_MIN_ROW`` elements long, as
     far as powers of two divide the row count. Returns ``(view, k)``."""
-    rows = x.size // width if width else 0
+    rows = x.size // width
     k = 1
     while k * width < _MIN_ROW and rows % (2 * k) == 0:
         k *= 2

@@ -65,8 +65,8 @@ def ratio(r: dict, name: str, ref: str = TORCH) -> float | None:
     return None
 
 
-def best_ratio(rows: list[dict], name: str) -> tuple[float, float, float] | None:
-    """``(ratio, best ms of name, best ms of PyTorch)`` over the thread counts of ``rows``.
+def best_ratio(rows: list[dict], name: str) -> tuple[float, float] | None:
+    """``(ratio, best seconds of name)`` over the thread counts of ``rows``.
 
     Each library at its own fastest thread count; when both are fastest at the same one, the
     ratio is that record's paired :func:`ratio`, else the quotient of the two medians (timed in
@@ -79,8 +79,7 @@ def best_ratio(rows: list[dict], name: str) -> tuple[float, float, float] | None
     best_mine = min(mine, key=lambda r: r["timings"][name]["median_s"])
     best_ref = min(ref, key=lambda r: r["timings"][TORCH]["median_s"])
     m, t = best_mine["timings"][name]["median_s"], best_ref["timings"][TORCH]["median_s"]
-    q = ratio(best_mine, name) if best_mine is best_ref else m / t
-    return q, m, t
+    return (ratio(best_mine, name) if best_mine is best_ref else m / t), m
 
 
 def _ratio_cell(value: float | None) -> str:
@@ -138,7 +137,7 @@ def best_table(results: list[dict], notes: list[str]) -> str:
                 reason = next((r["missing"][c] for r in rows if c in r["missing"]), "")
                 row += [_na(notes, reason) if reason else "n/a", "—", "—"]
                 continue
-            q, mine, _ = best
+            q, mine = best
             met = "—" if target is None else ("yes" if q <= target else "no")
             row += [_fmt_ms(mine), f"**{q:.2f}×**", met]
         lines.append("| " + " | ".join(row) + " |")
