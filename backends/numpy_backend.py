@@ -76,14 +76,6 @@ def _wide_rows(x, width: int):
     return x.reshape(rows // k, k * width), k
 
 
-@functools.lru_cache(maxsize=64)
-def _zero_row(n: int, dtype: np.dtype) -> np.ndarray:
-    """A cached read-only row of ``n`` zeros."""
-    row = np.zeros(n, dtype=dtype)
-    row.flags.writeable = False
-    return row
-
-
 def _relu_inplace(slope: float = 0.0, scale: float = 1.0):
     """``bias_act_inplace:<relu family>``: ``(x, bias | None) -> (x, x)``, overwriting ``x``.
 
@@ -107,7 +99,8 @@ def _relu_inplace(slope: float = 0.0, scale: float = 1.0):
         if scale != 1.0:
             np.multiply(view, scale, out=view)
         if slope == 0.0:
-            np.maximum(view, _zero_row(view.shape[-1], view.dtype) if wide else 0.0, out=view)
+            zero = _filled(view.shape[-1], 0.0, view.dtype) if wide else 0.0
+            np.maximum(view, zero, out=view)
         else:
             np.maximum(view, view * slope, out=view)
         return x, x
@@ -162,11 +155,12 @@ def _adam_update(w, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step, decou
 
 
 @functools.lru_cache(maxsize=64)
-def _ones(n: int, dtype: str) -> np.ndarray:
-    """A cached read-only vector of ``n`` ones."""
-    ones = np.ones(n, dtype=dtype)
-    ones.flags.writeable = False
-    return ones
+def _filled(n: int, value: float, dtype: np.dtype) -> np.ndarray:
+    """A cached read-only vector of ``n`` elements equal to ``value`` (ones for the BLAS
+    column sums, a row of zeros for the ReLU kernels)."""
+    row = np.full(n, value, dtype=dtype)
+    row.flags.writeable = False
+    return row
 
 
 @functools.lru_cache(maxsize=256)
@@ -184,7 +178,7 @@ def _sum_rows(a):
     """
     if a.ndim != 2 or a.dtype not in (np.float32, np.float64):
         return np.sum(a, axis=0)
-    return _ones(a.shape[0], a.dtype.str) @ a
+    return _filled(a.shape[0], 1.0, a.dtype) @ a
 
 
 # Cephes ``ndtr.c`` rational approximations: erf(x) = x·T(x²)/U(x²) for |x| < 1, and

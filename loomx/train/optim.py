@@ -117,7 +117,8 @@ class Optimizer:
                                       f"{list(host.shape)}, parameter has "
                                       f"{list(ref.value.shape)}")
                 # an array of its own: in-place kernels (adam_update) write into the buffers,
-                # and numpy's from_host may share the host array (read-only when memory-mapped)
+                # and on the CPU (numpy, PyTorch) from_host may share the host array, which
+                # is read-only when memory-mapped
                 new_state[name][k] = self.backend.xp.asarray(
                     self.backend.from_host(host, dtype=ref.value.dtype), copy=True)
         self.state = new_state
