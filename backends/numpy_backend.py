@@ -9,6 +9,7 @@ import numpy as np
 
 from .allocator import tune_host_allocator
 from .base import Backend, offset_slices, window_scatter_add_with
+from .numba_kernels import numba_enabled, numba_kernels
 from .scratch import ScratchPool
 
 #: Large temporaries of every numpy backend (and its dtype variants), recycled per thread.
@@ -269,16 +270,17 @@ def make_numpy_backend(name: str = "numpy", index: int | None = None) -> NumpyBa
     if index not in (None, 0):
         raise BackendUnavailableError(f"numpy has only the 'cpu' device; got index {index}.")
     tune_host_allocator()
-    return NumpyBackend(name=name, xp=xp, device="cpu", library="numpy",
-                        kernels={"window_gather": _window_gather,
-                                 "im2col": _im2col,
-                                 "window_scatter_add": window_scatter_add_with(_add_into),
-                                 "sum_rows": _sum_rows,
-                                 "adam_update": _adam_update,
-                                 "bias_act_inplace:relu": _relu_inplace(),
-                                 "bias_act_inplace:scaled_relu": _relu_inplace(scale=1.1),
-                                 "bias_act_inplace:leaky_relu": _relu_inplace(0.01),
-                                 "bias_act_inplace:loom_leaky_relu": _relu_inplace(0.1),
-                                 "act_backward_inplace:relu": _relu_backward_inplace(),
-                                 "act_backward_inplace:scaled_relu":
-                                     _relu_backward_inplace(1.1)})
+    kernels = {"window_gather": _window_gather,
+               "im2col": _im2col,
+               "window_scatter_add": window_scatter_add_with(_add_into),
+               "sum_rows": _sum_rows,
+               "adam_update": _adam_update,
+               "bias_act_inplace:relu": _relu_inplace(),
+               "bias_act_inplace:scaled_relu": _relu_inplace(scale=1.1),
+               "bias_act_inplace:leaky_relu": _relu_inplace(0.01),
+               "bias_act_inplace:loom_leaky_relu": _relu_inplace(0.1),
+               "act_backward_inplace:relu": _relu_backward_inplace(),
+               "act_backward_inplace:scaled_relu": _relu_backward_inplace(1.1)}
+    if numba_enabled():
+        kernels.update(numba_kernels(kernels))
+    return NumpyBackend(name=name, xp=xp, device="cpu", library="numpy", kernels=kernels)

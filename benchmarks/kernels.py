@@ -67,6 +67,47 @@ def _activation_backward(name: str) -> KernelCase:
     return KernelCase(f"{name} backward", (f"act_backward:{name}",), make)
 
 
+def _activation_inplace(name: str) -> KernelCase:
+    """Bias + activation written over a fresh matrix product (``owned``): a Dense or
+    convolution forward. The same array is overwritten at every call; timing does not mind."""
+
+    def make(backend, rows, cols):
+        from loomx.layers.activations import ACTIVATIONS, bias_activation
+
+        act = ACTIVATIONS[name]
+        x, b = _rand(backend, (rows, cols), 0, 2.0), _rand(backend, (cols,), 1)
+        return lambda: bias_activation(backend, act, x, b, owned=True)
+
+    return KernelCase(f"bias + {name}, in place", (f"bias_act_inplace:{name}",), make)
+
+
+def _activation_backward_inplace(name: str) -> KernelCase:
+    def make(backend, rows, cols):
+        from loomx.layers.activations import ACTIVATIONS, activation_backward
+
+        act = ACTIVATIONS[name]
+        z = _rand(backend, (rows, cols), 0, 2.0)
+        y, dy = act.forward(backend, z), _rand(backend, (rows, cols), 2)
+        return lambda: activation_backward(backend, act, z, y, dy, owned=True)
+
+    return KernelCase(f"{name} backward, in place", (f"act_backward_inplace:{name}",), make)
+
+
+def _window_scatter() -> KernelCase:
+    """The input gradient's col2im of a 3×3 stride-2 convolution with 32 input channels
+    (benchmark b's second convolution at ``rows`` = 1024: 64 images of 28², padded to 30²)."""
+
+    def make(backend, rows, cols):
+        from loomx.layers._windows import scatter_windows
+
+        batch = max(1, rows // 16)
+        windows = _rand(backend, (batch, 14, 14, 9, 32), 14)
+        return lambda: scatter_windows(backend, windows, (30, 30), (3, 3), (2, 2), (1, 1))
+
+    return KernelCase("conv window gradient (col2im), 3×3/2, 32 ch", ("window_scatter_add",),
+                      make)
+
+
 def _softmax(log: bool, backward: bool) -> KernelCase:
     name = ("log_softmax" if log else "softmax") + ("_backward" if backward else "")
 
@@ -160,6 +201,8 @@ def kernel_cases() -> list[KernelCase]:
     cases = []
     for act in ("relu", "gelu", "silu"):
         cases += [_activation(act), _activation_backward(act)]
+    cases += [_activation_inplace("relu"), _activation_backward_inplace("relu"),
+              _window_scatter()]
     cases += [_softmax(log, bwd) for log in (False, True) for bwd in (False, True)]
     cases += [_norm(kind, bwd) for kind in ("LayerNorm", "RMSNorm") for bwd in (False, True)]
     cases += [_adam(), _lstm_cell(False), _lstm_cell(True), _sum_rows()]

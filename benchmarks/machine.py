@@ -110,6 +110,13 @@ def machine_info(threads: int | None = None) -> dict:
         info["host_allocator"] = host_allocator_state()
     except ImportError:  # a loomx without it
         pass
+    try:
+        from loomx.backends.numba_kernels import numba_enabled
+
+        info["numba"] = _version("numba")
+        info["numba_kernels"] = numba_enabled()
+    except ImportError:  # a loomx without them
+        pass
     info.update(blas_info())
     info.update(torch_info())
     return info

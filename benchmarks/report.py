@@ -168,6 +168,16 @@ def _allocator_line(state: dict | None) -> list[str]:
             "backends/allocator.py)"]
 
 
+def _numba_line(m: dict) -> list[str]:
+    """Whether loomx's numpy backend ran its compiled (numba) kernels, when recorded."""
+    if "numba_kernels" not in m:
+        return []
+    state = ("on" if m["numba_kernels"] else
+             "off (LOOMX_NUMBA=0)" if m["numba"] != "not installed" else "off")
+    return [f"- numba {m['numba']}: loomx's compiled CPU kernels {state} "
+            "(backends/numba_kernels.py)"]
+
+
 def machine_lines(doc: dict) -> list[str]:
     m = doc["machine"]
     gpu = f"; GPU {m['cuda_device']}" if "cuda_device" in m else ""
@@ -185,6 +195,7 @@ def machine_lines(doc: dict) -> list[str]:
         " for numpy's BLAS, torch.set_num_threads for PyTorch)",
         f"- load average at start: {m['load_avg']}",
         *_allocator_line(m.get("host_allocator")),
+        *_numba_line(m),
         f"- sgemm peak ({doc['runs'][0].get('sgemm_source', 'numpy')} float32 "
         f"{doc['runs'][0]['sgemm_size']}² matmul): " + ", ".join(
             f"{run['sgemm_gflops']:.0f} GFLOP/s at {run['threads']} thread(s)"

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"loomx {__version__}  (Python {sys.version.split()[0]}, {platform.platform()})")
     print("packages:")
     for dist in ("numpy", "array-api-compat", "safetensors", "ml_dtypes", "array-api-strict",
-                 "torch", "cupy-cuda12x", "cupy-cuda13x"):
+                 "numba", "torch", "cupy-cuda12x", "cupy-cuda13x"):
         print(f"  {dist:<18} {_version(dist)}")
     print("backends:")
     for name, ok, detail in available_backends():
@@ -41,4 +41,12 @@ def run(args: argparse.Namespace) -> int:
     state = host_allocator_state()
     print(f"host allocator: {host_allocator_label(state)} ({state['reason']}; "
           f"{ENV}=default turns it off)")
+    from ..backends.numba_kernels import numba_enabled
+
+    if numba_enabled():
+        print("compiled CPU kernels: on (numba; LOOMX_NUMBA=0 turns them off)")
+    elif _version("numba") != "not installed":
+        print("compiled CPU kernels: off (LOOMX_NUMBA=0)")
+    else:
+        print('compiled CPU kernels: off (pip install "loomx[jit]" adds them)')
     return 0

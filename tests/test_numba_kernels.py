@@ -1,0 +1,217 @@
+"""The numpy backend's compiled kernels (numba): bit-equal to the reference, fall back outside
+their case, lazily imported, switched off by ``LOOMX_NUMBA=0``.
+
+``test_kernels.py`` already runs every registered kernel against the reference within
+tolerances on the numpy backend; here the compiled ones are held to exact equality, on the
+shapes and values (NaN, ±0, ±inf) where a different order of operations would show.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import array_api_compat.numpy as xp
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+
+from loomx.backends import numba_kernels  # noqa: E402
+from loomx.backends.numpy_backend import make_numpy_backend  # noqa: E402
+
+from loomx.layers._windows import scatter_windows_reference  # noqa: E402
+from loomx.layers.activations import ACTIVATIONS  # noqa: E402
+from loomx.layers.recurrent import lstm_cell_backward, lstm_cell_forward  # noqa: E402
+
+RELU_FAMILY = ("relu", "scaled_relu", "leaky_relu", "loom_leaky_relu")
+
+
+@pytest.fixture(scope="module")
+def backends():
+    """``(compiled, plain)``: the numpy backend with the numba kernels and without them."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LOOMX_NUMBA", "0")
+    plain = make_numpy_backend()
+    mp.setenv("LOOMX_NUMBA", "1")
+    compiled = make_numpy_backend()
+    mp.undo()
+    return compiled, plain
+
+
+def _rand(shape, dtype, seed):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def _specials(a):
+    """``a`` with NaN, ±0 and ±inf in its first elements (where it has room)."""
+    flat = a.reshape(-1)
+    for k, v in enumerate((np.nan, 0.0, -0.0, np.inf, -np.inf)[:flat.size]):
+        flat[k] = v
+    return a
+
+
+def _equal(got, want):
+    np.testing.assert_array_equal(got, want)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+
+
+def test_registered_when_numba_is_installed_and_not_with_loomx_numba_0(backends):
+    compiled, plain = backends
+    assert compiled.kernel("lstm_cell_forward") is numba_kernels.lstm_cell_forward
+    assert compiled.kernel("lstm_cell_backward") is numba_kernels.lstm_cell_backward
+    assert plain.kernel("lstm_cell_forward") is None
+    for name in ("bias_act_inplace:relu", "act_backward_inplace:scaled_relu",
+                 "window_scatter_add"):
+        assert compiled.kernel(name) is not plain.kernel(name)
+        assert "numba_kernels" in compiled.kernel(name).__module__
+        assert "numba_kernels" not in plain.kernel(name).__module__
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("batch, hidden", [(1, 1), (3, 5), (64, 128), (5, 33)])
+def test_lstm_cell_equals_the_reference_to_the_bit(dtype, batch, hidden):
+    xw = _rand((batch, 4 * hidden), dtype, 1) * 2
+    hw = _rand((batch, 4 * hidden), dtype, 2) * 2
+    c_prev = _rand((batch, hidden), dtype, 3)
+    got = numba_kernels.lstm_cell_forward(xw, hw, c_prev)
+    want = lstm_cell_forward(xp, xw, hw, c_prev)
+    for a, b in zip(got, want, strict=True):
+        _equal(a, b)
+    i, f, g, o, _, tc, _ = want
+    dh = _rand((batch, hidden), dtype, 4)
+    for dc_next in (None, _rand((batch, hidden), dtype, 5)):
+        for t in range(2):
+            dpx, ref = np.full((2, batch, 4 * hidden), 7, dtype), np.full((2, batch, 4 * hidden), 7,
+                                                                          dtype)
+            dc = numba_kernels.lstm_cell_backward(i, f, g, o, c_prev, tc, dh, dc_next, dpx, t)
+            want_dc = lstm_cell_backward(xp, i, f, g, o, c_prev, tc, dh, dc_next, ref, t)
+            _equal(dc, want_dc)
+            _equal(dpx, ref)  # the other step's rows untouched
+
+
+def test_lstm_cell_outside_the_compiled_case_takes_the_reference_path():
+    h = 4
+    xw, hw = _rand((3, 4 * h), np.float32, 1), _rand((3, 4 * h), np.float32, 2)
+    cases = [(xw, hw, _rand((3, h), np.float64, 3)),  # mixed dtypes promote
+             (xw.astype(np.float16), hw.astype(np.float16), _rand((3, h), np.float16, 3)),
+             (np.asfortranarray(xw), hw[:, ::-1], np.asfortranarray(_rand((3, h), np.float32, 3)))]
+    for args in cases:
+        for a, b in zip(numba_kernels.lstm_cell_forward(*args), lstm_cell_forward(xp, *args),
+                        strict=True):
+            _equal(a, b)
+    i, f, g, o, c, tc, _ = lstm_cell_forward(xp, *cases[0][:2], cases[0][2].astype(np.float32))
+    dh = _rand((3, h), np.float32, 4)
+    strided = np.zeros((3, 2, 4 * h), np.float32).transpose(1, 0, 2)  # not C-contiguous
+    ref = np.zeros((2, 3, 4 * h), np.float32)
+    for dpx, dc_next in ((strided, None), (np.zeros((2, 3, 4 * h), np.float32),
+                                           _rand((3, h), np.float64, 5))):
+        ref = np.zeros(dpx.shape, dpx.dtype)
+        dc = numba_kernels.lstm_cell_backward(i, f, g, o, c, tc, dh, dc_next, dpx, 1)
+        _equal(dc, lstm_cell_backward(xp, i, f, g, o, c, tc, dh, dc_next, ref, 1))
+        _equal(np.asarray(dpx), ref)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf · 0
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(64, 32), (7, 3), (3, 600), (4, 5, 6), (2, 1), (1,)])
+@pytest.mark.parametrize("name", RELU_FAMILY)
+def test_bias_relu_and_its_gradient_equal_the_reference_to_the_bit(backends, name, shape,
+                                                                  dtype):
+    compiled, plain = backends
+    act = ACTIVATIONS[name]
+    x = _specials(_rand(shape, dtype, 6))
+    for bias in (None, _rand(shape[-1:], dtype, 7)):
+        z = x if bias is None else x + bias
+        want = act.forward(plain, z)
+        owned = np.array(x, copy=True)
+        got_z, got_y = compiled.kernel(f"bias_act_inplace:{name}")(owned, bias)
+        assert got_z is owned and got_y is owned
+        _equal(owned, want)
+    backward = compiled.kernel(f"act_backward_inplace:{name}")
+    if backward is None:  # the leaky ones have no in-place gradient kernel
+        return
+    dy = _specials(_rand(shape, dtype, 8)[..., ::-1].copy())
+    want = act.backward(plain, x, act.forward(plain, x), dy)
+    got = backward(x, None, np.array(dy, copy=True))
+    _equal(got, want)
+
+
+@pytest.mark.parametrize("kernel, stride, dilation", [
+    ((3, 3), (2, 2), (1, 1)), ((3, 3), (1, 1), (1, 1)), ((2, 3), (1, 2), (2, 1)),
+    ((3,), (2,), (1,)), ((4,), (1,), (2,)),
+])
+@pytest.mark.parametrize("channels", [1, 8, 32])
+def test_window_scatter_add_equals_the_reference_to_the_bit(backends, kernel, stride, dilation,
+                                                           channels):
+    compiled, plain = backends
+    out_shape = (4,) * len(kernel)
+    spatial = tuple((o - 1) * s + (k - 1) * d + 2
+                    for o, k, s, d in zip(out_shape, kernel, stride, dilation))
+    cols = _rand((3, *out_shape, int(np.prod(kernel)), channels), np.float32, 9)
+    base = _rand((3, *spatial, channels), np.float32, 10)
+    want = scatter_windows_reference(plain, np.array(base, copy=True), cols, kernel, stride,
+                                     dilation)
+    got = compiled.kernel("window_scatter_add")(np.array(base, copy=True), cols, kernel, stride,
+                                                dilation)
+    _equal(got, want)
+
+
+def test_numba_is_imported_at_the_first_kernel_call_not_with_loomx():
+    code = ("import sys, numpy as np, loomx\n"
+            "from loomx.layers import LSTM\n"
+            "b = loomx.get_backend('numpy')\n"
+            "assert 'numba' not in sys.modules, 'imported with the backend'\n"
+            "layer = LSTM(4)\n"
+            "layer.build((3, 2), backend=b, rng=0)\n"
+            "layer(np.ones((2, 3, 2), np.float32))\n"
+            "assert 'numba' in sys.modules, 'not used by the LSTM'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_a_numba_that_fails_to_import_warns_once_and_leaves_the_reference_path(monkeypatch):
+    import loomx.backends
+
+    numba_kernels._loops.cache_clear()
+    monkeypatch.setitem(sys.modules, "loomx.backends._numba_loops", None)  # import fails
+    monkeypatch.delattr(loomx.backends, "_numba_loops", raising=False)
+    try:
+        args = (_rand((2, 8), np.float32, 1), _rand((2, 8), np.float32, 2),
+                _rand((2, 2), np.float32, 3))
+        with pytest.warns(RuntimeWarning, match="numba is installed but could not be imported"):
+            got = numba_kernels.lstm_cell_forward(*args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            numba_kernels.lstm_cell_forward(*args)  # once only
+        for a, b in zip(got, lstm_cell_forward(xp, *args), strict=True):
+            _equal(a, b)
+    finally:
+        monkeypatch.undo()
+        numba_kernels._loops.cache_clear()
+
+
+@pytest.mark.parametrize("setting, line", [
+    ("1", "compiled CPU kernels: on (numba; LOOMX_NUMBA=0 turns them off)"),
+    ("0", "compiled CPU kernels: off (LOOMX_NUMBA=0)")])
+def test_info_says_whether_the_compiled_kernels_are_on(setting, line):
+    import os
+
+    env = {**os.environ, "LOOMX_NUMBA": setting}
+    out = subprocess.run([sys.executable, "-m", "loomx", "info"], capture_output=True, text=True,
+                         env=env)
+    assert out.returncode == 0, out.stderr
+    assert line in out.stdout.splitlines()
+
+
+def test_benchmark_report_names_the_numba_state():
+    from benchmarks.report import _numba_line
+
+    assert _numba_line({}) == []
+    assert _numba_line({"numba": "0.68.1", "numba_kernels": True}) == [
+        "- numba 0.68.1: loomx's compiled CPU kernels on (backends/numba_kernels.py)"]
+    assert "off (LOOMX_NUMBA=0)" in _numba_line({"numba": "0.68.1", "numba_kernels": False})[0]
+    assert _numba_line({"numba": "not installed", "numba_kernels": False})[0].startswith(
+        "- numba not installed: loomx's compiled CPU kernels off (")
