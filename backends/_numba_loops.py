@@ -72,11 +72,33 @@ def lstm_backward(i, f, g, o, c_prev, tc, dh, dc_next, has_next, out, dc_prev):
 
 @_jit
 def relu_backward(z, dy, scale):
-    """``dy ← dy·(step(z)·scale)`` in place over flat (1-D) ``z`` and ``dy``; ``step(z)`` is
-    1 where ``z > 0``, else 0 (the reference's ``dy * (astype(z > 0)·scale)``)."""
-    one, zero = dy.dtype.type(1.0), dy.dtype.type(0.0)
+    """``dy ← dy·(scale where z > 0, else 0)`` in place over flat (1-D) ``z`` and ``dy``: the
+    reference's ``dy * (astype(z > 0)·scale)``."""
+    zero = dy.dtype.type(0.0)
     for k in range(dy.shape[0]):
-        dy[k] = dy[k] * ((one if z[k] > zero else zero) * scale)
+        dy[k] = dy[k] * (scale if z[k] > zero else zero)
+
+
+@_jit
+def relu_family_backward(z, dy, out, scale, slope):
+    """``out = dy·(scale where z > 0, else slope)`` over flat (1-D) arrays: the ReLU family's
+    derivative times ``dy`` (``slope`` 0 for ReLU; for a leaky one the reference's
+    ``m + (1 - m)·slope`` is 1 or ``slope`` exactly)."""
+    zero = dy.dtype.type(0.0)
+    for k in range(dy.shape[0]):
+        out[k] = dy[k] * (scale if z[k] > zero else slope)
+
+
+@_jit
+def sgd_update(w, g, lr, weight_decay):
+    """``w ← w − lr·(g + weight_decay·w)`` in place over flat (1-D) arrays, in the reference's
+    order of operations."""
+    zero = w.dtype.type(0.0)
+    for k in range(w.shape[0]):
+        gk = g[k]
+        if weight_decay != zero:
+            gk = gk + weight_decay * w[k]
+        w[k] = w[k] - lr * gk
 
 
 @_jit

@@ -8,6 +8,10 @@ backend registers the kernels below, each one compiled loop for such a chain:
 - ``lstm_cell_forward``: the gate and cell-state arithmetic of one step. The two ``tanh`` stay
   numpy's (vectorised, and the same values as the reference); the rest is one loop.
 - ``lstm_cell_backward``: the whole step backwards in one loop.
+- ``bias_act_inplace:<ReLU family>``, ``act_backward_inplace:<relu, scaled_relu>`` and
+  ``act_backward:<ReLU family>``: bias + activation and its gradient in one pass each.
+- ``window_scatter_add``: a convolution's window gradient (col2im), per image.
+- ``sgd_update``: plain SGD in place, one pass.
 
 Results equal the array-API reference to the bit (same operations in the same order, no
 ``fastmath``). Inputs outside the compiled case (mixed dtypes, float16, a strided gradient
@@ -139,6 +143,51 @@ def _act_backward_inplace(numpy_kernel, scale: float):
     return kernel
 
 
+class _NumpyNamespace:
+    """What the activations' reference functions read from a backend: ``xp``."""
+
+    @property
+    def xp(self):
+        import array_api_compat.numpy as xp
+
+        return xp
+
+
+def _act_backward(name: str, scale: float, slope: float):
+    """``act_backward:<ReLU family>`` (``(z, y, dy) -> dz``, a new array): one pass instead
+    of the reference's mask, cast and product."""
+
+    def kernel(z, y, dy):
+        loops = _loops()
+        if loops is None or not _same_float(dy, z):
+            from loomx.layers.activations import ACTIVATIONS
+
+            return ACTIVATIONS[name].backward(_NumpyNamespace(), z, y, dy)
+        out = np.empty_like(dy)
+        kind = dy.dtype.type
+        loops.relu_family_backward(z.reshape(-1), dy.reshape(-1), out.reshape(-1), kind(scale),
+                                   kind(slope))
+        return out
+
+    return kernel
+
+
+def sgd_update(w, g, *, lr: float, weight_decay: float = 0.0):
+    """``sgd_update``: plain SGD (no momentum), ``w ← w − lr·(g + weight_decay·w)``, in place
+    (a read-only ``w``, memory-mapped from a checkpoint, is copied first); returns ``w``. Other
+    inputs (mixed dtypes, strided arrays) get the reference's new array."""
+    loops = _loops()
+    if loops is None or not _same_float(w, g):
+        if weight_decay:
+            g = g + weight_decay * w
+        return w - lr * g
+    if not w.flags.writeable:
+        w = np.array(w, copy=True)
+    kind = w.dtype.type
+    loops.sgd_update(w.reshape(-1), g.reshape(-1), kind(lr), kind(weight_decay))
+    return w
+
+
 #: Channels below this stay with numpy's strided adds, faster there (1 channel: 0.6 against
 #: 1.2 ms for the windows of a ``[64, 28, 28]`` 3×3 convolution).
 _MIN_SCATTER_CHANNELS = 8
@@ -174,8 +223,10 @@ _RELU_FAMILY = {"relu": (1.0, 0.0), "scaled_relu": (1.1, 0.0), "leaky_relu": (1.
 def numba_kernels(numpy_kernels: dict) -> dict:
     """The compiled kernels by name, for :func:`loomx.backends.numpy_backend.make_numpy_backend`;
     ``numpy_kernels`` are the numpy backend's own, which those replacing them fall back to."""
-    kernels = {"lstm_cell_forward": lstm_cell_forward, "lstm_cell_backward": lstm_cell_backward}
+    kernels = {"lstm_cell_forward": lstm_cell_forward, "lstm_cell_backward": lstm_cell_backward,
+               "sgd_update": sgd_update}
     for name, (scale, slope) in _RELU_FAMILY.items():
+        kernels[f"act_backward:{name}"] = _act_backward(name, scale, slope)
         key = f"bias_act_inplace:{name}"
         if key in numpy_kernels:
             kernels[key] = _bias_act_inplace(numpy_kernels[key], scale, slope)

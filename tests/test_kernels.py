@@ -27,7 +27,7 @@ from loomx.layers.conv import Conv1D, Conv2D, Conv3D, ConvTranspose2D
 from loomx.layers.dense import Activation, Dense
 from loomx.layers.recurrent import LSTM, lstm_cell_backward, lstm_cell_forward
 from loomx.layers.softmax import log_softmax, log_softmax_vjp, softmax, softmax_vjp
-from loomx.train.optim import Adam, AdamW
+from loomx.train.optim import SGD, Adam, AdamW
 from tests.conftest import assert_close
 
 FUSED_ACTIVATIONS = ("identity", "relu", "scaled_relu", "leaky_relu", "loom_leaky_relu",
@@ -202,6 +202,26 @@ def check_adam(backend, kernel, name):
                              rtol=1e-5, atol=1e-7)
 
 
+def check_sgd(backend, kernel, name):
+    """Plain SGD (with and without weight decay), gradients in both layouts, three steps,
+    against the same optimizer on the backend without kernels."""
+    for opts, transposed in (({}, False), ({"weight_decay": 0.1}, False), ({}, True)):
+        layers = []
+        for b in (backend, reference_backend(backend)):
+            layer = Dense(6)
+            layer.build((5,), b, rng=0)
+            opt = SGD(layer, lr=0.05, **opts)
+            for step in range(3):
+                layer.zero_grad()
+                for i, ref in enumerate(layer.parameters()):
+                    ref.grad = _grad_in_layout(b, tuple(ref.value.shape), 30 + 3 * i + step,
+                                               transposed)
+                opt.step()
+            layers.append(layer)
+        for r1, r2 in zip(layers[0].parameters(), layers[1].parameters()):
+            assert_close(r1.value, backend.to_host(r2.value), backend, rtol=1e-6, atol=1e-7)
+
+
 def check_sum_rows(backend, kernel, name):
     a = _rand(backend, (513, 7), 30)
     assert_close(kernel(a), backend.to_host(backend.xp.sum(a, axis=0)), backend, rtol=1e-5,
@@ -340,6 +360,7 @@ KERNEL_CHECKS = {
     "rms_norm_forward": check_rms_norm,
     "rms_norm_backward": check_rms_norm,
     "adam_update": check_adam,
+    "sgd_update": check_sgd,
     "lstm_cell_forward": check_lstm_cell_forward,
     "lstm_cell_backward": check_lstm_cell_backward,
     "sum_rows": check_sum_rows,

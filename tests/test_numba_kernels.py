@@ -63,6 +63,8 @@ def test_registered_when_numba_is_installed_and_not_with_loomx_numba_0(backends)
     assert compiled.kernel("lstm_cell_forward") is numba_kernels.lstm_cell_forward
     assert compiled.kernel("lstm_cell_backward") is numba_kernels.lstm_cell_backward
     assert plain.kernel("lstm_cell_forward") is None
+    assert compiled.kernel("sgd_update") is numba_kernels.sgd_update
+    assert plain.kernel("act_backward:relu") is None and plain.kernel("sgd_update") is None
     for name in ("bias_act_inplace:relu", "act_backward_inplace:scaled_relu",
                  "window_scatter_add"):
         assert compiled.kernel(name) is not plain.kernel(name)
@@ -130,13 +132,31 @@ def test_bias_relu_and_its_gradient_equal_the_reference_to_the_bit(backends, nam
         got_z, got_y = compiled.kernel(f"bias_act_inplace:{name}")(owned, bias)
         assert got_z is owned and got_y is owned
         _equal(owned, want)
-    backward = compiled.kernel(f"act_backward_inplace:{name}")
-    if backward is None:  # the leaky ones have no in-place gradient kernel
-        return
     dy = _specials(_rand(shape, dtype, 8)[..., ::-1].copy())
     want = act.backward(plain, x, act.forward(plain, x), dy)
-    got = backward(x, None, np.array(dy, copy=True))
+    kept = np.array(dy, copy=True)
+    _equal(compiled.kernel(f"act_backward:{name}")(x, None, dy), want)
+    _equal(dy, kept)  # a new array; dy untouched
+    backward = compiled.kernel(f"act_backward_inplace:{name}")
+    if backward is not None:  # the leaky ones have no in-place gradient kernel
+        _equal(backward(x, None, np.array(dy, copy=True)), want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_sgd_update_in_place_equals_the_reference_to_the_bit(dtype, weight_decay):
+    w, g = _rand((7, 5), dtype, 11), _specials(_rand((7, 5), dtype, 12))
+    want = w - 0.03 * (g + weight_decay * w if weight_decay else g)
+    got = numba_kernels.sgd_update(w, g, lr=0.03, weight_decay=weight_decay)
+    assert got is w  # in place
     _equal(got, want)
+    frozen = _rand((7, 5), dtype, 11)
+    frozen.flags.writeable = False  # as a memory-mapped checkpoint gives it
+    got = numba_kernels.sgd_update(frozen, g, lr=0.03, weight_decay=weight_decay)
+    assert got is not frozen and got.flags.writeable
+    _equal(got, want)
+    _equal(numba_kernels.sgd_update(_rand((7, 5), dtype, 11), g.T.copy().T, lr=0.03,
+                                    weight_decay=weight_decay), want)  # strided: reference
 
 
 @pytest.mark.parametrize("kernel, stride, dilation", [

@@ -146,9 +146,13 @@ class SGD(Optimizer):
 
     def _update(self, w, g, state):
         h = self.hyper
+        mu = h["momentum"]
+        # plain SGD through the backend's kernel where it has one (in place, one pass)
+        fused = None if mu or g.dtype != w.dtype else self.backend.kernel("sgd_update")
+        if fused is not None:
+            return fused(w, g, lr=self.lr, weight_decay=h["weight_decay"])
         if h["weight_decay"]:
             g = g + h["weight_decay"] * w
-        mu = h["momentum"]
         if mu:
             buf = state.get("momentum_buffer")
             buf = g if buf is None else mu * buf + (1.0 - h["dampening"]) * g
