@@ -146,3 +146,63 @@ def scatter_add_2d(out, cols, kh, kw, sh, sw, dh, dw):
                         dst, src = row[ox * sw + kx * dw], crow[ox, j]
                         for c in range(channels):
                             dst[c] += src[c]
+
+
+@_jit
+def gru_gates(u, xw, hw, s):
+    """``u = tanh(½·(xw + hw))`` over the r and z blocks ``[B, 2H]`` → ``s[0] = r``,
+    ``s[1] = z`` (``½·u + ½``), ``s[3] = hn`` (the hidden side of the n gate, copied) and
+    ``s[2] = xw_n + r·hn`` (the n gate before its ``tanh``). ``s`` is ``[≥4, B, H]``."""
+    rows, width = s.shape[1], s.shape[2]
+    half = u.dtype.type(0.5)
+    for b in range(rows):
+        ur, xr, hr = u[b], xw[b], hw[b]
+        r, z, npre, hn = s[0, b], s[1, b], s[2, b], s[3, b]
+        for j in range(width):
+            r[j] = half * ur[j] + half
+        for j in range(width):
+            z[j] = half * ur[width + j] + half
+        for j in range(width):
+            hn[j] = hr[2 * width + j]
+        for j in range(width):
+            npre[j] = xr[2 * width + j] + r[j] * hn[j]
+
+
+@_jit
+def gru_output(z, n, h_prev, h):
+    """``h = (1 − z)·n + z·h_prev`` over ``[B, H]`` arrays."""
+    one = z.dtype.type(1.0)
+    for b in range(z.shape[0]):
+        zr, nr, pr, hr = z[b], n[b], h_prev[b], h[b]
+        for j in range(zr.shape[0]):
+            hr[j] = (one - zr[j]) * nr[j] + zr[j] * pr[j]
+
+
+@_jit
+def gru_backward(r, z, n, hn, h_prev, dh, dpx, dph, dhz):
+    """One GRU step backwards: the saved ``[B, H]`` gates and state and ``dh`` → the
+    input-side and hidden-side pre-activation gradients ``dpx``, ``dph [B, 3H]`` (blocks r, z,
+    n) and ``dhz = dh·z``. Values shared by both buffers are computed twice, identically, so
+    that every loop writes one stream."""
+    rows, width = r.shape
+    one = r.dtype.type(1.0)
+    dn = np.empty(width, r.dtype)
+    for b in range(rows):
+        rr, zr, nr, hr, pr, dr = r[b], z[b], n[b], hn[b], h_prev[b], dh[b]
+        px, ph, out = dpx[b], dph[b], dhz[b]
+        for j in range(width):
+            dn[j] = dr[j] * (one - zr[j]) * (one - nr[j] * nr[j])
+        for j in range(width):
+            px[j] = dn[j] * hr[j] * rr[j] * (one - rr[j])
+        for j in range(width):
+            ph[j] = dn[j] * hr[j] * rr[j] * (one - rr[j])
+        for j in range(width):
+            px[width + j] = dr[j] * (pr[j] - nr[j]) * zr[j] * (one - zr[j])
+        for j in range(width):
+            ph[width + j] = dr[j] * (pr[j] - nr[j]) * zr[j] * (one - zr[j])
+        for j in range(width):
+            px[2 * width + j] = dn[j]
+        for j in range(width):
+            ph[2 * width + j] = dn[j] * rr[j]
+        for j in range(width):
+            out[j] = dr[j] * zr[j]

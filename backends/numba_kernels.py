@@ -8,6 +8,7 @@ backend registers the kernels below, each one compiled loop for such a chain:
 - ``lstm_cell_forward``: the gate and cell-state arithmetic of one step. The two ``tanh`` stay
   numpy's (vectorised, and the same values as the reference); the rest is one loop.
 - ``lstm_cell_backward``: the whole step backwards in one loop.
+- ``gru_cell_forward`` / ``gru_cell_backward``: the same for a GRU step.
 - ``bias_act_inplace:<ReLU family>``, ``act_backward_inplace:<relu, scaled_relu>`` and
   ``act_backward:<ReLU family>``: bias + activation and its gradient in one pass each.
 - ``window_scatter_add``: a convolution's window gradient (col2im), per image.
@@ -101,6 +102,43 @@ def lstm_cell_backward(i, f, g, o, c_prev, tc, dh, dc_next, dpx, t: int):
     dc_prev = np.empty(shape, dtype=dt)
     loops.lstm_backward(*operands, has_next, dpx[t], dc_prev)
     return dc_prev
+
+
+def gru_cell_forward(xw_t, hw, h_prev):
+    """``gru_cell_forward``: ``(xw_t [B, 3H], hw [B, 3H], h_prev [B, H])`` →
+    ``(r, z, n, hn, h)``, each ``[B, H]`` (views of one ``[5, B, H]`` array), as
+    :func:`loomx.layers.recurrent.gru_cell_forward`: numpy's ``tanh`` for the two gates'
+    nonlinearities, two compiled loops for the rest."""
+    loops = _loops()
+    dt = h_prev.dtype
+    rows, width = h_prev.shape[0], h_prev.shape[-1]
+    if (loops is None or dt not in _FLOATS or not xw_t.dtype == hw.dtype == dt
+            or h_prev.ndim != 2 or not xw_t.shape == hw.shape == (rows, 3 * width)):
+        return _reference("gru_cell_forward")(xw_t, hw, h_prev)
+    u = np.add(xw_t[:, :2 * width], hw[:, :2 * width])
+    np.multiply(u, 0.5, out=u)
+    np.tanh(u, out=u)
+    s = np.empty((5, rows, width), dtype=dt)
+    loops.gru_gates(u, xw_t, hw, s)
+    np.tanh(s[2], out=s[2])
+    loops.gru_output(s[1], s[2], h_prev, s[4])
+    return tuple(s)
+
+
+def gru_cell_backward(r, z, n, hn, h_prev, dh, dpx, dph, t: int):
+    """``gru_cell_backward``: writes ``dpx[t]`` and ``dph[t]`` and returns ``dh·z``, as
+    :func:`loomx.layers.recurrent.gru_cell_backward`."""
+    loops = _loops()
+    dt, shape = dpx.dtype, r.shape
+    operands = (r, z, n, hn, h_prev, dh)
+    if (loops is None or dt not in _FLOATS or len(shape) != 2 or dph.dtype != dt
+            or not (dpx.flags.c_contiguous and dph.flags.c_contiguous)
+            or not dpx.shape[1:] == dph.shape[1:] == (shape[0], 3 * shape[1])
+            or not all(a.dtype == dt and a.shape == shape for a in operands)):
+        return _reference("gru_cell_backward")(r, z, n, hn, h_prev, dh, dpx, dph, t)
+    dhz = np.empty(shape, dtype=dt)
+    loops.gru_backward(*operands, dpx[t], dph[t], dhz)
+    return dhz
 
 
 def _same_float(*arrays) -> bool:
@@ -224,6 +262,7 @@ def numba_kernels(numpy_kernels: dict) -> dict:
     """The compiled kernels by name, for :func:`loomx.backends.numpy_backend.make_numpy_backend`;
     ``numpy_kernels`` are the numpy backend's own, which those replacing them fall back to."""
     kernels = {"lstm_cell_forward": lstm_cell_forward, "lstm_cell_backward": lstm_cell_backward,
+               "gru_cell_forward": gru_cell_forward, "gru_cell_backward": gru_cell_backward,
                "sgd_update": sgd_update}
     for name, (scale, slope) in _RELU_FAMILY.items():
         kernels[f"act_backward:{name}"] = _act_backward(name, scale, slope)

@@ -25,7 +25,14 @@ from loomx.layers._windows import (
 from loomx.layers.activations import ACTIVATIONS
 from loomx.layers.conv import Conv1D, Conv2D, Conv3D, ConvTranspose2D
 from loomx.layers.dense import Activation, Dense
-from loomx.layers.recurrent import LSTM, lstm_cell_backward, lstm_cell_forward
+from loomx.layers.recurrent import (
+    GRU,
+    LSTM,
+    gru_cell_backward,
+    gru_cell_forward,
+    lstm_cell_backward,
+    lstm_cell_forward,
+)
 from loomx.layers.softmax import log_softmax, log_softmax_vjp, softmax, softmax_vjp
 from loomx.train.optim import SGD, Adam, AdamW
 from tests.conftest import assert_close
@@ -344,6 +351,41 @@ def check_lstm_cell_backward(backend, kernel, name):
                 assert_close(dpx, backend.to_host(ref), backend, rtol=1e-5, atol=2e-6)
 
 
+def check_gru_cell_forward(backend, kernel, name):
+    xp = backend.xp
+    xw, hw = _rand(backend, (3, 15), 70, scale=1.5), _rand(backend, (3, 15), 71, scale=1.5)
+    h_prev = _rand(backend, (3, 5), 72)
+    got, want = kernel(xw, hw, h_prev), gru_cell_forward(xp, xw, hw, h_prev)
+    assert len(got) == len(want) == 5
+    for a, b in zip(got, want):
+        assert_close(a, backend.to_host(b), backend, rtol=1e-5, atol=2e-6, dtype=b.dtype)
+
+
+def check_gru_cell_backward(backend, kernel, name):
+    """Every step of a 3-step pair of buffers, contiguous and strided; other steps' rows stay
+    untouched."""
+    xp = backend.xp
+    steps, batch, hidden = 3, 3, 5
+    r, z, n, hn, _ = gru_cell_forward(xp, _rand(backend, (batch, 3 * hidden), 73),
+                                      _rand(backend, (batch, 3 * hidden), 74),
+                                      _rand(backend, (batch, hidden), 75))
+    h_prev, dh = _rand(backend, (batch, hidden), 76), _rand(backend, (batch, hidden), 77)
+
+    def buffer(strided):
+        if not strided:
+            return backend.zeros((steps, batch, 3 * hidden))
+        return xp.permute_dims(backend.zeros((batch, steps, 3 * hidden)), (1, 0, 2))
+
+    for strided in (False, True):
+        for t in range(steps):
+            bufs, refs = (buffer(strided), buffer(strided)), (buffer(strided), buffer(strided))
+            got = kernel(r, z, n, hn, h_prev, dh, *bufs, t)
+            want = gru_cell_backward(xp, r, z, n, hn, h_prev, dh, *refs, t)
+            assert_close(got, backend.to_host(want), backend, rtol=1e-5, atol=2e-6)
+            for a, b in zip(bufs, refs):
+                assert_close(a, backend.to_host(b), backend, rtol=1e-5, atol=2e-6)
+
+
 KERNEL_CHECKS = {
     **{f"bias_act:{a}": check_bias_act for a in FUSED_ACTIVATIONS},
     **{f"act_backward:{a}": check_act_backward for a in FUSED_ACTIVATIONS},
@@ -363,6 +405,8 @@ KERNEL_CHECKS = {
     "sgd_update": check_sgd,
     "lstm_cell_forward": check_lstm_cell_forward,
     "lstm_cell_backward": check_lstm_cell_backward,
+    "gru_cell_forward": check_gru_cell_forward,
+    "gru_cell_backward": check_gru_cell_backward,
     "sum_rows": check_sum_rows,
     "window_gather": check_window_gather,
     "im2col": check_im2col,
@@ -467,6 +511,12 @@ def test_cupy_backend_registers_the_fused_kernels():
 @pytest.mark.parametrize("sequences", [True, False])
 def test_lstm_layer_same_with_and_without_kernels(backend, sequences):
     _same_layer_both_ways(backend, lambda: LSTM(5, return_sequences=sequences), (4, 3),
+                          (2, 4, 3))
+
+
+@pytest.mark.parametrize("sequences", [True, False])
+def test_gru_layer_same_with_and_without_kernels(backend, sequences):
+    _same_layer_both_ways(backend, lambda: GRU(5, return_sequences=sequences), (4, 3),
                           (2, 4, 3))
 
 

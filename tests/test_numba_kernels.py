@@ -23,7 +23,12 @@ from loomx.backends.numpy_backend import make_numpy_backend  # noqa: E402
 
 from loomx.layers._windows import scatter_windows_reference  # noqa: E402
 from loomx.layers.activations import ACTIVATIONS  # noqa: E402
-from loomx.layers.recurrent import lstm_cell_backward, lstm_cell_forward  # noqa: E402
+from loomx.layers.recurrent import (  # noqa: E402
+    gru_cell_backward,
+    gru_cell_forward,
+    lstm_cell_backward,
+    lstm_cell_forward,
+)
 
 RELU_FAMILY = ("relu", "scaled_relu", "leaky_relu", "loom_leaky_relu")
 
@@ -92,6 +97,35 @@ def test_lstm_cell_equals_the_reference_to_the_bit(dtype, batch, hidden):
             want_dc = lstm_cell_backward(xp, i, f, g, o, c_prev, tc, dh, dc_next, ref, t)
             _equal(dc, want_dc)
             _equal(dpx, ref)  # the other step's rows untouched
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("batch, hidden", [(1, 1), (3, 5), (64, 128), (5, 33)])
+def test_gru_cell_equals_the_reference_to_the_bit(dtype, batch, hidden):
+    xw = _rand((batch, 3 * hidden), dtype, 21) * 2
+    hw = _rand((batch, 3 * hidden), dtype, 22) * 2
+    h_prev = _rand((batch, hidden), dtype, 23)
+    got = numba_kernels.gru_cell_forward(xw, hw, h_prev)
+    want = gru_cell_forward(xp, xw, hw, h_prev)
+    for a, b in zip(got, want, strict=True):
+        _equal(a, b)
+    dh = _rand((batch, hidden), dtype, 24)
+    for t in range(2):
+        bufs = [np.full((2, batch, 3 * hidden), 7, dtype) for _ in range(4)]
+        _equal(numba_kernels.gru_cell_backward(*got[:4], h_prev, dh, *bufs[:2], t),
+               gru_cell_backward(xp, *want[:4], h_prev, dh, *bufs[2:], t))
+        _equal(bufs[0], bufs[2])
+        _equal(bufs[1], bufs[3])
+    # outside the compiled case: mixed dtypes, a strided buffer
+    mixed = (xw, hw, h_prev.astype(np.float16))
+    for a, b in zip(numba_kernels.gru_cell_forward(*mixed), gru_cell_forward(xp, *mixed),
+                    strict=True):
+        _equal(a, b)
+    strided = [np.zeros((batch, 2, 3 * hidden), dtype).transpose(1, 0, 2) for _ in range(2)]
+    refs = [np.zeros((2, batch, 3 * hidden), dtype) for _ in range(2)]
+    _equal(numba_kernels.gru_cell_backward(*want[:4], h_prev, dh, *strided, 1),
+           gru_cell_backward(xp, *want[:4], h_prev, dh, *refs, 1))
+    _equal(np.ascontiguousarray(strided[0]), refs[0])
 
 
 def test_lstm_cell_outside_the_compiled_case_takes_the_reference_path():

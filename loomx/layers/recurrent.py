@@ -81,6 +81,42 @@ def lstm_cell_backward(xp: Any, i: Array, f: Array, g: Array, o: Array, c_prev: 
     return dc * f
 
 
+def gru_cell_forward(xp: Any, xw_t: Array, hw: Array, h_prev: Array) -> tuple[Array, ...]:
+    """One GRU step's gate arithmetic (the reference of the ``gru_cell_forward`` kernel).
+
+    ``xw_t`` and ``hw`` are the input- and hidden-side pre-activations ``[B, 3H]`` (gate blocks
+    r, z, n; ``hw`` includes ``bias_hh``), ``h_prev [B, H]`` the state before the step.
+    Returns ``(r, z, n, hn, h)``, each ``[B, H]``, with ``hn`` the hidden side of the n gate.
+    """
+    hs_ = h_prev.shape[-1]
+    rz = sigmoid(xp, xw_t[:, :2 * hs_] + hw[:, :2 * hs_])  # r and z in one call
+    r, z = rz[:, :hs_], rz[:, hs_:]
+    hn = hw[:, 2 * hs_:]
+    n = xp.tanh(xw_t[:, 2 * hs_:] + r * hn)
+    return r, z, n, hn, (1.0 - z) * n + z * h_prev
+
+
+def gru_cell_backward(xp: Any, r: Array, z: Array, n: Array, hn: Array, h_prev: Array,
+                      dh: Array, dpx: Array, dph: Array, t: int) -> Array:
+    """One GRU step backwards (the reference of the ``gru_cell_backward`` kernel).
+
+    Takes the step's saved ``(r, z, n, hn, h_prev)`` and the gradient ``dh`` of its output.
+    Writes the input-side and hidden-side pre-activation gradients ``[B, 3H]`` into ``dpx[t]``
+    and ``dph[t]`` (time-major ``[T, B, 3H]`` buffers); returns ``dh·z``, the direct part of
+    the gradient of ``h_prev`` (the layer adds ``dph[t] @ weight_hh``).
+    """
+    hs_ = r.shape[-1]
+    dn_pre = dh * (1.0 - z) * (1.0 - n * n)
+    dz_pre = dh * (h_prev - n) * z * (1.0 - z)
+    dr_pre = dn_pre * hn * r * (1.0 - r)
+    for buf in (dpx, dph):
+        buf[t, :, :hs_] = dr_pre
+        buf[t, :, hs_:2 * hs_] = dz_pre
+    dpx[t, :, 2 * hs_:] = dn_pre
+    dph[t, :, 2 * hs_:] = dn_pre * r
+    return dh * z
+
+
 class RecurrentContext:
     """What ``backward`` needs from one forward call (kept by the caller).
 
@@ -405,45 +441,33 @@ class GRU(RecurrentLayer):
                 initial_state: Array | None = None) -> tuple[Array, RecurrentContext]:
         self.check_input(x)
         xp = self.xp
-        batch, hs_ = x.shape[0], self.hidden_size
+        batch = x.shape[0]
         h = self._initial_h(initial_state, batch)
         x_tb, xw = self._project_inputs(x, self.params["weight_ih"], self.params.get("bias_ih"))
         ctx = RecurrentContext(x_tb, batch, h)
         w_hh_t = self._hidden_weight_t(self.params["weight_hh"])
         b_hh = self.params.get("bias_hh")
+        cell = self.backend.kernel("gru_cell_forward") or partial(gru_cell_forward, xp)
         hs = []
         for t in range(xw.shape[0]):
-            xt = xw[t, ...]
             hw = xp.matmul(h, w_hh_t)
             if b_hh is not None:
                 hw = hw + b_hh
-            rz = sigmoid(xp, xt[:, :2 * hs_] + hw[:, :2 * hs_])  # r and z in one call
-            r, z = rz[:, :hs_], rz[:, hs_:]
-            hn = hw[:, 2 * hs_:]
-            n = xp.tanh(xt[:, 2 * hs_:] + r * hn)
             h_prev = h
-            h = (1.0 - z) * n + z * h_prev
+            r, z, n, hn, h = cell(xw[t, ...], hw, h_prev)
             ctx.steps.append((r, z, n, hn, h_prev))
             hs.append(h)
         return self._finish(ctx, hs, h)
 
     def backward(self, dy: Array, ctx: RecurrentContext,
                  need_input_grad: bool = True) -> Array | None:
-        xp, hs_ = self.xp, self.hidden_size
+        xp = self.xp
         w_hh = self.params["weight_hh"]
         dpx, dph = self._grad_buffer(ctx), self._grad_buffer(ctx)
+        cell = self.backend.kernel("gru_cell_backward") or partial(gru_cell_backward, xp)
 
         def step_back(t: int, dh: Array) -> Array:
-            r, z, n, hn, h_prev = ctx.steps[t]
-            dn_pre = dh * (1.0 - z) * (1.0 - n * n)
-            dz_pre = dh * (h_prev - n) * z * (1.0 - z)
-            dr_pre = dn_pre * hn * r * (1.0 - r)
-            for buf in (dpx, dph):
-                buf[t, :, :hs_] = dr_pre
-                buf[t, :, hs_:2 * hs_] = dz_pre
-            dpx[t, :, 2 * hs_:] = dn_pre
-            dph[t, :, 2 * hs_:] = dn_pre * r
-            return dh * z + xp.matmul(dph[t, ...], w_hh)
+            return cell(*ctx.steps[t], dh, dpx, dph, t) + xp.matmul(dph[t, ...], w_hh)
 
         bx, bh = ("bias_ih", "bias_hh") if self.bias else (None, None)
         return self._bptt(dy, ctx, step_back, dpx, dph, bx, bh, need_input_grad)
