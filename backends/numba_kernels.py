@@ -16,11 +16,11 @@ backend registers the kernels below, each one compiled loop for such a chain:
 
 Results equal the array-API reference to the bit (same operations in the same order, no
 ``fastmath``). Inputs outside the compiled case (mixed dtypes, float16, a strided gradient
-buffer) take the reference path.
+buffer) take the numpy backend's own kernel where it has one, else the reference path.
 
 ``LOOMX_NUMBA=0`` turns them off. numba is imported at the first call of a kernel, not with
-loomx; each loop is compiled the first time it meets a dtype (about a second) and cached on disk
-for later processes. When numba is installed but fails to import (for example, a numpy newer
+loomx; each loop is compiled the first time it meets a dtype (about half a second) and cached
+on disk for later processes. When numba is installed but fails to import (for example, a numpy newer
 than it supports), loomx warns once and uses the reference path.
 """
 
@@ -60,7 +60,7 @@ def _loops() -> Any:
 
 
 def _reference(name: str):
-    """The array-API reference of an LSTM kernel, bound to numpy's namespace."""
+    """The array-API reference of a recurrent cell kernel, bound to numpy's namespace."""
     import array_api_compat.numpy as xp
 
     from loomx.layers import recurrent
@@ -68,16 +68,22 @@ def _reference(name: str):
     return functools.partial(getattr(recurrent, name), xp)
 
 
+def _cell_case(xw_t, hw, state, gates: int) -> bool:
+    """Whether a recurrent cell's forward inputs are the compiled case: one float32/float64
+    dtype, ``state [B, H]``, both pre-activations ``[B, gates·H]``."""
+    dt = state.dtype
+    return (dt in _FLOATS and xw_t.dtype == hw.dtype == dt and state.ndim == 2
+            and xw_t.shape == hw.shape == (state.shape[0], gates * state.shape[1]))
+
+
 def lstm_cell_forward(xw_t, hw, c_prev):
     """``lstm_cell_forward``: ``(xw_t [B, 4H], hw [B, 4H], c_prev [B, H])`` →
     ``(i, f, g, o, c, tanh(c), h)``, each ``[B, H]`` (views of one ``[7, B, H]`` array), gate
     blocks as in :func:`loomx.layers.recurrent.lstm_cell_forward`."""
     loops = _loops()
-    dt = c_prev.dtype
-    rows, width = c_prev.shape[0], c_prev.shape[-1]
-    if (loops is None or dt not in _FLOATS or not xw_t.dtype == hw.dtype == dt
-            or c_prev.ndim != 2 or not xw_t.shape == hw.shape == (rows, 4 * width)):
+    if loops is None or not _cell_case(xw_t, hw, c_prev, 4):
         return _reference("lstm_cell_forward")(xw_t, hw, c_prev)
+    dt, (rows, width) = c_prev.dtype, c_prev.shape
     u = np.add(xw_t, hw)
     np.tanh(u, out=u)
     s = np.empty((7, rows, width), dtype=dt)
@@ -110,11 +116,9 @@ def gru_cell_forward(xw_t, hw, h_prev):
     :func:`loomx.layers.recurrent.gru_cell_forward`: numpy's ``tanh`` for the two gates'
     nonlinearities, two compiled loops for the rest."""
     loops = _loops()
-    dt = h_prev.dtype
-    rows, width = h_prev.shape[0], h_prev.shape[-1]
-    if (loops is None or dt not in _FLOATS or not xw_t.dtype == hw.dtype == dt
-            or h_prev.ndim != 2 or not xw_t.shape == hw.shape == (rows, 3 * width)):
+    if loops is None or not _cell_case(xw_t, hw, h_prev, 3):
         return _reference("gru_cell_forward")(xw_t, hw, h_prev)
+    dt, (rows, width) = h_prev.dtype, h_prev.shape
     u = np.add(xw_t[:, :2 * width], hw[:, :2 * width])
     np.multiply(u, 0.5, out=u)
     np.tanh(u, out=u)

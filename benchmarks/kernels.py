@@ -44,14 +44,20 @@ def _rand(backend, shape, seed: int, scale: float = 1.0):
     return backend.from_host(host)
 
 
-def _activation(name: str) -> KernelCase:
+def _activation(name: str, inplace: bool = False) -> KernelCase:
+    """Bias + activation; ``inplace``: written over a fresh matrix product (``owned``, a Dense
+    or convolution forward). The same array is then overwritten at every call; timing does
+    not mind."""
+
     def make(backend, rows, cols):
         from loomx.layers.activations import ACTIVATIONS, bias_activation
 
         act = ACTIVATIONS[name]
         x, b = _rand(backend, (rows, cols), 0, 2.0), _rand(backend, (cols,), 1)
-        return lambda: bias_activation(backend, act, x, b)
+        return lambda: bias_activation(backend, act, x, b, owned=inplace)
 
+    if inplace:
+        return KernelCase(f"bias + {name}, in place", (f"bias_act_inplace:{name}",), make)
     return KernelCase(f"bias + {name}", (f"bias_act:{name}",), make)
 
 
@@ -65,20 +71,6 @@ def _activation_backward(name: str) -> KernelCase:
         return lambda: activation_backward(backend, act, z, y, dy)
 
     return KernelCase(f"{name} backward", (f"act_backward:{name}",), make)
-
-
-def _activation_inplace(name: str) -> KernelCase:
-    """Bias + activation written over a fresh matrix product (``owned``): a Dense or
-    convolution forward. The same array is overwritten at every call; timing does not mind."""
-
-    def make(backend, rows, cols):
-        from loomx.layers.activations import ACTIVATIONS, bias_activation
-
-        act = ACTIVATIONS[name]
-        x, b = _rand(backend, (rows, cols), 0, 2.0), _rand(backend, (cols,), 1)
-        return lambda: bias_activation(backend, act, x, b, owned=True)
-
-    return KernelCase(f"bias + {name}, in place", (f"bias_act_inplace:{name}",), make)
 
 
 def _activation_backward_inplace(name: str) -> KernelCase:
@@ -201,7 +193,7 @@ def kernel_cases() -> list[KernelCase]:
     cases = []
     for act in ("relu", "gelu", "silu"):
         cases += [_activation(act), _activation_backward(act)]
-    cases += [_activation_inplace("relu"), _activation_backward_inplace("relu"),
+    cases += [_activation("relu", inplace=True), _activation_backward_inplace("relu"),
               _window_scatter()]
     cases += [_softmax(log, bwd) for log in (False, True) for bwd in (False, True)]
     cases += [_norm(kind, bwd) for kind in ("LayerNorm", "RMSNorm") for bwd in (False, True)]

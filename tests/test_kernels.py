@@ -184,23 +184,32 @@ def _grad_in_layout(b, shape, seed, transposed):
         np.random.default_rng(seed).standard_normal(shape).T)), (1, 0))
 
 
+def _three_steps_both_ways(backend, make_opt, transposed, seed):
+    """A ``Dense(6)`` stepped three times by ``make_opt(layer)`` on ``backend`` and on it without
+    kernels, from the same gradients (in the layout ``transposed`` says); ``[(layer, opt)]``
+    with kernels first."""
+    results = []
+    for b in (backend, reference_backend(backend)):
+        layer = Dense(6)
+        layer.build((5,), b, rng=0)
+        opt = make_opt(layer)
+        for step in range(3):
+            layer.zero_grad()
+            for i, ref in enumerate(layer.parameters()):
+                ref.grad = _grad_in_layout(b, tuple(ref.value.shape), seed + 3 * i + step,
+                                           transposed)
+            opt.step()
+        results.append((layer, opt))
+    return results
+
+
 def check_adam(backend, kernel, name):
     cases = [(Adam, {}, False), (Adam, {"weight_decay": 0.1}, False), (AdamW, {}, False),
              (Adam, {}, True), (AdamW, {"weight_decay": 0.1}, True)]
     for cls, opts, transposed in cases:
-        results = []
-        for b in (backend, reference_backend(backend)):
-            layer = Dense(6)
-            layer.build((5,), b, rng=0)
-            opt = cls(layer, lr=0.01, **opts)
-            for step in range(3):
-                layer.zero_grad()
-                for i, ref in enumerate(layer.parameters()):
-                    ref.grad = _grad_in_layout(b, tuple(ref.value.shape), 20 + 3 * i + step,
-                                               transposed)
-                opt.step()
-            results.append((layer, opt))
-        (fast, fast_opt), (slow, slow_opt) = results
+        (fast, fast_opt), (slow, slow_opt) = _three_steps_both_ways(
+            backend, lambda layer, cls=cls, opts=opts: cls(layer, lr=0.01, **opts), transposed,
+            20)
         for r1, r2 in zip(fast.parameters(), slow.parameters()):
             assert_close(r1.value, backend.to_host(r2.value), backend, rtol=1e-5, atol=1e-6)
             for key in ("exp_avg", "exp_avg_sq"):
@@ -213,19 +222,9 @@ def check_sgd(backend, kernel, name):
     """Plain SGD (with and without weight decay), gradients in both layouts, three steps,
     against the same optimizer on the backend without kernels."""
     for opts, transposed in (({}, False), ({"weight_decay": 0.1}, False), ({}, True)):
-        layers = []
-        for b in (backend, reference_backend(backend)):
-            layer = Dense(6)
-            layer.build((5,), b, rng=0)
-            opt = SGD(layer, lr=0.05, **opts)
-            for step in range(3):
-                layer.zero_grad()
-                for i, ref in enumerate(layer.parameters()):
-                    ref.grad = _grad_in_layout(b, tuple(ref.value.shape), 30 + 3 * i + step,
-                                               transposed)
-                opt.step()
-            layers.append(layer)
-        for r1, r2 in zip(layers[0].parameters(), layers[1].parameters()):
+        (fast, _), (slow, _) = _three_steps_both_ways(
+            backend, lambda layer, opts=opts: SGD(layer, lr=0.05, **opts), transposed, 30)
+        for r1, r2 in zip(fast.parameters(), slow.parameters()):
             assert_close(r1.value, backend.to_host(r2.value), backend, rtol=1e-6, atol=1e-7)
 
 

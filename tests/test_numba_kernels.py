@@ -77,16 +77,24 @@ def test_registered_when_numba_is_installed_and_not_with_loomx_numba_0(backends)
         assert "numba_kernels" not in plain.kernel(name).__module__
 
 
+def _forward_both_ways(kernel, reference, gates, batch, hidden, dtype, seed):
+    """A recurrent cell's forward through ``kernel`` and ``reference`` from the same inputs
+    (pre-activations ``[B, gates·H]``, a state ``[B, H]``), checked equal; returns
+    ``(got, want, inputs)``."""
+    inputs = (_rand((batch, gates * hidden), dtype, seed) * 2,
+              _rand((batch, gates * hidden), dtype, seed + 1) * 2,
+              _rand((batch, hidden), dtype, seed + 2))
+    got, want = kernel(*inputs), reference(xp, *inputs)
+    for a, b in zip(got, want, strict=True):
+        _equal(a, b)
+    return got, want, inputs
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("batch, hidden", [(1, 1), (3, 5), (64, 128), (5, 33)])
 def test_lstm_cell_equals_the_reference_to_the_bit(dtype, batch, hidden):
-    xw = _rand((batch, 4 * hidden), dtype, 1) * 2
-    hw = _rand((batch, 4 * hidden), dtype, 2) * 2
-    c_prev = _rand((batch, hidden), dtype, 3)
-    got = numba_kernels.lstm_cell_forward(xw, hw, c_prev)
-    want = lstm_cell_forward(xp, xw, hw, c_prev)
-    for a, b in zip(got, want, strict=True):
-        _equal(a, b)
+    _, want, (_, _, c_prev) = _forward_both_ways(
+        numba_kernels.lstm_cell_forward, lstm_cell_forward, 4, batch, hidden, dtype, 1)
     i, f, g, o, _, tc, _ = want
     dh = _rand((batch, hidden), dtype, 4)
     for dc_next in (None, _rand((batch, hidden), dtype, 5)):
@@ -102,13 +110,8 @@ def test_lstm_cell_equals_the_reference_to_the_bit(dtype, batch, hidden):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("batch, hidden", [(1, 1), (3, 5), (64, 128), (5, 33)])
 def test_gru_cell_equals_the_reference_to_the_bit(dtype, batch, hidden):
-    xw = _rand((batch, 3 * hidden), dtype, 21) * 2
-    hw = _rand((batch, 3 * hidden), dtype, 22) * 2
-    h_prev = _rand((batch, hidden), dtype, 23)
-    got = numba_kernels.gru_cell_forward(xw, hw, h_prev)
-    want = gru_cell_forward(xp, xw, hw, h_prev)
-    for a, b in zip(got, want, strict=True):
-        _equal(a, b)
+    got, want, (xw, hw, h_prev) = _forward_both_ways(
+        numba_kernels.gru_cell_forward, gru_cell_forward, 3, batch, hidden, dtype, 21)
     dh = _rand((batch, hidden), dtype, 24)
     for t in range(2):
         bufs = [np.full((2, batch, 3 * hidden), 7, dtype) for _ in range(4)]
