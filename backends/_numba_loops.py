@@ -206,3 +206,26 @@ def gru_backward(r, z, n, hn, h_prev, dh, dpx, dph, dhz):
             ph[2 * width + j] = dn[j] * rr[j]
         for j in range(width):
             out[j] = dr[j] * zr[j]
+
+
+@_jit
+def silu_gate(t, g, u, h):
+    """SwiGLU's gate over flat arrays: ``t = tanh(½·g)`` in, ``t ← σ(g) = ½·t + ½`` and
+    ``h = g·σ(g)·u`` out."""
+    half = t.dtype.type(0.5)
+    for k in range(t.shape[0]):
+        sk = half * t[k] + half
+        t[k] = sk
+        h[k] = g[k] * sk * u[k]
+
+
+@_jit
+def silu_gate_backward(g, u, s, dh, dg, du):
+    """The gate's gradients over flat arrays: ``dg = dh·u·(s + g·s·(1 − s))``,
+    ``du = dh·g·s`` (two output streams from distinct arrays: LLVM still vectorises this
+    loop, and one pass reads the inputs once, 0.77 against 1.13 ms for two loops on
+    ``[2048, 688]``)."""
+    one = g.dtype.type(1.0)
+    for k in range(g.shape[0]):
+        dg[k] = dh[k] * u[k] * (s[k] + g[k] * s[k] * (one - s[k]))
+        du[k] = dh[k] * g[k] * s[k]

@@ -12,6 +12,7 @@ backend registers the kernels below, each one compiled loop for such a chain:
 - ``bias_act_inplace:<ReLU family>``, ``act_backward_inplace:<relu, scaled_relu>`` and
   ``act_backward:<ReLU family>``: bias + activation and its gradient in one pass each.
 - ``window_scatter_add``: a convolution's window gradient (col2im), per image.
+- ``silu_gate_forward`` / ``silu_gate_backward``: SwiGLU's ``g·σ(g)·u`` and its gradients.
 - ``sgd_update``: plain SGD in place, one pass.
 
 Results equal the array-API reference to the bit (same operations in the same order, no
@@ -59,13 +60,15 @@ def _loops() -> Any:
     return _numba_loops
 
 
-def _reference(name: str):
-    """The array-API reference of a recurrent cell kernel, bound to numpy's namespace."""
+def _reference(name: str, module: str = "recurrent"):
+    """The array-API reference of a kernel (a function of ``loomx.layers.<module>``), bound to
+    numpy's namespace."""
+    import importlib
+
     import array_api_compat.numpy as xp
 
-    from loomx.layers import recurrent
-
-    return functools.partial(getattr(recurrent, name), xp)
+    return functools.partial(getattr(importlib.import_module(f"loomx.layers.{module}"), name),
+                             xp)
 
 
 def _cell_case(xw_t, hw, state, gates: int) -> bool:
@@ -143,6 +146,31 @@ def gru_cell_backward(r, z, n, hn, h_prev, dh, dpx, dph, t: int):
     dhz = np.empty(shape, dtype=dt)
     loops.gru_backward(*operands, dpx[t], dph[t], dhz)
     return dhz
+
+
+def silu_gate_forward(g, u):
+    """``silu_gate_forward``: ``(σ(g), g·σ(g)·u)`` as
+    :func:`loomx.layers.ffn.silu_gate_forward`; numpy's ``tanh``, then one compiled pass."""
+    loops = _loops()
+    if loops is None or not _same_float(g, u):
+        return _reference("silu_gate_forward", "ffn")(g, u)
+    t = np.multiply(g, 0.5)
+    np.tanh(t, out=t)
+    h = np.empty_like(g)
+    loops.silu_gate(t.reshape(-1), g.reshape(-1), u.reshape(-1), h.reshape(-1))
+    return t, h
+
+
+def silu_gate_backward(g, u, s, dh):
+    """``silu_gate_backward``: ``(dg, du)`` as :func:`loomx.layers.ffn.silu_gate_backward`,
+    in one compiled pass."""
+    loops = _loops()
+    if loops is None or not _same_float(g, u, s, dh):
+        return _reference("silu_gate_backward", "ffn")(g, u, s, dh)
+    dg, du = np.empty_like(g), np.empty_like(g)
+    loops.silu_gate_backward(g.reshape(-1), u.reshape(-1), s.reshape(-1), dh.reshape(-1),
+                             dg.reshape(-1), du.reshape(-1))
+    return dg, du
 
 
 def _same_float(*arrays) -> bool:
@@ -267,6 +295,7 @@ def numba_kernels(numpy_kernels: dict) -> dict:
     ``numpy_kernels`` are the numpy backend's own, which those replacing them fall back to."""
     kernels = {"lstm_cell_forward": lstm_cell_forward, "lstm_cell_backward": lstm_cell_backward,
                "gru_cell_forward": gru_cell_forward, "gru_cell_backward": gru_cell_backward,
+               "silu_gate_forward": silu_gate_forward, "silu_gate_backward": silu_gate_backward,
                "sgd_update": sgd_update}
     for name, (scale, slope) in _RELU_FAMILY.items():
         kernels[f"act_backward:{name}"] = _act_backward(name, scale, slope)

@@ -25,6 +25,7 @@ from loomx.layers._windows import (
 from loomx.layers.activations import ACTIVATIONS
 from loomx.layers.conv import Conv1D, Conv2D, Conv3D, ConvTranspose2D
 from loomx.layers.dense import Activation, Dense
+from loomx.layers.ffn import SwiGLU, silu_gate_backward, silu_gate_forward
 from loomx.layers.recurrent import (
     GRU,
     LSTM,
@@ -385,6 +386,21 @@ def check_gru_cell_backward(backend, kernel, name):
                 assert_close(a, backend.to_host(b), backend, rtol=1e-5, atol=2e-6)
 
 
+def check_silu_gate_forward(backend, kernel, name):
+    g, u = _rand(backend, (4, 6), 80, scale=3.0), _rand(backend, (4, 6), 81)
+    for a, b in zip(kernel(g, u), silu_gate_forward(backend.xp, g, u), strict=True):
+        assert_close(a, backend.to_host(b), backend, rtol=1e-5, atol=1e-6, dtype=b.dtype)
+
+
+def check_silu_gate_backward(backend, kernel, name):
+    g, u = _rand(backend, (4, 6), 82, scale=3.0), _rand(backend, (4, 6), 83)
+    s, _ = silu_gate_forward(backend.xp, g, u)
+    dh = _rand(backend, (4, 6), 84)
+    for a, b in zip(kernel(g, u, s, dh), silu_gate_backward(backend.xp, g, u, s, dh),
+                    strict=True):
+        assert_close(a, backend.to_host(b), backend, rtol=1e-5, atol=1e-6, dtype=b.dtype)
+
+
 KERNEL_CHECKS = {
     **{f"bias_act:{a}": check_bias_act for a in FUSED_ACTIVATIONS},
     **{f"act_backward:{a}": check_act_backward for a in FUSED_ACTIVATIONS},
@@ -406,6 +422,8 @@ KERNEL_CHECKS = {
     "lstm_cell_backward": check_lstm_cell_backward,
     "gru_cell_forward": check_gru_cell_forward,
     "gru_cell_backward": check_gru_cell_backward,
+    "silu_gate_forward": check_silu_gate_forward,
+    "silu_gate_backward": check_silu_gate_backward,
     "sum_rows": check_sum_rows,
     "window_gather": check_window_gather,
     "im2col": check_im2col,
@@ -511,6 +529,11 @@ def test_cupy_backend_registers_the_fused_kernels():
 def test_lstm_layer_same_with_and_without_kernels(backend, sequences):
     _same_layer_both_ways(backend, lambda: LSTM(5, return_sequences=sequences), (4, 3),
                           (2, 4, 3))
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_swiglu_layer_same_with_and_without_kernels(backend, activation):
+    _same_layer_both_ways(backend, lambda: SwiGLU(7, activation=activation), (3, 5), (2, 3, 5))
 
 
 @pytest.mark.parametrize("sequences", [True, False])

@@ -23,6 +23,7 @@ from loomx.backends.numpy_backend import make_numpy_backend  # noqa: E402
 
 from loomx.layers._windows import scatter_windows_reference  # noqa: E402
 from loomx.layers.activations import ACTIVATIONS  # noqa: E402
+from loomx.layers.ffn import silu_gate_backward, silu_gate_forward  # noqa: E402
 from loomx.layers.recurrent import (  # noqa: E402
     gru_cell_backward,
     gru_cell_forward,
@@ -177,6 +178,26 @@ def test_bias_relu_and_its_gradient_equal_the_reference_to_the_bit(backends, nam
     backward = compiled.kernel(f"act_backward_inplace:{name}")
     if backward is not None:  # the leaky ones have no in-place gradient kernel
         _equal(backward(x, None, np.array(dy, copy=True)), want)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf · 0
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 688), (2, 3, 5)])
+def test_silu_gate_equals_the_reference_to_the_bit(dtype, shape):
+    g, u = _specials(_rand(shape, dtype, 31) * 4), _rand(shape, dtype, 32)
+    s, h = numba_kernels.silu_gate_forward(g, u)
+    want_s, want_h = silu_gate_forward(xp, g, u)
+    _equal(s, want_s)
+    _equal(h, want_h)
+    dh = _rand(shape, dtype, 33)
+    for a, b in zip(numba_kernels.silu_gate_backward(g, u, want_s, dh),
+                    silu_gate_backward(xp, g, u, want_s, dh), strict=True):
+        _equal(a, b)
+    # outside the compiled case: mixed dtypes, a strided input
+    for args in ((g, u.astype(np.float16)), (g.T, u.T)):
+        for a, b in zip(numba_kernels.silu_gate_forward(*args), silu_gate_forward(xp, *args),
+                        strict=True):
+            _equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

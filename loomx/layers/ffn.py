@@ -15,6 +15,20 @@ from .dense import linear, linear_backward
 from .init import init_weight
 
 
+def silu_gate_forward(xp, g: Array, u: Array) -> tuple[Array, Array]:
+    """SwiGLU's gating (the reference of the ``silu_gate_forward`` kernel): ``g, u [..., M]``
+    (the gate and up projections) → ``(σ(g), h = g·σ(g)·u)``; ``σ(g)`` is kept for the
+    backward pass."""
+    s = sigmoid(xp, g)
+    return s, g * s * u
+
+
+def silu_gate_backward(xp, g: Array, u: Array, s: Array, dh: Array) -> tuple[Array, Array]:
+    """The gradients ``(dg, du)`` of :func:`silu_gate_forward` given ``dh`` (the reference of
+    the ``silu_gate_backward`` kernel)."""
+    return dh * u * (s + g * s * (1.0 - s)), dh * g * s
+
+
 class _Block(Layer):
     """Shared shape handling: ``x [B, ..., D]`` → ``y [B, ..., D]`` through width ``M``."""
 
@@ -93,8 +107,8 @@ class SwiGLU(_Block):
         g = self._linear(x, "gate")
         u = self._linear(x, "up")
         if self._silu:  # keep σ(g): the backward pass reuses it
-            s = sigmoid(self.xp, g)
-            h = g * s * u
+            gate = self.backend.kernel("silu_gate_forward")
+            s, h = gate(g, u) if gate is not None else silu_gate_forward(self.xp, g, u)
         else:
             s = self._act.forward(self.backend, g)
             h = s * u
@@ -104,8 +118,9 @@ class SwiGLU(_Block):
         x, g, u, s, h = ctx
         dh = self._linear_backward(h, dy, "down")
         if self._silu:
-            dg = dh * u * (s + g * s * (1.0 - s))
-            du = dh * g * s
+            gate = self.backend.kernel("silu_gate_backward")
+            dg, du = (gate(g, u, s, dh) if gate is not None
+                      else silu_gate_backward(self.xp, g, u, s, dh))
         else:  # s = act(g)
             dg = self._act.backward(self.backend, g, s, dh * u)
             du = dh * s
