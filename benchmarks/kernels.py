@@ -61,28 +61,22 @@ def _activation(name: str, inplace: bool = False) -> KernelCase:
     return KernelCase(f"bias + {name}", (f"bias_act:{name}",), make)
 
 
-def _activation_backward(name: str) -> KernelCase:
+def _activation_backward(name: str, inplace: bool = False) -> KernelCase:
+    """The activation's gradient; ``inplace``: written over ``dy`` (``owned``, a convolution's
+    own copy of it)."""
+
     def make(backend, rows, cols):
         from loomx.layers.activations import ACTIVATIONS, activation_backward
 
         act = ACTIVATIONS[name]
         z = _rand(backend, (rows, cols), 0, 2.0)
         y, dy = act.forward(backend, z), _rand(backend, (rows, cols), 2)
-        return lambda: activation_backward(backend, act, z, y, dy)
+        return lambda: activation_backward(backend, act, z, y, dy, owned=inplace)
 
+    if inplace:
+        return KernelCase(f"{name} backward, in place", (f"act_backward_inplace:{name}",),
+                          make)
     return KernelCase(f"{name} backward", (f"act_backward:{name}",), make)
-
-
-def _activation_backward_inplace(name: str) -> KernelCase:
-    def make(backend, rows, cols):
-        from loomx.layers.activations import ACTIVATIONS, activation_backward
-
-        act = ACTIVATIONS[name]
-        z = _rand(backend, (rows, cols), 0, 2.0)
-        y, dy = act.forward(backend, z), _rand(backend, (rows, cols), 2)
-        return lambda: activation_backward(backend, act, z, y, dy, owned=True)
-
-    return KernelCase(f"{name} backward, in place", (f"act_backward_inplace:{name}",), make)
 
 
 def _window_scatter() -> KernelCase:
@@ -193,7 +187,7 @@ def kernel_cases() -> list[KernelCase]:
     cases = []
     for act in ("relu", "gelu", "silu"):
         cases += [_activation(act), _activation_backward(act)]
-    cases += [_activation("relu", inplace=True), _activation_backward_inplace("relu"),
+    cases += [_activation("relu", inplace=True), _activation_backward("relu", inplace=True),
               _window_scatter()]
     cases += [_softmax(log, bwd) for log in (False, True) for bwd in (False, True)]
     cases += [_norm(kind, bwd) for kind in ("LayerNorm", "RMSNorm") for bwd in (False, True)]
