@@ -477,8 +477,8 @@ class TweenTrainer:
             return
         for ref in self.net.parameters():
             saved = self.best_state.get((id(ref.layer), ref.key))
-            if saved is not None:
-                ref.value = saved
+            if saved is not None:  # a copy: an optimizer may later update weights in place
+                ref.value = self.xp.asarray(saved, copy=True)
 
     def fit(self, x: Array, labels, epochs: int, rate: float, *, batch_size: int = 1,
             eval_data: tuple[Array, Any] | None = None, metric: str = "score",
