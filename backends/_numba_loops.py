@@ -73,7 +73,11 @@ def lstm_backward(i, f, g, o, c_prev, tc, dh, dc_next, has_next, out, dc_prev):
 @_jit
 def relu_backward(z, dy, scale):
     """``dy ← dy·(scale where z > 0, else 0)`` in place over flat (1-D) ``z`` and ``dy``: the
-    reference's ``dy * (astype(z > 0)·scale)``."""
+    reference's ``dy * (astype(z > 0)·scale)``.
+
+    Not :func:`relu_family_backward` with ``out=dy``: output and input then overlap, LLVM's
+    runtime check sends the loop down its scalar path, and it took 42 against 13 µs on
+    ``[256, 512]``."""
     zero = dy.dtype.type(0.0)
     for k in range(dy.shape[0]):
         dy[k] = dy[k] * (scale if z[k] > zero else zero)

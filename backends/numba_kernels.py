@@ -31,6 +31,7 @@ import functools
 import importlib.util
 import os
 import warnings
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -213,16 +214,6 @@ def _act_backward_inplace(numpy_kernel, scale: float):
     return kernel
 
 
-class _NumpyNamespace:
-    """What the activations' reference functions read from a backend: ``xp``."""
-
-    @property
-    def xp(self):
-        import array_api_compat.numpy as xp
-
-        return xp
-
-
 def _act_backward(name: str, scale: float, slope: float):
     """``act_backward:<ReLU family>`` (``(z, y, dy) -> dz``, a new array): one pass instead
     of the reference's mask, cast and product."""
@@ -230,9 +221,12 @@ def _act_backward(name: str, scale: float, slope: float):
     def kernel(z, y, dy):
         loops = _loops()
         if loops is None or not _same_float(dy, z):
+            import array_api_compat.numpy as xp
+
             from loomx.layers.activations import ACTIVATIONS
 
-            return ACTIVATIONS[name].backward(_NumpyNamespace(), z, y, dy)
+            # the reference reads only ``backend.xp``
+            return ACTIVATIONS[name].backward(SimpleNamespace(xp=xp), z, y, dy)
         out = np.empty_like(dy)
         kind = dy.dtype.type
         loops.relu_family_backward(z.reshape(-1), dy.reshape(-1), out.reshape(-1), kind(scale),

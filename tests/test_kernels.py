@@ -302,6 +302,14 @@ def check_window_scatter_add(backend, kernel, name):
                      backend.to_host(expected), backend, rtol=1e-6, atol=1e-6)
 
 
+def _step_buffer(backend, steps, batch, width, strided):
+    """Zeros ``[steps, batch, width]``: a time-major gradient buffer, C-contiguous or (with
+    ``strided``) a permuted view of a batch-major array."""
+    if not strided:
+        return backend.zeros((steps, batch, width))
+    return backend.xp.permute_dims(backend.zeros((batch, steps, width)), (1, 0, 2))
+
+
 def _lstm_step_inputs(backend, batch=3, hidden=5, seed=40):
     return (_rand(backend, (batch, 4 * hidden), seed, scale=1.5),
             _rand(backend, (batch, 4 * hidden), seed + 1, scale=1.5),
@@ -335,9 +343,7 @@ def check_lstm_cell_backward(backend, kernel, name):
         xp.astype(_rand(backend, (batch, hidden), 47), xp.float64),)
 
     def buffer(strided):
-        if not strided:
-            return backend.zeros((steps, batch, 4 * hidden))
-        return xp.permute_dims(backend.zeros((batch, steps, 4 * hidden)), (1, 0, 2))
+        return _step_buffer(backend, steps, batch, 4 * hidden, strided)
 
     # dc_next: none, the backend's dtype, float64 (promotes); dpx: contiguous, then a view
     for dc_next in (None, _rand(backend, (batch, hidden), 46), *mixed):
@@ -372,9 +378,7 @@ def check_gru_cell_backward(backend, kernel, name):
     h_prev, dh = _rand(backend, (batch, hidden), 76), _rand(backend, (batch, hidden), 77)
 
     def buffer(strided):
-        if not strided:
-            return backend.zeros((steps, batch, 3 * hidden))
-        return xp.permute_dims(backend.zeros((batch, steps, 3 * hidden)), (1, 0, 2))
+        return _step_buffer(backend, steps, batch, 3 * hidden, strided)
 
     for strided in (False, True):
         for t in range(steps):
