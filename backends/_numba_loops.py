@@ -126,9 +126,11 @@ def bias_relu(x, bias, has_bias, scale, slope):
 
 
 @_jit
-def scatter_add_2d(out, cols, kh, kw, sh, sw, dh, dw):
+def scatter_add_2d(out, cols, kh, kw, sh, sw, dh, dw, ph, pw):
     """Add ``cols [B, OH, OW, K, C]`` (windows of a ``kh × kw`` kernel, offsets row-major)
-    into ``out [B, H, W, C]`` in place.
+    into ``out [B, H, W, C]`` in place. Window positions are ``o·stride + k·dilation`` of the
+    input padded by ``ph`` rows and ``pw`` columns in front; positions in the padding are
+    skipped (``out`` is the unpadded input's gradient).
 
     Per image, kernel row ``ky`` outermost, then window row, kernel column ``kx``, window
     column: every position receives its windows' values in kernel-offset order, the order in
@@ -138,18 +140,51 @@ def scatter_add_2d(out, cols, kh, kw, sh, sw, dh, dw):
     convolution, but adds in another order.
     """
     batch, oh, ow = cols.shape[0], cols.shape[1], cols.shape[2]
-    channels = cols.shape[4]
+    height, width, channels = out.shape[1], out.shape[2], cols.shape[4]
     for b in range(batch):
         ob, cb = out[b], cols[b]
         for ky in range(kh):
             for oy in range(oh):
-                row, crow = ob[oy * sh + ky * dh], cb[oy]
+                iy = oy * sh + ky * dh - ph
+                if iy < 0 or iy >= height:
+                    continue
+                row, crow = ob[iy], cb[oy]
                 for kx in range(kw):
                     j = ky * kw + kx
                     for ox in range(ow):
-                        dst, src = row[ox * sw + kx * dw], crow[ox, j]
+                        ix = ox * sw + kx * dw - pw
+                        if ix < 0 or ix >= width:
+                            continue
+                        dst, src = row[ix], crow[ox, j]
                         for c in range(channels):
                             dst[c] += src[c]
+
+
+@_jit
+def im2col_2d(x, out, kh, kw, sh, sw, dh, dw, ph, pw):
+    """Gather the windows of ``x [B, H, W, C]`` into ``out [B, OH, OW, K, C]``: window
+    ``(oy, ox)``, offset ``(ky, kx)`` reads position ``o·stride + k·dilation`` of the input
+    padded by ``ph`` rows and ``pw`` columns in front (zeros outside ``x``)."""
+    batch, oh, ow = out.shape[0], out.shape[1], out.shape[2]
+    height, width, channels = x.shape[1], x.shape[2], x.shape[3]
+    zero = out.dtype.type(0.0)
+    for b in range(batch):
+        xb, ob = x[b], out[b]
+        for oy in range(oh):
+            for ox in range(ow):
+                o = ob[oy, ox]
+                for ky in range(kh):
+                    iy = oy * sh + ky * dh - ph
+                    for kx in range(kw):
+                        ix = ox * sw + kx * dw - pw
+                        dst = o[ky * kw + kx]
+                        if 0 <= iy < height and 0 <= ix < width:
+                            src = xb[iy, ix]
+                            for c in range(channels):
+                                dst[c] = src[c]
+                        else:
+                            for c in range(channels):
+                                dst[c] = zero
 
 
 @_jit

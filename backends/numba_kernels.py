@@ -11,7 +11,9 @@ backend registers the kernels below, each one compiled loop for such a chain:
 - ``gru_cell_forward`` / ``gru_cell_backward``: the same for a GRU step.
 - ``bias_act_inplace:<ReLU family>``, ``act_backward_inplace:<relu, scaled_relu>`` and
   ``act_backward:<ReLU family>``: bias + activation and its gradient in one pass each.
-- ``window_scatter_add``: a convolution's window gradient (col2im), per image.
+- ``window_scatter_add``: a convolution's window gradient (col2im), per image;
+  :func:`gather_padded` and :func:`scatter_add_cropped`, the same loops with the padding
+  folded in, serve the numpy backend's ``window_matmul`` kernels.
 - ``silu_gate_forward`` / ``silu_gate_backward``: SwiGLU's ``g·σ(g)·u`` and its gradients.
 - ``sgd_update``: plain SGD in place, one pass.
 
@@ -257,6 +259,29 @@ def sgd_update(w, g, *, lr: float, weight_decay: float = 0.0):
 _MIN_SCATTER_CHANNELS = 8
 
 
+def _as_2d(kernel, stride, dilation, pads) -> tuple[int, ...]:
+    """Loop arguments ``(kh, kw, sh, sw, dh, dw, ph, pw)`` of a 1-d or 2-d window (a 1-d one
+    as height 1); ``pads`` are ``(front, back)`` per axis, of which the loops need the front."""
+    if len(kernel) == 1:
+        return (1, kernel[0], 1, stride[0], 1, dilation[0], 0, pads[0][0])
+    return (*kernel, *stride, *dilation, pads[0][0], pads[1][0])
+
+
+def _spatial_2d(a, ndim: int):
+    """``a [B, *S, ...]`` with one spatial axis given height 1 (a view), else ``a``."""
+    return a[:, None] if ndim == 1 else a
+
+
+def _windows_compiled(grid, cols) -> bool:
+    """Whether the compiled window loops take ``grid [B, *S, C]`` and ``cols [B, *O, K, C]``:
+    1 or 2 spatial axes, at least 8 channels (fewer make the per-window overhead dominate),
+    one float dtype, ``cols`` C-contiguous."""
+    n = cols.ndim - 3
+    return (n in (1, 2) and grid.ndim == n + 2 and cols.shape[-1] >= _MIN_SCATTER_CHANNELS
+            and grid.dtype in _FLOATS and grid.dtype == cols.dtype
+            and cols.flags.c_contiguous)
+
+
 def _window_scatter_add(numpy_kernel):
     """``window_scatter_add`` (``(out [B, *S, C], cols [B, *O, K, C], kernel, stride,
     dilation) -> out``) for 1 and 2 spatial axes: one compiled loop, each image's windows
@@ -265,18 +290,40 @@ def _window_scatter_add(numpy_kernel):
     def kernel(out, cols, kernel_size, stride, dilation):
         loops = _loops()
         n = len(kernel_size)
-        if (loops is None or n not in (1, 2) or cols.ndim != n + 3
-                or cols.shape[-1] < _MIN_SCATTER_CHANNELS or not out.flags.writeable
-                or not (_same_float(out) and _same_float(cols) and out.dtype == cols.dtype)):
+        if (loops is None or not out.flags.writeable or not out.flags.c_contiguous
+                or cols.ndim != n + 3 or not _windows_compiled(out, cols)):
             return numpy_kernel(out, cols, kernel_size, stride, dilation)
-        if n == 1:  # a 1-D convolution as a 2-D one of height 1
-            loops.scatter_add_2d(out[:, None], cols[:, None], 1, kernel_size[0], 1, stride[0],
-                                 1, dilation[0])
-        else:
-            loops.scatter_add_2d(out, cols, *kernel_size, *stride, *dilation)
+        loops.scatter_add_2d(_spatial_2d(out, n), _spatial_2d(cols, n),
+                             *_as_2d(kernel_size, stride, dilation, ((0, 0),) * n))
         return out
 
     return kernel
+
+
+def gather_padded(x, out, kernel, stride, dilation, pads) -> bool:
+    """Gather the windows of ``x [B, *S, C]`` (any strides), padded by ``pads`` with zeros,
+    into ``out [B, *O, K, C]``; ``False`` (nothing written) outside the compiled case."""
+    loops = _loops()
+    if loops is None or not out.flags.writeable or not _windows_compiled(x, out):
+        return False
+    n = len(kernel)
+    loops.im2col_2d(_spatial_2d(x, n), _spatial_2d(out, n),
+                    *_as_2d(kernel, stride, dilation, pads))
+    return True
+
+
+def scatter_add_cropped(out, cols, kernel, stride, dilation, pads) -> bool:
+    """Adjoint of :func:`gather_padded`: add ``cols [B, *O, K, C]`` into the unpadded
+    ``out [B, *S, C]`` (C-contiguous), skipping the padding; ``False`` (nothing written)
+    outside the compiled case."""
+    loops = _loops()
+    if (loops is None or not out.flags.writeable or not out.flags.c_contiguous
+            or not _windows_compiled(out, cols)):
+        return False
+    n = len(kernel)
+    loops.scatter_add_2d(_spatial_2d(out, n), _spatial_2d(cols, n),
+                         *_as_2d(kernel, stride, dilation, pads))
+    return True
 
 
 #: ``bias_act_inplace`` / ``act_backward_inplace`` activations: (scale, slope).

@@ -8,17 +8,22 @@ layer tests at the end run whole layers and optimizers with and without the kern
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import math
 import pathlib
+import sys
 
 import numpy as np
 import pytest
 
 from loomx.layers import LayerNorm, RMSNorm, Softmax
 from loomx.layers._windows import (
+    crop_spatial,
     gather_windows,
     gather_windows_reference,
+    pad_spatial,
     scatter_windows,
     scatter_windows_reference,
 )
@@ -302,6 +307,79 @@ def check_window_scatter_add(backend, kernel, name):
                      backend.to_host(expected), backend, rtol=1e-6, atol=1e-6)
 
 
+@contextlib.contextmanager
+def _chunks_of_one_image(kernel):
+    """Make a chunked kernel (``CHUNK_BYTES`` in its module) take one image per chunk."""
+    module = sys.modules.get(getattr(kernel, "__module__", ""), None)
+    saved = getattr(module, "CHUNK_BYTES", None)
+    if saved is None:
+        yield
+        return
+    module.CHUNK_BYTES = 1
+    try:
+        yield
+    finally:
+        module.CHUNK_BYTES = saved
+
+
+def _window_matmul_cases(backend):
+    """``(x [3, *S, C], w [4, K·C], dz [3·P, 4], kernel, stride, dilation, pads, out_shape,
+    cols)`` over the window cases, without and with padding, for one, three and eight
+    channels (the compiled loops' case), plus a channels-last view of channels-first data."""
+    xp = backend.xp
+    for i, (k, s, d, spatial) in enumerate(WINDOW_CASES):
+        for pads in (((0, 0),) * len(k), tuple((1, j % 2) for j in range(len(k)))):
+            padded = tuple(n + lo + hi for n, (lo, hi) in zip(spatial, pads))
+            out = tuple((n - dd * (kk - 1) - 1) // ss + 1
+                        for n, kk, ss, dd in zip(padded, k, s, d))
+            for channels in (1, 3, 8):
+                x = _rand(backend, (3, *spatial, channels), 90 + i)
+                if channels == 8 and len(k) == 2:  # a channels-last view
+                    first = _rand(backend, (3, channels, *spatial), 100 + i)
+                    x = xp.permute_dims(first, (0, 2, 3, 1))
+                width = math.prod(k) * channels
+                w = _rand(backend, (4, width), 110 + i)
+                dz = _rand(backend, (3 * math.prod(out), 4), 120 + i)
+                xpad = pad_spatial(backend, x, pads)
+                cols = xp.reshape(gather_windows_reference(xp, xpad, k, s, d, out), (-1, width))
+                yield x, w, dz, k, s, d, pads, out, cols
+
+
+def _rows_into(seen: list, chunk) -> None:
+    seen.append(chunk.shape[0])
+
+
+def check_window_matmul(backend, kernel, name):
+    xp = backend.xp
+    for x, w, _, k, s, d, pads, out, cols in _window_matmul_cases(backend):
+        expected = backend.to_host(xp.matmul(cols, xp.matrix_transpose(w)))
+        for chunked in (False, True):
+            with _chunks_of_one_image(kernel) if chunked else contextlib.nullcontext():
+                assert_close(kernel(x, w, k, s, d, pads, out), expected, backend, rtol=1e-5,
+                             atol=1e-5)
+                seen: list[int] = []
+                kernel(x, w, k, s, d, pads, out, epilogue=functools.partial(_rows_into, seen))
+                assert sum(seen) == expected.shape[0] and (len(seen) > 1) == chunked
+
+
+def check_window_matmul_backward(backend, kernel, name):
+    xp = backend.xp
+    for x, w, dz, k, s, d, pads, out, cols in _window_matmul_cases(backend):
+        dw_ref = backend.to_host(xp.matmul(xp.matrix_transpose(dz), cols))
+        dcols = xp.reshape(xp.matmul(dz, w), (x.shape[0], *out, math.prod(k), x.shape[-1]))
+        padded = tuple(n + lo + hi for n, (lo, hi) in zip(x.shape[1:-1], pads))
+        dx_ref = backend.to_host(crop_spatial(scatter_windows_reference(
+            backend, backend.zeros((x.shape[0], *padded, x.shape[-1])), dcols, k, s, d), pads))
+        for chunked in (False, True):
+            with _chunks_of_one_image(kernel) if chunked else contextlib.nullcontext():
+                dw, dx = kernel(x, dz, w, k, s, d, pads, out, True)
+                assert_close(dw, dw_ref, backend, rtol=1e-5, atol=1e-5)
+                assert_close(dx, dx_ref, backend, rtol=1e-5, atol=1e-5)
+                dw, none = kernel(x, dz, w, k, s, d, pads, out, False)
+                assert none is None
+                assert_close(dw, dw_ref, backend, rtol=1e-5, atol=1e-5)
+
+
 def _step_buffer(backend, steps, batch, width, strided):
     """Zeros ``[steps, batch, width]``: a time-major gradient buffer, C-contiguous or (with
     ``strided``) a permuted view of a batch-major array."""
@@ -432,6 +510,8 @@ KERNEL_CHECKS = {
     "window_gather": check_window_gather,
     "im2col": check_im2col,
     "window_scatter_add": check_window_scatter_add,
+    "window_matmul": check_window_matmul,
+    "window_matmul_backward": check_window_matmul_backward,
 }
 
 

@@ -19,7 +19,8 @@ import pytest
 pytest.importorskip("numba")
 
 from loomx.backends import numba_kernels  # noqa: E402
-from loomx.backends.numpy_backend import make_numpy_backend  # noqa: E402
+from loomx.backends.numpy_backend import SCRATCH, _im2col, make_numpy_backend  # noqa: E402
+from loomx.backends.window_matmul import make_window_matmul  # noqa: E402
 
 from loomx.layers._windows import scatter_windows_reference  # noqa: E402
 from loomx.layers.activations import ACTIVATIONS  # noqa: E402
@@ -293,3 +294,33 @@ def test_benchmark_report_names_the_numba_state():
     assert "off (LOOMX_NUMBA=0)" in _numba_line({"numba": "0.68.1", "numba_kernels": False})[0]
     assert _numba_line({"numba": "not installed", "numba_kernels": False})[0].startswith(
         "- numba not installed: loomx's compiled CPU kernels off (")
+
+
+@pytest.mark.parametrize("kernel, stride, dilation, pads", [
+    ((3, 3), (2, 2), (1, 1), ((1, 1), (1, 1))), ((3, 3), (1, 1), (1, 1), ((0, 0), (0, 0))),
+    ((2, 3), (1, 2), (2, 1), ((1, 0), (2, 2))), ((3,), (2,), (1,), ((1, 1),)),
+    ((2, 2, 2), (1, 1, 1), (1, 1, 1), ((1, 1),) * 3),
+])
+@pytest.mark.parametrize("channels", [1, 8, 32])
+def test_window_matmul_with_compiled_windows_equals_numpy_windows_to_the_bit(
+        backends, kernel, stride, dilation, pads, channels):
+    """The compiled loops fold the padding into the gather and the scatter; numpy's path pads
+    each chunk into a buffer: the same copies and the same additions in the same order. (The
+    kernels are registered with numba only: numpy's path was slower on 2 BLAS threads.)"""
+    compiled, plain = backends
+    assert plain.kernel("window_matmul") is None
+    numpy_windows = make_window_matmul(_im2col, plain.kernel("window_scatter_add"), SCRATCH)
+    spatial = (7,) * len(kernel)
+    out = tuple((n + lo + hi - d * (k - 1) - 1) // s + 1
+                for n, (lo, hi), k, s, d in zip(spatial, pads, kernel, stride, dilation))
+    width = int(np.prod(kernel)) * channels
+    first = _rand((5, channels, *spatial), np.float32, 12)
+    x = np.moveaxis(first, 1, -1)  # channels-last view, as convolutions pass it
+    w = _rand((6, width), np.float32, 13)
+    dz = _rand((5 * int(np.prod(out)), 6), np.float32, 14)
+    args = (kernel, stride, dilation, pads, out)
+    _equal(compiled.kernel("window_matmul")(x, w, *args),
+           numpy_windows["window_matmul"](x, w, *args))
+    for got, want in zip(compiled.kernel("window_matmul_backward")(x, dz, w, *args, True),
+                         numpy_windows["window_matmul_backward"](x, dz, w, *args, True)):
+        _equal(got, want)

@@ -235,15 +235,27 @@ class ConvND(_ConvBase):
         self.check_input(x)
         xp = self.xp
         k = math.prod(self._k)
+        w = _weight_rows(xp, self.params["weight"], self.groups)  # [g, F/g, K·C/g]
+        lead = (x.shape[0], *self._out_spatial)
+        fused = self.backend.kernel("window_matmul") if self.groups == 1 else None
+        if fused is not None:  # a few images at a time; the backward gathers them again
+            xcl = to_channels_last(xp, x)
+            args = (xcl, w[0, ...], self._k, self._s, self._d, self._pads, self._out_spatial)
+            inplace = self.backend.kernel("bias_act_inplace:" + self._act.name)
+            if inplace is None:
+                z, y = self._finish(xp.reshape(fused(*args), (*lead, -1)))
+                return y, (None, xcl, z, y)
+            bias = self.params["bias"] if self.bias else None
+            z = fused(*args, epilogue=lambda zc: inplace(zc, bias))  # z = y: ReLU family
+            z = to_channels_first(xp, xp.reshape(z, (*lead, -1)))
+            return z, (None, xcl, z, z)
         xcl = pad_spatial(self.backend, to_channels_last(xp, x), self._pads)
         cols = gather_windows(self.backend, xcl, self._k, self._s, self._d)  # [B, *O, K, C]
-        rows = x.shape[0] * math.prod(self._out_spatial)
-        cols = _split_groups(xp, cols, rows, k, self.groups)  # [g, B·P, K·C/g]
-        w = _weight_rows(xp, self.params["weight"], self.groups)  # [g, F/g, K·C/g]
+        cols = _split_groups(xp, cols, math.prod(lead), k, self.groups)  # [g, B·P, K·C/g]
         z = _merge_groups(xp, self.backend.scratch_matmul(cols, xp.matrix_transpose(w)),
                           1)  # [B·P, 1, F]
-        z, y = self._finish(xp.reshape(z, (x.shape[0], *self._out_spatial, -1)))
-        return y, (cols, z, y)
+        z, y = self._finish(xp.reshape(z, (*lead, -1)))
+        return y, (cols, None, z, y)
 
     def _window_grads(self, dz2: Array, batch: int, k: int) -> Array:
         """Gradient of the gathered windows, ``dz2 [g, B·P, F/g]`` → ``[B, *O, K, C]``.
@@ -265,9 +277,10 @@ class ConvND(_ConvBase):
         return xp.reshape(dcols, (*lead, k, c))
 
     def backward(self, dy: Array, ctx, need_input_grad: bool = True) -> Array | None:
-        cols, z, y = ctx
+        cols, xcl, z, y = ctx
         xp = self.xp
-        g, k, rows = self.groups, math.prod(self._k), cols.shape[1]
+        g, k = self.groups, math.prod(self._k)
+        rows = dy.shape[0] * math.prod(self._out_spatial)
         # work channels-last: z and y already are in memory; dy is copied once if it is not
         # (into recycled memory on numpy), and that copy then receives dz in place
         dycl, owned = self.backend.contiguous_scratch(to_channels_last(xp, dy))
@@ -275,12 +288,20 @@ class ConvND(_ConvBase):
                                    to_channels_last(xp, y), dycl, owned=owned)
         self._bias_grad(dzcl)
         dz2 = _split_groups(xp, dzcl, rows, 1, g)  # [g, B·P, F/g]
+        wshape = tuple(self.params["weight"].shape)
+        if cols is None:  # the forward took the backend's window_matmul kernel
+            w = _weight_rows(xp, self.params["weight"], 1)
+            dw, dxcl = self.backend.kernel("window_matmul_backward")(
+                xcl, dz2[0, ...], w[0, ...], self._k, self._s, self._d, self._pads,
+                self._out_spatial, need_input_grad)
+            self._accumulate("weight", _weight_from_rows(xp, dw[None, ...], wshape))
+            return None if dxcl is None else to_channels_first(xp, dxcl)
         if cols.shape[-1] < dz2.shape[-1]:  # few window columns (e.g. one input channel):
             # colsᵀ·dz is the faster order for BLAS there (measured 0.64 vs 0.94 ms, conv 1→32)
             dw = xp.matrix_transpose(xp.matmul(xp.matrix_transpose(cols), dz2))
         else:
             dw = xp.matmul(xp.matrix_transpose(dz2), cols)  # [g, F/g, K·C/g]
-        self._accumulate("weight", _weight_from_rows(xp, dw, tuple(self.params["weight"].shape)))
+        self._accumulate("weight", _weight_from_rows(xp, dw, wshape))
         if not need_input_grad:
             return None
         dcols = self._window_grads(dz2, dy.shape[0], k)
