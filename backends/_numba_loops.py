@@ -164,21 +164,29 @@ def scatter_add_2d(out, cols, kh, kw, sh, sw, dh, dw, ph, pw):
 def im2col_2d(x, out, kh, kw, sh, sw, dh, dw, ph, pw):
     """Gather the windows of ``x [B, H, W, C]`` into ``out [B, OH, OW, K, C]``: window
     ``(oy, ox)``, offset ``(ky, kx)`` reads position ``o·stride + k·dilation`` of the input
-    padded by ``ph`` rows and ``pw`` columns in front (zeros outside ``x``)."""
+    padded by ``ph`` rows and ``pw`` columns in front (zeros outside ``x``).
+
+    Per window row, kernel offset by kernel offset, all the windows of the row: each offset
+    reads one input row left to right. Window by window (all offsets of one window, then the
+    next) was slower between the matrix products of the convolution's chunks, where the input
+    is not in cache: 6.44 against 5.85 ms for the gathers and products of benchmark b's second
+    convolution forward (in the whole training step the difference was within the noise)."""
     batch, oh, ow = out.shape[0], out.shape[1], out.shape[2]
     height, width, channels = x.shape[1], x.shape[2], x.shape[3]
     zero = out.dtype.type(0.0)
     for b in range(batch):
         xb, ob = x[b], out[b]
         for oy in range(oh):
-            for ox in range(ow):
-                o = ob[oy, ox]
-                for ky in range(kh):
-                    iy = oy * sh + ky * dh - ph
-                    for kx in range(kw):
+            orow = ob[oy]
+            for ky in range(kh):
+                iy = oy * sh + ky * dh - ph
+                inside = 0 <= iy < height
+                for kx in range(kw):
+                    j = ky * kw + kx
+                    for ox in range(ow):
                         ix = ox * sw + kx * dw - pw
-                        dst = o[ky * kw + kx]
-                        if 0 <= iy < height and 0 <= ix < width:
+                        dst = orow[ox, j]
+                        if inside and 0 <= ix < width:
                             src = xb[iy, ix]
                             for c in range(channels):
                                 dst[c] = src[c]
