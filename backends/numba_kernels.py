@@ -300,6 +300,14 @@ def _window_scatter_add(numpy_kernel):
     return kernel
 
 
+def windows_compiled(x, kernel) -> bool:
+    """Whether :func:`gather_padded` and :func:`scatter_add_cropped` take the windows of
+    ``x [B, *S, C]`` (numba imports here, at the first convolution that asks)."""
+    return (len(kernel) in (1, 2) and x.ndim == len(kernel) + 2
+            and x.shape[-1] >= _MIN_SCATTER_CHANNELS and x.dtype in _FLOATS
+            and _loops() is not None)
+
+
 def gather_padded(x, out, kernel, stride, dilation, pads) -> bool:
     """Gather the windows of ``x [B, *S, C]`` (any strides), padded by ``pads`` with zeros,
     into ``out [B, *O, K, C]``; ``False`` (nothing written) outside the compiled case."""

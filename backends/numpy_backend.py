@@ -9,7 +9,13 @@ import numpy as np
 
 from .allocator import tune_host_allocator
 from .base import Backend, offset_slices, window_scatter_add_with
-from .numba_kernels import gather_padded, numba_enabled, numba_kernels, scatter_add_cropped
+from .numba_kernels import (
+    gather_padded,
+    numba_enabled,
+    numba_kernels,
+    scatter_add_cropped,
+    windows_compiled,
+)
 from .scratch import ScratchPool
 from .window_matmul import make_window_matmul
 
@@ -289,5 +295,6 @@ def make_numpy_backend(name: str = "numpy", index: int | None = None) -> NumpyBa
         # with numpy's own gather and scatter the chunks were slower on 2 BLAS threads
         # (38.8 against 29.2 ms for the CNN benchmark's step): compiled loops only
         kernels.update(make_window_matmul(_im2col, kernels["window_scatter_add"], SCRATCH,
-                                          gather_padded, scatter_add_cropped))
+                                          windows_compiled, gather_padded,
+                                          scatter_add_cropped))
     return NumpyBackend(name=name, xp=xp, device="cpu", library="numpy", kernels=kernels)

@@ -22,10 +22,11 @@ the weight gradient (a sum of per-chunk products instead of one product).
   out_shape, need_input_grad) -> (dw [F, K·C], dx [B, *S, C] | None)`` with
   ``dw = dzᵀ · gather(pad(x))`` and ``dx = crop(scatter(dz · w))``.
 
-``pads`` are ``(front, back)`` per spatial axis; ``x`` may be any strided view. With numba, the
-gather and the scatter of 1-d and 2-d windows of at least 8 channels are compiled loops that
-read and write the unpadded arrays directly; otherwise each chunk is copied into a padded
-buffer and numpy's own gather and scatter run on it.
+``pads`` are ``(front, back)`` per spatial axis; ``x`` may be any strided view. The gather and
+the scatter of 1-d and 2-d windows of at least 8 channels are compiled loops (numba) that read
+and write the unpadded arrays directly. Other windows are gathered and scattered by numpy on a
+padded copy, in one chunk of the whole batch: numpy's strided copies and adds between the
+chunks' products were slower on 2 BLAS threads, and no faster on one for a 1-channel input.
 
 Measured on the CNN benchmark's training step (``docs/kernels.md``).
 """
@@ -55,11 +56,12 @@ def _interior(pads: Pads, spatial: tuple[int, ...]) -> tuple[slice, ...]:
 
 
 def make_window_matmul(im2col: Callable, scatter_add: Callable, scratch,
-                       gather_padded: Callable | None = None,
+                       compiled: Callable | None = None, gather_padded: Callable | None = None,
                        scatter_add_cropped: Callable | None = None) -> dict[str, Callable]:
     """The two kernels, from the backend's ``im2col`` (taking ``out=``), its
     ``window_scatter_add``, its scratch pool and, where compiled, loops that fold the padding
-    in (``(x, out, kernel, stride, dilation, pads) -> bool``, ``False`` when they cannot)."""
+    in (``(x, out, kernel, stride, dilation, pads) -> bool``, ``False`` when they cannot) with
+    ``compiled(x, kernel) -> bool``, whether they take the windows of ``x``."""
 
     class _Chunks:
         """The per-call chunk buffers and the padded gather/scatter of one chunk."""
@@ -72,7 +74,10 @@ def make_window_matmul(im2col: Callable, scatter_add: Callable, scratch,
             batch, channels = x.shape[0], x.shape[-1]
             self.positions, self.k = math.prod(out_shape), math.prod(kernel)
             self.width = self.k * channels
-            self.step = images_per_chunk(self.positions * self.width * x.dtype.itemsize, batch)
+            self.step = batch
+            if compiled is not None and compiled(x, kernel):
+                self.step = images_per_chunk(self.positions * self.width * x.dtype.itemsize,
+                                             batch)
             self.cols = np.empty((self.step, *out_shape, self.k, channels), x.dtype)
             self._xpad = self._dxpad = None
 

@@ -296,6 +296,10 @@ def test_benchmark_report_names_the_numba_state():
         "- numba not installed: loomx's compiled CPU kernels off (")
 
 
+def _declined(*args) -> bool:
+    return False
+
+
 @pytest.mark.parametrize("kernel, stride, dilation, pads", [
     ((3, 3), (2, 2), (1, 1), ((1, 1), (1, 1))), ((3, 3), (1, 1), (1, 1), ((0, 0), (0, 0))),
     ((2, 3), (1, 2), (2, 1), ((1, 0), (2, 2))), ((3,), (2,), (1,), ((1, 1),)),
@@ -309,7 +313,9 @@ def test_window_matmul_with_compiled_windows_equals_numpy_windows_to_the_bit(
     kernels are registered with numba only: numpy's path was slower on 2 BLAS threads.)"""
     compiled, plain = backends
     assert plain.kernel("window_matmul") is None
-    numpy_windows = make_window_matmul(_im2col, plain.kernel("window_scatter_add"), SCRATCH)
+    # numpy's gather and scatter on the same chunks (compiled loops declined)
+    numpy_windows = make_window_matmul(_im2col, plain.kernel("window_scatter_add"), SCRATCH,
+                                       numba_kernels.windows_compiled, _declined, _declined)
     spatial = (7,) * len(kernel)
     out = tuple((n + lo + hi - d * (k - 1) - 1) // s + 1
                 for n, (lo, hi), k, s, d in zip(spatial, pads, kernel, stride, dilation))
@@ -324,3 +330,25 @@ def test_window_matmul_with_compiled_windows_equals_numpy_windows_to_the_bit(
     for got, want in zip(compiled.kernel("window_matmul_backward")(x, dz, w, *args, True),
                          numpy_windows["window_matmul_backward"](x, dz, w, *args, True)):
         _equal(got, want)
+
+
+@pytest.mark.parametrize("channels, kernel, chunked", [
+    (32, (3, 3), True), (8, (3,), True), (3, (3, 3), False), (8, (2, 2, 2), False),
+])
+def test_window_matmul_chunks_only_windows_the_compiled_loops_take(backends, monkeypatch,
+                                                                   channels, kernel, chunked):
+    """Windows the compiled loops take go a few images at a time; others (fewer than 8
+    channels, 3 spatial axes) in one chunk of the whole batch."""
+    from loomx.backends import window_matmul
+
+    compiled, _ = backends
+    monkeypatch.setattr(window_matmul, "CHUNK_BYTES", 1)  # one image per chunk where chunked
+    x = _rand((4, *(6,) * len(kernel), channels), np.float32, 15)
+    width = int(np.prod(kernel)) * channels
+    out = tuple(6 - k + 1 for k in kernel)
+    seen = []
+    compiled.kernel("window_matmul")(x, _rand((5, width), np.float32, 16), kernel,
+                                     (1,) * len(kernel), (1,) * len(kernel),
+                                     ((0, 0),) * len(kernel), out,
+                                     epilogue=lambda z: seen.append(z.shape[0]))
+    assert len(seen) == (4 if chunked else 1)
