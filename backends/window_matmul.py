@@ -55,6 +55,14 @@ def _interior(pads: Pads, spatial: tuple[int, ...]) -> tuple[slice, ...]:
             slice(None))
 
 
+def _zero_border(a, pads: Pads, spatial: tuple[int, ...]) -> None:
+    """Zero everything of a padded ``a [n, *S', C]`` outside its interior."""
+    full = (slice(None),) * len(spatial)
+    for axis, ((lo, hi), size) in enumerate(zip(pads, spatial)):
+        for part in (slice(0, lo), slice(lo + size, lo + size + hi)):
+            a[(slice(None), *full[:axis], part, *full[axis + 1:], slice(None))] = 0
+
+
 def make_window_matmul(im2col: Callable, scatter_add: Callable, scratch,
                        compiled: Callable | None = None, gather_padded: Callable | None = None,
                        scatter_add_cropped: Callable | None = None) -> dict[str, Callable]:
@@ -78,7 +86,9 @@ def make_window_matmul(im2col: Callable, scatter_add: Callable, scratch,
             if compiled is not None and compiled(x, kernel):
                 self.step = images_per_chunk(self.positions * self.width * x.dtype.itemsize,
                                              batch)
-            self.cols = np.empty((self.step, *out_shape, self.k, channels), x.dtype)
+            # recycled memory: with one chunk of the whole batch these are as large as the
+            # whole-batch path's windows
+            self.cols = scratch.empty((self.step, *out_shape, self.k, channels), x.dtype)
             self._xpad = self._dxpad = None
 
         def _padded_shape(self, channels):
@@ -92,8 +102,9 @@ def make_window_matmul(im2col: Callable, scatter_add: Callable, scratch,
             if gather_padded is None or not gather_padded(
                     xc, out, self.kernel, self.stride, self.dilation, self.pads):
                 if self.padded:
-                    if self._xpad is None:  # zero border, written once; the interior per chunk
-                        self._xpad = np.zeros(self._padded_shape(xc.shape[-1]), xc.dtype)
+                    if self._xpad is None:  # the border, zeroed once; the interior per chunk
+                        self._xpad = scratch.empty(self._padded_shape(xc.shape[-1]), xc.dtype)
+                        _zero_border(self._xpad, self.pads, self.spatial)
                     xp = self._xpad[:n]
                     xp[_interior(self.pads, self.spatial)] = xc
                     xc = xp
@@ -113,7 +124,7 @@ def make_window_matmul(im2col: Callable, scatter_add: Callable, scratch,
                 scatter_add(dxc, windows, self.kernel, self.stride, self.dilation)
                 return
             if self._dxpad is None:
-                self._dxpad = np.empty(self._padded_shape(dxc.shape[-1]), dxc.dtype)
+                self._dxpad = scratch.empty(self._padded_shape(dxc.shape[-1]), dxc.dtype)
             full = self._dxpad[:n]
             full[...] = 0
             scatter_add(full, windows, self.kernel, self.stride, self.dilation)
@@ -145,7 +156,7 @@ def make_window_matmul(im2col: Callable, scatter_add: Callable, scratch,
         dx = dbuf = None
         if need_input_grad:
             dx = scratch.empty(tuple(x.shape), dtype)
-            dbuf = np.empty((step * positions, width), dtype)
+            dbuf = scratch.empty((step * positions, width), dtype)
         for start in range(0, batch, step):
             stop = min(batch, start + step)
             rows = slice(start * positions, stop * positions)
