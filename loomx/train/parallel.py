@@ -33,9 +33,10 @@ temperatures...) when they are made; each step compares them with the network's 
 the replicas when something changed.
 
 When it helps: on a 2-core machine (``benchmarks/RESULTS.md``, column ``loomx[numpy+workers]``)
-the CNN training step of benchmark b ran 1.2–1.4× faster with 2 workers than on 2 BLAS
-threads; an LSTM did not gain (its many small per-step operations contend for the GIL), and an
-MLP, bound by matrix products that BLAS already threads, was slower. Only CPU backends are
+the CNN training step of benchmark b ran 1.2–1.3× faster with 2 workers than on 2 BLAS
+threads; an LSTM gained only with numba's compiled cells (numpy's many small per-step
+operations contend for the GIL), and an MLP, bound by matrix products that BLAS already
+threads, was slower. Only CPU backends are
 accepted; on the PyTorch backend, PyTorch's own intra-op threads are not limited (set
 ``torch.set_num_threads`` yourself).
 """
