@@ -22,6 +22,7 @@ from loomx.backends import numba_kernels  # noqa: E402
 from loomx.backends.numpy_backend import SCRATCH, _im2col, make_numpy_backend  # noqa: E402
 from loomx.backends.window_matmul import make_window_matmul  # noqa: E402
 
+from loomx.layers import Conv1D, Conv2D  # noqa: E402
 from loomx.layers._windows import scatter_windows_reference  # noqa: E402
 from loomx.layers.activations import ACTIVATIONS  # noqa: E402
 from loomx.layers.ffn import silu_gate_backward, silu_gate_forward  # noqa: E402
@@ -352,3 +353,30 @@ def test_window_matmul_chunks_only_windows_the_compiled_loops_take(backends, mon
                                      ((0, 0),) * len(kernel), out,
                                      epilogue=lambda z: seen.append(z.shape[0]))
     assert len(seen) == (4 if chunked else 1)
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: Conv2D(8, 3, stride=2, padding=1, activation="relu"), (5, 16, 9, 9)),
+    (lambda: Conv1D(4, 5, dilation=2, padding=3, activation="leaky_relu"), (3, 8, 20)),
+])
+def test_conv_layer_in_chunks_equals_the_whole_batch_reference(backends, monkeypatch, make,
+                                                               shape):
+    """A convolution layer split into one-image chunks (a read-only input, as from a
+    memory-mapped dataset) gives the reference path's output and gradients."""
+    from loomx.backends import window_matmul
+
+    compiled, _ = backends
+    reference = compiled.without_kernels()
+    monkeypatch.setattr(window_matmul, "CHUNK_BYTES", 1)
+    x = _rand(shape, np.float32, 17)
+    x.flags.writeable = False
+    results = []
+    for backend in (compiled, reference):
+        layer = make()
+        layer.build(shape[1:], backend, rng=3)
+        y, ctx = layer.forward(x, True)
+        dx = layer.backward(_rand(tuple(y.shape), np.float32, 18), ctx)
+        results.append([y, dx, *(p.grad for p in layer.parameters())])
+    for got, want in zip(*results):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        assert got.dtype == want.dtype and got.shape == want.shape
