@@ -54,6 +54,9 @@ def _im2col(x, kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple
                          f"input's spatial shape {tuple(x.shape[1:-1])}")
     shape = (x.shape[0], *out_shape, math.prod(kernel), x.shape[-1])
     cols = SCRATCH.empty(shape, x.dtype) if out is None else out
+    if tuple(cols.shape) != shape or not cols.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous array of shape {shape}, "
+                         f"got {tuple(cols.shape)}")
     if x.shape[-1] == 1:
         for j, spatial in enumerate(offset_slices(kernel, stride, dilation, out_shape)):
             cols[..., j, :] = x[(slice(None), *spatial)]
@@ -292,8 +295,9 @@ def make_numpy_backend(name: str = "numpy", index: int | None = None) -> NumpyBa
                "act_backward_inplace:scaled_relu": _relu_backward_inplace(1.1)}
     if numba_enabled():
         kernels.update(numba_kernels(kernels))
-        # with numpy's own gather and scatter the chunks were slower on 2 BLAS threads
-        # (38.8 against 29.2 ms for the CNN benchmark's step): compiled loops only
+        # chunks only where the compiled loops gather and scatter (with numpy's own gather and
+        # scatter they were slower on 2 BLAS threads: 38.8 against 29.2 ms for the CNN
+        # benchmark's step); other windows, or a numba that fails to import, take one chunk
         kernels.update(make_window_matmul(_im2col, kernels["window_scatter_add"], SCRATCH,
                                           windows_compiled, gather_padded,
                                           scatter_add_cropped))

@@ -12,8 +12,9 @@ These kernels do the same products a few images at a time: the windows of a chun
 ``CHUNK_BYTES`` are gathered (the padding folded in), multiplied while they are still in the
 core's cache, and dropped; the backward pass gathers them again instead of keeping them, and
 scatters each chunk's window gradients as soon as its product is done, straight into the
-unpadded input gradient. The results are the reference's up to the order of the additions in
-the weight gradient (a sum of per-chunk products instead of one product).
+unpadded input gradient. The results are the reference's up to rounding: the weight
+gradient is a sum of per-chunk products instead of one product, and BLAS may round products
+of other shapes differently.
 
 - ``window_matmul``: ``(x [B, *S, C], w [F, K·C], kernel, stride, dilation, pads, out_shape,
   epilogue=None) -> z [B·P, F]`` with ``z = gather(pad(x)) · wᵀ``; ``epilogue(z_chunk)``, when
@@ -75,6 +76,12 @@ def make_window_matmul(im2col: Callable, scatter_add: Callable, scratch,
         """The per-call chunk buffers and the padded gather/scatter of one chunk."""
 
         def __init__(self, x, kernel, stride, dilation, pads, out_shape):
+            reach = tuple((o - 1) * s + (k - 1) * d + 1
+                          for o, k, s, d in zip(out_shape, kernel, stride, dilation))
+            padded = tuple(n + lo + hi for n, (lo, hi) in zip(x.shape[1:-1], pads))
+            if any(r > n for r, n in zip(reach, padded)) or len(padded) != len(kernel):
+                raise ValueError(f"windows {out_shape} of kernel {kernel} reach {reach}, "
+                                 f"beyond the padded input's spatial shape {padded}")
             self.kernel, self.stride, self.dilation, self.pads = kernel, stride, dilation, pads
             self.out_shape = out_shape
             self.spatial = tuple(x.shape[1:-1])
@@ -134,7 +141,7 @@ def make_window_matmul(im2col: Callable, scatter_add: Callable, scratch,
         chunks = _Chunks(x, kernel, stride, dilation, pads, out_shape)
         batch, positions, step = x.shape[0], chunks.positions, chunks.step
         z = scratch.empty((batch * positions, w.shape[0]), np.result_type(x, w))
-        wt = np.matrix_transpose(w)
+        wt = w.T
         for start in range(0, batch, step):
             stop = min(batch, start + step)
             zc = z[start * positions:stop * positions]
@@ -147,31 +154,35 @@ def make_window_matmul(im2col: Callable, scatter_add: Callable, scratch,
                                need_input_grad=True):
         chunks = _Chunks(x, kernel, stride, dilation, pads, out_shape)
         batch, positions, step, width = x.shape[0], chunks.positions, chunks.step, chunks.width
-        dtype = np.result_type(x, dz, w)
+        if tuple(dz.shape) != (batch * positions, w.shape[0]):
+            raise ValueError(f"dz has shape {tuple(dz.shape)}; the windows of x "
+                             f"{tuple(x.shape)} need ({batch * positions}, {w.shape[0]})")
+        # the reference's dtypes: dw = dzᵀ·cols, dx from dz·w
+        dw_dtype, dx_dtype = np.result_type(dz, x), np.result_type(dz, w)
         # few window columns (one input channel): colsᵀ·dz is BLAS's faster order there
         # (measured 0.69 against 1.02 ms on the CNN benchmark's first convolution)
         tall = width < w.shape[0]
-        dw = np.empty((width, w.shape[0]) if tall else tuple(w.shape), dtype)
+        dw = np.empty((width, w.shape[0]) if tall else tuple(w.shape), dw_dtype)
         part = np.empty_like(dw)
         dx = dbuf = None
         if need_input_grad:
-            dx = scratch.empty(tuple(x.shape), dtype)
-            dbuf = scratch.empty((step * positions, width), dtype)
+            dx = scratch.empty(tuple(x.shape), dx_dtype)
+            dbuf = scratch.empty((step * positions, width), dx_dtype)
         for start in range(0, batch, step):
             stop = min(batch, start + step)
             rows = slice(start * positions, stop * positions)
             cols, dzc = chunks.gather(x[start:stop]), dz[rows]
             target = dw if start == 0 else part
             if tall:
-                np.matmul(np.matrix_transpose(cols), dzc, out=target)
+                np.matmul(cols.T, dzc, out=target)
             else:
-                np.matmul(np.matrix_transpose(dzc), cols, out=target)
+                np.matmul(dzc.T, cols, out=target)
             if start:
                 np.add(dw, part, out=dw)
             if need_input_grad:
                 dcols = dbuf[:(stop - start) * positions]
                 np.matmul(dzc, w, out=dcols)
                 chunks.scatter(dx[start:stop], dcols)
-        return (np.matrix_transpose(dw) if tall else dw), dx
+        return (dw.T if tall else dw), dx
 
     return {"window_matmul": window_matmul, "window_matmul_backward": window_matmul_backward}

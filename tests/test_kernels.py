@@ -312,9 +312,7 @@ def _chunks_of_one_image(kernel):
     """Make a chunked kernel (``CHUNK_BYTES`` in its module) take one image per chunk."""
     module = sys.modules.get(getattr(kernel, "__module__", ""), None)
     saved = getattr(module, "CHUNK_BYTES", None)
-    if saved is None:
-        yield
-        return
+    assert saved is not None, f"{kernel!r} has no CHUNK_BYTES in its module"
     module.CHUNK_BYTES = 1
     try:
         yield
@@ -346,7 +344,9 @@ def _window_matmul_cases(backend):
 
 
 def _rows_into(seen: list, chunk) -> None:
+    """An epilogue that records each chunk's row count and doubles the rows in place."""
     seen.append(chunk.shape[0])
+    chunk *= 2
 
 
 def check_window_matmul(backend, kernel, name):
@@ -358,8 +358,10 @@ def check_window_matmul(backend, kernel, name):
                 assert_close(kernel(x, w, k, s, d, pads, out), expected, backend, rtol=1e-5,
                              atol=1e-5)
                 seen: list[int] = []
-                kernel(x, w, k, s, d, pads, out, epilogue=functools.partial(_rows_into, seen))
+                doubled = kernel(x, w, k, s, d, pads, out,
+                                 epilogue=functools.partial(_rows_into, seen))
                 assert sum(seen) == expected.shape[0] and len(seen) >= 1
+                assert_close(doubled, 2 * expected, backend, rtol=1e-5, atol=1e-5)
 
 
 def check_window_matmul_backward(backend, kernel, name):

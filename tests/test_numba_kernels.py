@@ -8,6 +8,7 @@ shapes and values (NaN, ±0, ±inf) where a different order of operations would 
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import warnings
@@ -355,28 +356,75 @@ def test_window_matmul_chunks_only_windows_the_compiled_loops_take(backends, mon
     assert len(seen) == (4 if chunked else 1)
 
 
-@pytest.mark.parametrize("make, shape", [
-    (lambda: Conv2D(8, 3, stride=2, padding=1, activation="relu"), (5, 16, 9, 9)),
-    (lambda: Conv1D(4, 5, dilation=2, padding=3, activation="leaky_relu"), (3, 8, 20)),
-])
-def test_conv_layer_in_chunks_equals_the_whole_batch_reference(backends, monkeypatch, make,
-                                                               shape):
-    """A convolution layer split into one-image chunks (a read-only input, as from a
-    memory-mapped dataset) gives the reference path's output and gradients."""
-    from loomx.backends import window_matmul
+CHUNKED_LAYERS = [  # (layer, per-sample input shape, dtype)
+    (lambda: Conv2D(8, 3, stride=2, padding=1, activation="relu"), (16, 9, 9), "float32"),
+    (lambda: Conv2D(6, (2, 3), stride=(3, 1), padding=(1, 2), dilation=(1, 2),
+                    activation="sigmoid"), (8, 7, 9), "float32"),
+    (lambda: Conv2D(16, 1, stride=2, activation="leaky_relu"), (8, 6, 6), "float64"),  # tall
+    (lambda: Conv1D(4, 5, dilation=2, padding=3, activation="scaled_relu"), (8, 20), "float64"),
+]
 
-    compiled, _ = backends
-    reference = compiled.without_kernels()
-    monkeypatch.setattr(window_matmul, "CHUNK_BYTES", 1)
-    x = _rand(shape, np.float32, 17)
-    x.flags.writeable = False
+
+def _layer_both_ways(compiled, make, shape, dtype, images_per_chunk, monkeypatch):
+    """Forward, two backward calls (gradients accumulate; the second without the input
+    gradient) of a layer in chunks of ``images_per_chunk`` images and on the reference path,
+    with a random bias and a read-only input of 5 images (as from a memory-mapped dataset)."""
+    from loomx.backends import get_backend, window_matmul
+
+    compiled = get_backend(compiled, dtype=dtype)
     results = []
-    for backend in (compiled, reference):
+    for backend in (compiled, compiled.without_kernels()):
         layer = make()
-        layer.build(shape[1:], backend, rng=3)
+        layer.build(shape, backend, rng=3)
+        layer.params["bias"] = _rand((layer.out_channels,), dtype, 19)
+        per_image = (math.prod(layer._out_spatial) * math.prod(layer._k) * shape[0]
+                     * np.dtype(dtype).itemsize)
+        monkeypatch.setattr(window_matmul, "CHUNK_BYTES", images_per_chunk * per_image)
+        x = _rand((5, *shape), dtype, 17)
+        x.flags.writeable = False
         y, ctx = layer.forward(x, True)
-        dx = layer.backward(_rand(tuple(y.shape), np.float32, 18), ctx)
+        dy = _rand(tuple(y.shape), dtype, 18)
+        dx = layer.backward(dy, ctx)
+        assert layer.backward(dy, ctx, need_input_grad=False) is None
         results.append([y, dx, *(p.grad for p in layer.parameters())])
-    for got, want in zip(*results):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    return results
+
+
+@pytest.mark.parametrize("images_per_chunk", [1, 2])  # 2: chunks of 2, 2 and 1 images
+@pytest.mark.parametrize("make, shape, dtype", CHUNKED_LAYERS)
+def test_conv_layer_in_chunks_equals_the_whole_batch_reference(backends, monkeypatch, make,
+                                                               shape, dtype, images_per_chunk):
+    """Strides larger than the kernel, asymmetric padding with dilation, a 1×1 kernel whose
+    weight gradient takes the tall product order, float64, activations whose gradient needs
+    ``y`` (sigmoid): the chunked layer gives the reference's outputs and gradients."""
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    for got, want in zip(*_layer_both_ways(backends[0], make, shape, dtype, images_per_chunk,
+                                           monkeypatch)):
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
         assert got.dtype == want.dtype and got.shape == want.shape
+
+
+def test_chunked_conv_backward_refuses_a_gradient_of_another_batch(backends):
+    """As the reference's matrix product does, instead of reading only the first images."""
+    layer = Conv2D(4, 3, padding=1)
+    layer.build((8, 5, 5), backends[0], rng=0)
+    y, ctx = layer.forward(_rand((1, 8, 5, 5), np.float32, 20), True)
+    with pytest.raises(ValueError, match="dz has shape"):
+        layer.backward(_rand((4, 4, 5, 5), np.float32, 21), ctx)
+
+
+def test_chunked_conv_backward_after_the_kernels_went_away(backends):
+    """A forward through the chunked kernels, then a backward on a backend without them (the
+    network moved between the calls), still gives the reference's gradients."""
+    compiled, _ = backends
+    x, dy = _rand((3, 8, 6, 6), np.float32, 22), _rand((3, 4, 3, 3), np.float32, 23)
+    grads = []
+    for swap in (True, False):
+        layer = Conv2D(4, 3, stride=2, padding=1, activation="relu")
+        layer.build((8, 6, 6), compiled, rng=0)
+        y, ctx = layer.forward(x, True)
+        if swap:
+            layer.backend = compiled.without_kernels()
+        grads.append([layer.backward(dy, ctx), *(p.grad for p in layer.parameters())])
+    for got, want in zip(*grads):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

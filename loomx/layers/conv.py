@@ -3,10 +3,13 @@
 One generic N-d implementation serves every layer here (:mod:`loomx.layers._windows`):
 
 - forward of ``ConvND``: view the input channels-last, pad, gather every kernel window
-  (``cols [B·P, K·C]``), then one matrix product with the weight viewed as ``[F, K·C]``
-  (one per group when ``groups > 1``);
+  (``cols [B·P, K·C]``, kept for the backward pass), then one matrix product with the weight
+  viewed as ``[F, K·C]`` (one per group when ``groups > 1``);
 - backward: ``dW`` by one matrix product of ``dz`` with the gathered windows, ``dx`` by the
   adjoint of the gather (scatter-add of ``dz·W``) and a crop of the padding;
+- a backend with the ``window_matmul`` kernels (numpy with numba) runs the same products a few
+  images at a time instead (``groups == 1``): the forward keeps the input, not the windows,
+  and applies bias + ReLU chunk by chunk; the backward gathers the windows again;
 - ``ConvTransposeND`` is the adjoint of ``ConvND``: its forward is the conv's input gradient and
   its input gradient is the conv's forward, with the same machinery.
 
@@ -246,7 +249,13 @@ class ConvND(_ConvBase):
                 z, y = self._finish(xp.reshape(fused(*args), (*lead, -1)))
                 return y, (None, xcl, z, y)
             bias = self.params["bias"] if self.bias else None
-            z = fused(*args, epilogue=lambda zc: inplace(zc, bias))  # z = y: ReLU family
+
+            def bias_act(zc: Array) -> None:  # each chunk's rows, in place: z = y (ReLU family)
+                out, _ = inplace(zc, bias)
+                if out is not zc:
+                    zc[...] = out
+
+            z = fused(*args, epilogue=bias_act)
             z = to_channels_first(xp, xp.reshape(z, (*lead, -1)))
             return z, (None, xcl, z, z)
         xcl = pad_spatial(self.backend, to_channels_last(xp, x), self._pads)
@@ -289,13 +298,17 @@ class ConvND(_ConvBase):
         self._bias_grad(dzcl)
         dz2 = _split_groups(xp, dzcl, rows, 1, g)  # [g, B·P, F/g]
         wshape = tuple(self.params["weight"].shape)
-        if cols is None:  # the forward took the backend's window_matmul kernel
+        fused = self.backend.kernel("window_matmul_backward") if cols is None else None
+        if fused is not None:  # the forward took the backend's window_matmul kernel
             w = _weight_rows(xp, self.params["weight"], 1)
-            dw, dxcl = self.backend.kernel("window_matmul_backward")(
-                xcl, dz2[0, ...], w[0, ...], self._k, self._s, self._d, self._pads,
-                self._out_spatial, need_input_grad)
+            dw, dxcl = fused(xcl, dz2[0, ...], w[0, ...], self._k, self._s, self._d,
+                             self._pads, self._out_spatial, need_input_grad)
             self._accumulate("weight", _weight_from_rows(xp, dw[None, ...], wshape))
             return None if dxcl is None else to_channels_first(xp, dxcl)
+        if cols is None:  # the backend's kernels went away since the forward: gather here
+            xpad = pad_spatial(self.backend, xcl, self._pads)
+            cols = _split_groups(xp, gather_windows(self.backend, xpad, self._k, self._s,
+                                                    self._d), rows, k, g)
         if cols.shape[-1] < dz2.shape[-1]:  # few window columns (e.g. one input channel):
             # colsᵀ·dz is the faster order for BLAS there (measured 0.64 vs 0.94 ms, conv 1→32)
             dw = xp.matrix_transpose(xp.matmul(xp.matrix_transpose(cols), dz2))
