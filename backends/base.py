@@ -282,10 +282,13 @@ class Backend:
         return type(self)(name=self.name, xp=self.xp, device=self.device,
                           float_dtype=float_dtype, library=self.library, kernels=self.kernels)
 
-    def without_kernels(self) -> Backend:
-        """A copy of this backend with no fast kernels: every caller takes its array-API
-        reference path (what the kernel tests and ``benchmarks.kernels`` compare against)."""
-        return replace(self, kernels={})
+    def without_kernels(self, *names: str) -> Backend:
+        """A copy of this backend without the fast kernels ``names``, or with none when no
+        name is given: their callers take the array-API reference path (what the kernel tests
+        and ``benchmarks.kernels`` compare against). Unknown names are ignored."""
+        if not names:
+            return replace(self, kernels={})
+        return replace(self, kernels={k: v for k, v in self.kernels.items() if k not in names})
 
     def activate(self):
         """A context manager making this backend's device current (CuPy); a no-op elsewhere."""

@@ -36,6 +36,9 @@ class KernelCase:
     name: str
     kernels: tuple[str, ...]
     make: Callable[..., Callable[[], object]]
+    #: the unfused side drops only ``kernels`` (the backend's other kernels stay) instead of
+    #: taking the reference path everywhere
+    only_these: bool = False
 
 
 def _rand(backend, shape, seed: int, scale: float = 1.0):
@@ -92,6 +95,29 @@ def _window_scatter() -> KernelCase:
 
     return KernelCase("conv window gradient (col2im), 3×3/2, 32 ch", ("window_scatter_add",),
                       make)
+
+
+def _conv_chunks() -> KernelCase:
+    """Forward + backward of benchmark b's second convolution (``[64, 32, 28, 28]`` at
+    ``rows`` = 1024, 3×3, stride 2, 64 filters, ReLU), in chunks against the same backend's
+    whole-batch path (its other kernels, im2col and the window scatter included, stay)."""
+
+    def make(backend, rows, cols):
+        from loomx.layers import Conv2D
+
+        batch = max(1, rows // 16)
+        layer = Conv2D(64, 3, stride=2, padding=1, activation="relu")
+        layer.build((32, 28, 28), backend, rng=0)
+        x, dy = _rand(backend, (batch, 32, 28, 28), 15), _rand(backend, (batch, 64, 14, 14), 16)
+
+        def call():
+            y, ctx = layer.forward(x, True)
+            return layer.backward(dy, ctx)
+
+        return call
+
+    return KernelCase("conv 32→64, 3×3/2, forward + backward, against the whole batch",
+                      ("window_matmul", "window_matmul_backward"), make, only_these=True)
 
 
 def _softmax(log: bool, backward: bool) -> KernelCase:
@@ -188,7 +214,7 @@ def kernel_cases() -> list[KernelCase]:
     for act in ("relu", "gelu", "silu"):
         cases += [_activation(act), _activation_backward(act)]
     cases += [_activation("relu", inplace=True), _activation_backward("relu", inplace=True),
-              _window_scatter()]
+              _window_scatter(), _conv_chunks()]
     cases += [_softmax(log, bwd) for log in (False, True) for bwd in (False, True)]
     cases += [_norm(kind, bwd) for kind in ("LayerNorm", "RMSNorm") for bwd in (False, True)]
     cases += [_adam(), _lstm_cell(False), _lstm_cell(True), _sum_rows()]
@@ -217,9 +243,10 @@ def run_cases(backend, rows: int, cols: int, inner: int, rounds: int,
         if missing:
             results.append({**row, "skipped": f"not registered: {', '.join(missing)}"})
             continue
+        unfused = backend.without_kernels(*case.kernels) if case.only_these else plain
         with backend.activate():
             ops = {"fused": _op(backend, case.make(backend, rows, cols), inner),
-                   "unfused": _op(plain, case.make(plain, rows, cols), inner)}
+                   "unfused": _op(unfused, case.make(unfused, rows, cols), inner)}
             timing = time_alternating(ops, warmup=2, rounds=rounds, block=3)
         fused, unfused = timing["fused"].median / inner, timing["unfused"].median / inner
         # paired by round, as the side-by-side ratios (benchmarks.timing.paired_ratio)

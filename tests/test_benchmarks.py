@@ -258,3 +258,39 @@ def test_ratios_pair_the_blocks_of_each_round():
     assert best_ratio([one, rec], "loomx[numpy]") == (1.0, 3.0)
     slow_ref = {"timings": {"loomx[numpy]": {"median_s": 2.5}, "torch": {"median_s": 9.0}}}
     assert best_ratio([slow_ref, rec], "loomx[numpy]") == (2.5 / 2.0, 2.5)
+
+
+def test_kernel_benchmark_times_the_chunked_convolution_against_the_whole_batch(monkeypatch):
+    """Its unfused side drops only the two window_matmul kernels: the whole-batch path keeps
+    the backend's other kernels (im2col, the window scatter, bias + ReLU)."""
+    from loomx.backends import get_backend
+
+    from benchmarks import kernels
+
+    backend = get_backend("numpy")
+    dropped = []
+    original = type(backend).without_kernels
+
+    def spy(self, *names):
+        dropped.append(names)
+        return original(self, *names)
+
+    monkeypatch.setattr(type(backend), "without_kernels", spy)
+    (row,) = kernels.run_cases(backend, rows=16, cols=16, inner=1, rounds=2,
+                               only=["window_matmul"])
+    assert row["case"].startswith("conv 32→64")
+    if backend.kernel("window_matmul") is None:  # registered with numba only
+        assert row["skipped"].startswith("not registered")
+        return
+    assert row["speedup"] > 0 and ("window_matmul", "window_matmul_backward") in dropped
+
+
+def test_without_kernels_drops_the_named_kernels_or_all():
+    from loomx.backends import get_backend
+
+    backend = get_backend("numpy")
+    some = backend.without_kernels("im2col", "no_such_kernel")
+    assert some.kernel("im2col") is None and some.kernel("sum_rows") is not None
+    assert set(some.kernels) == set(backend.kernels) - {"im2col"}
+    assert backend.without_kernels().kernels == {}
+    assert backend.kernel("im2col") is not None  # the original keeps its kernels
