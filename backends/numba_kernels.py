@@ -272,7 +272,7 @@ def _spatial_2d(a, ndim: int):
     return a[:, None] if ndim == 1 else a
 
 
-def _windows_compiled(grid, cols) -> bool:
+def _compiled_case(grid, cols) -> bool:
     """Whether the compiled window loops take ``grid [B, *S, C]`` and ``cols [B, *O, K, C]``:
     1 or 2 spatial axes, at least 8 channels (fewer make the per-window overhead dominate),
     one float dtype, ``cols`` C-contiguous."""
@@ -291,7 +291,7 @@ def _window_scatter_add(numpy_kernel):
         loops = _loops()
         n = len(kernel_size)
         if (loops is None or not out.flags.writeable or not out.flags.c_contiguous
-                or cols.ndim != n + 3 or not _windows_compiled(out, cols)):
+                or cols.ndim != n + 3 or not _compiled_case(out, cols)):
             return numpy_kernel(out, cols, kernel_size, stride, dilation)
         loops.scatter_add_2d(_spatial_2d(out, n), _spatial_2d(cols, n),
                              *_as_2d(kernel_size, stride, dilation, ((0, 0),) * n))
@@ -312,7 +312,7 @@ def gather_padded(x, out, kernel, stride, dilation, pads) -> bool:
     """Gather the windows of ``x [B, *S, C]`` (any strides), padded by ``pads`` with zeros,
     into ``out [B, *O, K, C]``; ``False`` (nothing written) outside the compiled case."""
     loops = _loops()
-    if loops is None or not out.flags.writeable or not _windows_compiled(x, out):
+    if loops is None or not out.flags.writeable or not _compiled_case(x, out):
         return False
     n = len(kernel)
     loops.im2col_2d(_spatial_2d(x, n), _spatial_2d(out, n),
@@ -326,7 +326,7 @@ def scatter_add_cropped(out, cols, kernel, stride, dilation, pads) -> bool:
     outside the compiled case."""
     loops = _loops()
     if (loops is None or not out.flags.writeable or not out.flags.c_contiguous
-            or not _windows_compiled(out, cols)):
+            or not _compiled_case(out, cols)):
         return False
     n = len(kernel)
     loops.scatter_add_2d(_spatial_2d(out, n), _spatial_2d(cols, n),
