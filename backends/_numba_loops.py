@@ -276,3 +276,76 @@ def silu_gate_backward(g, u, s, dh, dg, du):
     for k in range(g.shape[0]):
         dg[k] = dh[k] * u[k] * (s[k] + g[k] * s[k] * (one - s[k]))
         du[k] = dh[k] * g[k] * s[k]
+
+
+@_jit
+def max_pool_2d(x, y, idx, kh, kw, sh, sw, ph, pw):
+    """Max pooling of ``x [B, H, W, C]`` (any strides) into ``y [B, OH, OW, C]``, padding
+    ``ph``/``pw`` in front counting as ``-inf``, with the values of the reference: numpy's
+    ``maximum`` over the window offsets in row-major order (NaN propagates). ``idx`` receives
+    the first offset whose value equals the maximum, or ``kh·kw`` where none does (NaN)."""
+    batch, oh, ow, channels = y.shape
+    height, width = x.shape[1], x.shape[2]
+    ninf = y.dtype.type(-np.inf)
+    k = kh * kw
+    for b in range(batch):
+        for oy in range(oh):
+            for ox in range(ow):
+                m, ib = y[b, oy, ox], idx[b, oy, ox]
+                for ky in range(kh):
+                    iy = oy * sh + ky - ph
+                    for kx in range(kw):
+                        ix = ox * sw + kx - pw
+                        inside = 0 <= iy < height and 0 <= ix < width
+                        if ky == 0 and kx == 0:
+                            if inside:
+                                src = x[b, iy, ix]
+                                for c in range(channels):
+                                    m[c] = src[c]
+                            else:
+                                for c in range(channels):
+                                    m[c] = ninf
+                        elif inside:  # maximum(m, -inf) is m: padding changes nothing
+                            src = x[b, iy, ix]
+                            for c in range(channels):  # bitwise: a select, vectorised
+                                a, v = m[c], src[c]
+                                m[c] = a if (a > v) | (a != a) else v
+                for c in range(channels):
+                    ib[c] = k
+                for ky in range(kh):
+                    iy = oy * sh + ky - ph
+                    for kx in range(kw):
+                        ix = ox * sw + kx - pw
+                        j = ky * kw + kx
+                        if 0 <= iy < height and 0 <= ix < width:
+                            src = x[b, iy, ix]
+                            for c in range(channels):
+                                ib[c] = j if (ib[c] == k) & (src[c] == m[c]) else ib[c]
+                        else:
+                            for c in range(channels):
+                                ib[c] = j if (ib[c] == k) & (m[c] == ninf) else ib[c]
+
+
+@_jit
+def max_pool_2d_backward(dy, idx, dx, kh, kw, sh, sw, ph, pw):
+    """Add each output gradient ``dy [B, OH, OW, C]`` (any strides) into the zeroed, unpadded
+    ``dx [B, H, W, C]`` at its window's first maximum (``idx``), kernel offset by kernel
+    offset as the reference's scatter adds them; gradients routed into the padding are
+    dropped."""
+    batch, oh, ow, channels = dy.shape
+    height, width = dx.shape[1], dx.shape[2]
+    for b in range(batch):
+        for ky in range(kh):
+            for oy in range(oh):
+                iy = oy * sh + ky - ph
+                if iy < 0 or iy >= height:
+                    continue
+                for kx in range(kw):
+                    j = ky * kw + kx
+                    for ox in range(ow):
+                        ix = ox * sw + kx - pw
+                        if ix < 0 or ix >= width:
+                            continue
+                        d, g, ib = dx[b, iy, ix], dy[b, oy, ox], idx[b, oy, ox]
+                        for c in range(channels):
+                            d[c] = d[c] + g[c] if ib[c] == j else d[c]

@@ -263,7 +263,7 @@ def small_cases(quick: bool) -> list[Case]:
 
 # ---------------------------------------------------------------------------- layers suite
 def layer_cases(quick: bool, scale: int = 1) -> list[Case]:
-    """Forward+backward of single layers: Dense, Conv2D, LSTM, attention."""
+    """Forward+backward of single layers: Dense, Conv2D, MaxPool2D, LSTM, attention."""
     cases = []
 
     batch, fin, fout = (8, 32, 32) if quick else (256, 512, 512)
@@ -309,6 +309,28 @@ def layer_cases(quick: bool, scale: int = 1) -> list[Case]:
     cases.append(Case("layer_conv2d", f"Conv2D 32→64, 3×3, stride 2, pad 1 on {side}², "
                       f"bs {cb}", "layers", cb, "samples",
                       3 * 2 * cb * half * half * 64 * 32 * 9, None, conv_l, conv_t))
+
+    # max pooling 3×3/2 over the first convolution's output: its windows overlap, so the
+    # backward adds the shares of shared positions up
+    xp_, dyp = _normal((cb, 32, side, side), seed=3), _normal((cb, 32, half - 1, half - 1),
+                                                              seed=4)
+
+    def pool_l(backend):
+        layer = loomx_layer("MaxPool2D")(3, stride=2)
+        layer.build((32, side, side), backend, 0)
+        return lx.forward_backward_op(backend, layer, backend.from_host(xp_),
+                                      backend.from_host(dyp))
+
+    def pool_t(device):
+        from torch import nn
+
+        from .torch_side import forward_backward_op
+
+        return forward_backward_op(nn.MaxPool2d(3, stride=2), _t(xp_, device).requires_grad_(),
+                                   _t(dyp, device), device)
+
+    cases.append(Case("layer_maxpool", f"MaxPool2D 3×3, stride 2 on 32 × {side}², bs {cb}",
+                      "layers", cb, "samples", 0, None, pool_l, pool_t))
 
     lb, steps, inputs, hidden = (4, 4, 8, 16) if quick else (64, 32, 32, 128)
     lb *= scale

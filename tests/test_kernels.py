@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import pytest
 
-from loomx.layers import LayerNorm, RMSNorm, Softmax
+from loomx.layers import LayerNorm, MaxPool1D, MaxPool2D, RMSNorm, Softmax
 from loomx.layers._windows import (
     crop_spatial,
     gather_windows,
@@ -382,6 +382,32 @@ def check_window_matmul_backward(backend, kernel, name):
                 assert_close(dw, dw_ref, backend, rtol=1e-5, atol=1e-5)
 
 
+POOL_CASES = [  # layer, per-sample input shape
+    (lambda: MaxPool2D(3, stride=2), (8, 9, 9)),
+    (lambda: MaxPool2D(2), (8, 6, 7)),
+    (lambda: MaxPool2D((3, 2), stride=(1, 2), padding=(1, 1)), (9, 5, 6)),
+    (lambda: MaxPool1D(3, stride=2, padding=1), (8, 11)),
+    (lambda: MaxPool2D(3, stride=2), (3, 9, 9)),  # few channels: the kernel declines
+]
+
+
+def check_max_pool(backend, kernel, name):
+    """Max pooling with the backend's kernels against its reference path, exactly: maxima,
+    ties (integer values) going to the first maximum, padding, channels-first input."""
+    reference = reference_backend(backend)
+    for make, shape in POOL_CASES:
+        x = np.random.default_rng(60).integers(-3, 4, (2, *shape)).astype(np.float32)
+        results = []
+        for b in (backend, reference):
+            layer = make()
+            layer.build(shape, b, rng=0)
+            y, ctx = layer.forward(b.from_host(x), True)
+            dy = _rand(b, tuple(y.shape), 61)
+            results.append((y, layer.backward(dy, ctx)))
+        for got, want in zip(*results):
+            assert_close(got, backend.to_host(want), backend, rtol=0, atol=0)
+
+
 def _step_buffer(backend, steps, batch, width, strided):
     """Zeros ``[steps, batch, width]``: a time-major gradient buffer, C-contiguous or (with
     ``strided``) a permuted view of a batch-major array."""
@@ -513,6 +539,8 @@ KERNEL_CHECKS = {
     "im2col": check_im2col,
     "window_scatter_add": check_window_scatter_add,
     "window_matmul": check_window_matmul,
+    "max_pool_forward": check_max_pool,
+    "max_pool_backward": check_max_pool,
     "window_matmul_backward": check_window_matmul_backward,
 }
 

@@ -428,3 +428,51 @@ def test_chunked_conv_backward_after_the_kernels_went_away(backends):
         grads.append([layer.backward(dy, ctx), *(p.grad for p in layer.parameters())])
     for got, want in zip(*grads):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kernel, stride, padding, shape", [
+    (3, 2, 0, (8, 9, 9)), (2, 2, 0, (16, 6, 7)), ((3, 2), (1, 2), (1, 1), (8, 5, 6)),
+    (3, 2, 1, (8, 11)),
+])
+def test_max_pool_kernels_equal_the_reference_to_the_bit(backends, dtype, kernel, stride,
+                                                         padding, shape):
+    """Maxima with NaN, ±0 and ±inf among the values (numpy's ``maximum``: NaN propagates, of
+    equal values the second), ties to the first maximum, padding, and finite gradients added
+    in the reference's order. (Where windows tile without overlap the reference's gradient
+    holds ``dy·0``, −0 for a negative ``dy``, outside the maxima; the kernel's holds +0.)"""
+    from loomx.layers import MaxPool1D, MaxPool2D
+
+    compiled, plain = backends
+    cls = MaxPool1D if len(shape) == 2 else MaxPool2D
+    x = np.random.default_rng(24).integers(-2, 3, (3, *shape)).astype(dtype)
+    x.reshape(-1)[[0, 7, 40, 41, 90, 200]] = [np.nan, -0.0, np.inf, -np.inf, -0.0, np.nan]
+    results = []
+    for backend in (compiled, plain):
+        layer = cls(kernel, stride=stride, padding=padding)
+        layer.build(shape, backend.with_dtype(np.dtype(dtype).name), rng=0)
+        y, ctx = layer.forward(x, True)
+        dy = _rand(tuple(y.shape), dtype, 25)
+        results.append((y, layer.backward(dy, ctx)))
+    (y, dx), (y_ref, dx_ref) = results
+    _equal(y, y_ref)
+    np.testing.assert_array_equal(dx, dx_ref)  # -0 == +0
+    assert dx.dtype == dx_ref.dtype and dx.shape == dx_ref.shape
+
+
+def test_max_pool_kernel_takes_a_window_of_minus_infinity_like_the_reference(backends):
+    """Every real value -inf: the first -inf of the window takes the gradient, in the padding
+    too (where it is dropped), as on the reference path."""
+    from loomx.layers import MaxPool2D
+
+    compiled, plain = backends
+    x = np.full((1, 8, 3, 3), -np.inf, np.float32)
+    x[0, :, 2, 2] = 1.0
+    results = []
+    for backend in (compiled, plain):
+        layer = MaxPool2D(3, stride=2, padding=1)
+        layer.build((8, 3, 3), backend, rng=0)
+        y, ctx = layer.forward(x, True)
+        results.append((y, layer.backward(np.ones(y.shape, np.float32), ctx)))
+    for got, want in zip(*results):
+        _equal(got, want)

@@ -93,6 +93,12 @@ class MaxPoolND(_PoolND):
     def forward(self, x: Array, train: bool = False):
         self.check_input(x)
         xp = self.xp
+        fast = self.backend.kernel("max_pool_forward")
+        found = None if fast is None else fast(to_channels_last(xp, x), self._k, self._s,
+                                                 self._pads)
+        if found is not None:  # maxima and the offset of each first maximum, in one pass
+            ycl, offsets = found
+            return to_channels_first(xp, ycl), (None, offsets)
         cols = self._windows(x)  # [B, *O, K, C]
         ycl = cols[..., 0, :]
         for j in range(1, cols.shape[-2]):
@@ -102,6 +108,11 @@ class MaxPoolND(_PoolND):
     def backward(self, dy: Array, ctx) -> Array:
         cols, ycl = ctx
         xp = self.xp
+        if cols is None:  # the forward's max_pool_forward kernel: ycl holds the offsets
+            dxcl = self.backend.kernel("max_pool_backward")(
+                to_channels_last(xp, dy), ycl, tuple(self.input_shape[1:]), self._k, self._s,
+                self._pads)
+            return to_channels_first(xp, dxcl)
         dycl = xp.reshape(xp.reshape(to_channels_last(xp, dy), (-1,)), tuple(ycl.shape))
         taken = None
         parts = []
