@@ -476,3 +476,21 @@ def test_max_pool_kernel_takes_a_window_of_minus_infinity_like_the_reference(bac
         results.append((y, layer.backward(np.ones(y.shape, np.float32), ctx)))
     for got, want in zip(*results):
         _equal(got, want)
+
+
+def test_max_pool_backward_follows_its_forward_when_the_backend_changes(backends):
+    """The forward's context carries the backward kernel, so a network moved to a backend
+    without kernels between the calls still finishes the step it began."""
+    from loomx.layers import MaxPool2D
+
+    compiled, plain = backends
+    x = _rand((2, 8, 7, 7), np.float32, 26)
+    grads = []
+    for swap in (True, False):
+        layer = MaxPool2D(3, stride=2)
+        layer.build((8, 7, 7), compiled if swap else plain, rng=0)
+        y, ctx = layer.forward(x, True)
+        if swap:
+            layer.backend = plain
+        grads.append(layer.backward(_rand(tuple(y.shape), np.float32, 27), ctx))
+    np.testing.assert_array_equal(*grads)

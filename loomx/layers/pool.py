@@ -85,7 +85,10 @@ class MaxPoolND(_PoolND):
 
     Backward routes each output gradient to the first maximum of its window (row-major window
     order, as PyTorch does for ties): one comparison per kernel offset with the window maximum,
-    masked by "no earlier offset was a maximum" (no argmax, no boolean-mask indexing).
+    masked by "no earlier offset was a maximum" (no argmax, no boolean-mask indexing). A
+    backend with the ``max_pool_forward`` / ``max_pool_backward`` kernels (numpy with numba)
+    finds each window's maximum and the offset of its first maximum in one pass instead, and
+    the forward's context carries that backward kernel.
     """
 
     pad_value = -math.inf
@@ -94,11 +97,12 @@ class MaxPoolND(_PoolND):
         self.check_input(x)
         xp = self.xp
         fast = self.backend.kernel("max_pool_forward")
-        found = None if fast is None else fast(to_channels_last(xp, x), self._k, self._s,
-                                                 self._pads)
+        back = self.backend.kernel("max_pool_backward")
+        found = None if fast is None or back is None else fast(
+            to_channels_last(xp, x), self._k, self._s, self._pads)
         if found is not None:  # maxima and the offset of each first maximum, in one pass
             ycl, offsets = found
-            return to_channels_first(xp, ycl), (None, offsets)
+            return to_channels_first(xp, ycl), (None, (offsets, back))
         cols = self._windows(x)  # [B, *O, K, C]
         ycl = cols[..., 0, :]
         for j in range(1, cols.shape[-2]):
@@ -108,10 +112,10 @@ class MaxPoolND(_PoolND):
     def backward(self, dy: Array, ctx) -> Array:
         cols, ycl = ctx
         xp = self.xp
-        if cols is None:  # the forward's max_pool_forward kernel: ycl holds the offsets
-            dxcl = self.backend.kernel("max_pool_backward")(
-                to_channels_last(xp, dy), ycl, tuple(self.input_shape[1:]), self._k, self._s,
-                self._pads)
+        if cols is None:  # the forward took max_pool_forward: the offsets and its backward
+            offsets, back = ycl
+            dxcl = back(to_channels_last(xp, dy), offsets, tuple(self.input_shape[1:]),
+                        self._k, self._s, self._pads)
             return to_channels_first(xp, dxcl)
         dycl = xp.reshape(xp.reshape(to_channels_last(xp, dy), (-1,)), tuple(ycl.shape))
         taken = None
