@@ -349,3 +349,64 @@ def max_pool_2d_backward(dy, idx, dx, kh, kw, sh, sw, ph, pw):
                         d, g, ib = dx[b, iy, ix], dy[b, oy, ox], idx[b, oy, ox]
                         for c in range(channels):
                             d[c] = d[c] + g[c] if ib[c] == j else d[c]
+
+
+@_jit
+def avg_pool_2d(x, y, kh, kw, sh, sw, ph, pw):
+    """Average pooling of ``x [B, H, W, C]`` (any strides) into ``y [B, OH, OW, C]``, zero
+    padding counted in the divisor: the window's values (padding as zeros) added in row-major
+    offset order, then divided by ``kh·kw``, as numpy's ``mean`` over the gathered windows
+    does."""
+    batch, oh, ow, channels = y.shape
+    height, width = x.shape[1], x.shape[2]
+    zero = y.dtype.type(0.0)
+    count = y.dtype.type(kh * kw)
+    for b in range(batch):
+        for oy in range(oh):
+            for ox in range(ow):
+                s = y[b, oy, ox]
+                for ky in range(kh):
+                    iy = oy * sh + ky - ph
+                    for kx in range(kw):
+                        ix = ox * sw + kx - pw
+                        first = ky == 0 and kx == 0
+                        if 0 <= iy < height and 0 <= ix < width:
+                            src = x[b, iy, ix]
+                            if first:
+                                for c in range(channels):
+                                    s[c] = src[c]
+                            else:
+                                for c in range(channels):
+                                    s[c] = s[c] + src[c]
+                        elif first:  # padding: a zero, added as the reference adds it
+                            for c in range(channels):
+                                s[c] = zero
+                        else:
+                            for c in range(channels):
+                                s[c] = s[c] + zero
+                for c in range(channels):
+                    s[c] = s[c] / count
+
+
+@_jit
+def avg_pool_2d_backward(dy, dx, kh, kw, sh, sw, ph, pw):
+    """Add ``dy·(1/(kh·kw))`` of every window (``dy [B, OH, OW, C]``, any strides) into each of
+    its positions of the zeroed, unpadded ``dx [B, H, W, C]``, kernel offset by kernel offset
+    as the reference's scatter adds them."""
+    batch, oh, ow, channels = dy.shape
+    height, width = dx.shape[1], dx.shape[2]
+    share = dx.dtype.type(1.0 / (kh * kw))
+    for b in range(batch):
+        for ky in range(kh):
+            for oy in range(oh):
+                iy = oy * sh + ky - ph
+                if iy < 0 or iy >= height:
+                    continue
+                for kx in range(kw):
+                    for ox in range(ow):
+                        ix = ox * sw + kx - pw
+                        if ix < 0 or ix >= width:
+                            continue
+                        d, g = dx[b, iy, ix], dy[b, oy, ox]
+                        for c in range(channels):
+                            d[c] += g[c] * share

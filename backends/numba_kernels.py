@@ -17,7 +17,8 @@ backend registers the kernels below, each one compiled loop for such a chain:
 - ``silu_gate_forward`` / ``silu_gate_backward``: SwiGLU's ``g·σ(g)·u`` and its gradients.
 - ``sgd_update``: plain SGD in place, one pass.
 - ``max_pool_forward`` / ``max_pool_backward``: max pooling's maxima with the offset of each
-  window's first maximum, and the gradient routed there.
+  window's first maximum, and the gradient routed there; ``avg_pool_forward`` /
+  ``avg_pool_backward``: window means and their gradient, without the gathered windows.
 
 Results equal the array-API reference to the bit (same operations in the same order, no
 ``fastmath``). Inputs outside the compiled case (mixed dtypes, float16, a strided gradient
@@ -355,18 +356,14 @@ def max_pool_forward(x, kernel, stride, pads):
     ``-inf``) and the offset of each window's first maximum (``prod(kernel)`` where none equals
     it: NaN); ``None`` outside the compiled case (1-2 spatial axes, at least 8 channels, float32
     or float64, at most 254 offsets), where the layer takes its reference path."""
-    loops = _loops()
-    n = len(kernel)
-    if (loops is None or n not in (1, 2) or x.ndim != n + 2 or x.dtype not in _FLOATS
-            or x.shape[-1] < _MIN_SCATTER_CHANNELS or int(np.prod(kernel)) > 254):
+    found = _pooled(x, kernel, stride, pads)
+    if found is None:
         return None
-    x = _channels_contiguous(x)
-    out = tuple((size + lo + hi - k) // st + 1
-                for size, (lo, hi), k, st in zip(x.shape[1:-1], pads, kernel, stride))
-    shape = (x.shape[0], *out, x.shape[-1])
-    y, idx = np.empty(shape, x.dtype), np.empty(shape, np.uint8)
-    loops.max_pool_2d(_spatial_2d(x, n), _spatial_2d(y, n), _spatial_2d(idx, n),
-                      *_pool_args(kernel, stride, pads))
+    x, y = found
+    n = len(kernel)
+    idx = np.empty(y.shape, np.uint8)
+    _loops().max_pool_2d(_spatial_2d(x, n), _spatial_2d(y, n), _spatial_2d(idx, n),
+                         *_pool_args(kernel, stride, pads))
     return y, idx
 
 
@@ -378,6 +375,44 @@ def max_pool_backward(dy, idx, spatial, kernel, stride, pads):
     dy = _channels_contiguous(dy)
     dx = np.zeros((dy.shape[0], *spatial, dy.shape[-1]), dy.dtype)
     _loops().max_pool_2d_backward(_spatial_2d(dy, n), _spatial_2d(idx, n), _spatial_2d(dx, n),
+                                  *_pool_args(kernel, stride, pads))
+    return dx
+
+
+def _pooled(x, kernel, stride, pads):
+    """``x`` channels-contiguous and its pooled output ``[B, *O, C]`` (uninitialised), or
+    ``None`` outside the compiled pooling case (1-2 spatial axes, at least 8 channels,
+    float32 or float64, at most 254 offsets)."""
+    n = len(kernel)
+    if (_loops() is None or n not in (1, 2) or x.ndim != n + 2 or x.dtype not in _FLOATS
+            or x.shape[-1] < _MIN_SCATTER_CHANNELS or int(np.prod(kernel)) > 254):
+        return None
+    x = _channels_contiguous(x)
+    out = tuple((size + lo + hi - k) // st + 1
+                for size, (lo, hi), k, st in zip(x.shape[1:-1], pads, kernel, stride))
+    return x, np.empty((x.shape[0], *out, x.shape[-1]), x.dtype)
+
+
+def avg_pool_forward(x, kernel, stride, pads):
+    """``avg_pool_forward``: ``(x [B, *S, C] channels-last (any strides), kernel, stride,
+    pads) -> y [B, *O, C]``, window means with zero padding counted; ``None`` outside the
+    compiled case (as :func:`max_pool_forward`)."""
+    found = _pooled(x, kernel, stride, pads)
+    if found is None:
+        return None
+    x, y = found
+    n = len(kernel)
+    _loops().avg_pool_2d(_spatial_2d(x, n), _spatial_2d(y, n), *_pool_args(kernel, stride, pads))
+    return y
+
+
+def avg_pool_backward(dy, spatial, kernel, stride, pads):
+    """``avg_pool_backward``: ``(dy [B, *O, C] (any strides), spatial, kernel, stride, pads)
+    -> dx [B, *spatial, C]``: each window's ``dy / prod(kernel)`` added at its positions."""
+    n = len(kernel)
+    dy = _channels_contiguous(dy)
+    dx = np.zeros((dy.shape[0], *spatial, dy.shape[-1]), dy.dtype)
+    _loops().avg_pool_2d_backward(_spatial_2d(dy, n), _spatial_2d(dx, n),
                                   *_pool_args(kernel, stride, pads))
     return dx
 
@@ -394,7 +429,8 @@ def numba_kernels(numpy_kernels: dict) -> dict:
                "gru_cell_forward": gru_cell_forward, "gru_cell_backward": gru_cell_backward,
                "silu_gate_forward": silu_gate_forward, "silu_gate_backward": silu_gate_backward,
                "sgd_update": sgd_update, "max_pool_forward": max_pool_forward,
-               "max_pool_backward": max_pool_backward}
+               "max_pool_backward": max_pool_backward, "avg_pool_forward": avg_pool_forward,
+               "avg_pool_backward": avg_pool_backward}
     for name, (scale, slope) in _RELU_FAMILY.items():
         kernels[f"act_backward:{name}"] = _act_backward(name, scale, slope)
         key = f"bias_act_inplace:{name}"

@@ -18,7 +18,15 @@ import sys
 import numpy as np
 import pytest
 
-from loomx.layers import LayerNorm, MaxPool1D, MaxPool2D, RMSNorm, Softmax
+from loomx.layers import (
+    AvgPool1D,
+    AvgPool2D,
+    LayerNorm,
+    MaxPool1D,
+    MaxPool2D,
+    RMSNorm,
+    Softmax,
+)
 from loomx.layers._windows import (
     crop_spatial,
     gather_windows,
@@ -382,30 +390,33 @@ def check_window_matmul_backward(backend, kernel, name):
                 assert_close(dw, dw_ref, backend, rtol=1e-5, atol=1e-5)
 
 
-POOL_CASES = [  # layer, per-sample input shape
-    (lambda: MaxPool2D(3, stride=2), (8, 9, 9)),
-    (lambda: MaxPool2D(2), (8, 6, 7)),
-    (lambda: MaxPool2D((3, 2), stride=(1, 2), padding=(1, 1)), (9, 5, 6)),
-    (lambda: MaxPool1D(3, stride=2, padding=1), (8, 11)),
-    (lambda: MaxPool2D(3, stride=2), (3, 9, 9)),  # few channels: the kernel declines
+POOL_CASES = [  # layer class, arguments, per-sample input shape
+    ((3,), {"stride": 2}, (8, 9, 9)),
+    ((2,), {}, (8, 6, 7)),
+    (((3, 2),), {"stride": (1, 2), "padding": (1, 1)}, (9, 5, 6)),
+    ((3,), {"stride": 2, "padding": 1}, (8, 11)),
+    ((3,), {"stride": 2}, (3, 9, 9)),  # few channels: the kernels decline
 ]
 
 
-def check_max_pool(backend, kernel, name):
-    """Max pooling with the backend's kernels against its reference path, exactly: maxima,
-    ties (integer values) going to the first maximum, padding, channels-first input."""
+def check_pool(backend, kernel, name):
+    """Max and average pooling with the backend's kernels against its reference path:
+    maxima exactly, with ties (integer values) going to the first maximum; means; padding;
+    channels-first input."""
     reference = reference_backend(backend)
-    for make, shape in POOL_CASES:
+    kinds = {"max": (MaxPool1D, MaxPool2D), "avg": (AvgPool1D, AvgPool2D)}[name[:3]]
+    tol = 0 if name.startswith("max") else 1e-6
+    for args, kw, shape in POOL_CASES:
         x = np.random.default_rng(60).integers(-3, 4, (2, *shape)).astype(np.float32)
         results = []
         for b in (backend, reference):
-            layer = make()
+            layer = kinds[len(shape) - 2](*args, **kw)
             layer.build(shape, b, rng=0)
             y, ctx = layer.forward(b.from_host(x), True)
             dy = _rand(b, tuple(y.shape), 61)
             results.append((y, layer.backward(dy, ctx)))
         for got, want in zip(*results):
-            assert_close(got, backend.to_host(want), backend, rtol=0, atol=0)
+            assert_close(got, backend.to_host(want), backend, rtol=tol, atol=tol)
 
 
 def _step_buffer(backend, steps, batch, width, strided):
@@ -539,8 +550,8 @@ KERNEL_CHECKS = {
     "im2col": check_im2col,
     "window_scatter_add": check_window_scatter_add,
     "window_matmul": check_window_matmul,
-    "max_pool_forward": check_max_pool,
-    "max_pool_backward": check_max_pool,
+    **{f"{kind}_pool_{part}": check_pool for kind in ("max", "avg")
+       for part in ("forward", "backward")},
     "window_matmul_backward": check_window_matmul_backward,
 }
 

@@ -430,23 +430,29 @@ def test_chunked_conv_backward_after_the_kernels_went_away(backends):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["max", "avg"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("kernel, stride, padding, shape", [
     (3, 2, 0, (8, 9, 9)), (2, 2, 0, (16, 6, 7)), ((3, 2), (1, 2), (1, 1), (8, 5, 6)),
     (3, 2, 1, (8, 11)),
 ])
-def test_max_pool_kernels_equal_the_reference_to_the_bit(backends, dtype, kernel, stride,
-                                                         padding, shape):
+def test_pool_kernels_equal_the_reference_to_the_bit(backends, kind, dtype, kernel, stride,
+                                                     padding, shape):
     """Maxima with NaN, ±0 and ±inf among the values (numpy's ``maximum``: NaN propagates, of
-    equal values the second), ties to the first maximum, padding, and finite gradients added
-    in the reference's order. (Where windows tile without overlap the reference's gradient
-    holds ``dy·0``, −0 for a negative ``dy``, outside the maxima; the kernel's holds +0.)"""
-    from loomx.layers import MaxPool1D, MaxPool2D
+    equal values the second), ties to the first maximum, means in numpy's order of additions,
+    padding, and finite gradients added in the reference's order. (Where windows tile without
+    overlap the reference's gradient holds ``dy·0``, −0 for a negative ``dy``, outside the
+    maxima, or its shares without an addition; the kernels' hold +0 there.)"""
+    from loomx.layers import AvgPool1D, AvgPool2D, MaxPool1D, MaxPool2D
 
     compiled, plain = backends
-    cls = MaxPool1D if len(shape) == 2 else MaxPool2D
+    classes = {"max": (MaxPool1D, MaxPool2D), "avg": (AvgPool1D, AvgPool2D)}[kind]
+    cls = classes[len(shape) - 2]
     x = np.random.default_rng(24).integers(-2, 3, (3, *shape)).astype(dtype)
-    x.reshape(-1)[[0, 7, 40, 41, 90, 200]] = [np.nan, -0.0, np.inf, -np.inf, -0.0, np.nan]
+    if kind == "max":  # the mean of any window with NaN or ±inf is NaN or ±inf alike
+        x.reshape(-1)[[0, 7, 40, 41, 90, 200]] = [np.nan, -0.0, np.inf, -np.inf, -0.0, np.nan]
+    else:
+        x = x + np.random.default_rng(28).standard_normal(x.shape).astype(dtype)
     results = []
     for backend in (compiled, plain):
         layer = cls(kernel, stride=stride, padding=padding)
@@ -478,19 +484,20 @@ def test_max_pool_kernel_takes_a_window_of_minus_infinity_like_the_reference(bac
         _equal(got, want)
 
 
-def test_max_pool_backward_follows_its_forward_when_the_backend_changes(backends):
+@pytest.mark.parametrize("kind", ["MaxPool2D", "AvgPool2D"])
+def test_pool_backward_follows_its_forward_when_the_backend_changes(backends, kind):
     """The forward's context carries the backward kernel, so a network moved to a backend
     without kernels between the calls still finishes the step it began."""
-    from loomx.layers import MaxPool2D
+    import loomx.layers
 
     compiled, plain = backends
     x = _rand((2, 8, 7, 7), np.float32, 26)
     grads = []
     for swap in (True, False):
-        layer = MaxPool2D(3, stride=2)
+        layer = getattr(loomx.layers, kind)(3, stride=2)
         layer.build((8, 7, 7), compiled if swap else plain, rng=0)
         y, ctx = layer.forward(x, True)
         if swap:
             layer.backend = plain
         grads.append(layer.backward(_rand(tuple(y.shape), np.float32, 27), ctx))
-    np.testing.assert_array_equal(*grads)
+    np.testing.assert_allclose(*grads, rtol=1e-6, atol=1e-7)

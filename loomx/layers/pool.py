@@ -133,15 +133,28 @@ class MaxPoolND(_PoolND):
 
 class AvgPoolND(_PoolND):
     """Mean over each window; zero padding counts in the divisor (PyTorch's default
-    ``count_include_pad=True``), so every output divides by ``prod(kernel_size)``."""
+    ``count_include_pad=True``), so every output divides by ``prod(kernel_size)``. A backend
+    with the ``avg_pool_forward`` / ``avg_pool_backward`` kernels (numpy with numba) computes
+    the means in one pass without gathering the windows."""
 
     def forward(self, x: Array, train: bool = False):
         self.check_input(x)
+        xp = self.xp
+        fast = self.backend.kernel("avg_pool_forward")
+        back = self.backend.kernel("avg_pool_backward")
+        ycl = None if fast is None or back is None else fast(
+            to_channels_last(xp, x), self._k, self._s, self._pads)
+        if ycl is not None:  # window means in one pass; the context carries the backward
+            return to_channels_first(xp, ycl), back
         cols = self._windows(x)
-        return to_channels_first(self.xp, self.xp.mean(cols, axis=self.ndim + 1)), None
+        return to_channels_first(xp, xp.mean(cols, axis=self.ndim + 1)), None
 
     def backward(self, dy: Array, ctx) -> Array:
         xp = self.xp
+        if ctx is not None:  # the forward took avg_pool_forward
+            return to_channels_first(xp, ctx(to_channels_last(xp, dy),
+                                             tuple(self.input_shape[1:]), self._k, self._s,
+                                             self._pads))
         k = math.prod(self._k)
         share = xp.expand_dims(to_channels_last(xp, dy) * (1.0 / k), axis=self.ndim + 1)
         shape = (dy.shape[0], *self._out_spatial, k, dy.shape[1])
