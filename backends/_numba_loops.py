@@ -392,7 +392,9 @@ def avg_pool_2d(x, y, kh, kw, sh, sw, ph, pw):
 def avg_pool_2d_backward(dy, dx, kh, kw, sh, sw, ph, pw):
     """Add ``dy·(1/(kh·kw))`` of every window (``dy [B, OH, OW, C]``, any strides) into each of
     its positions of the zeroed, unpadded ``dx [B, H, W, C]``, kernel offset by kernel offset
-    as the reference's scatter adds them."""
+    as the reference's scatter adds them. (``scatter_add_2d`` over the shares seen through a
+    zero-stride window axis does the same, slower: 2.6 against 1.5–1.8 ms with the forward,
+    for ``AvgPool2D(3, stride=2)`` on ``[64, 32, 28, 28]``.)"""
     batch, oh, ow, channels = dy.shape
     height, width = dx.shape[1], dx.shape[2]
     share = dx.dtype.type(1.0 / (kh * kw))
