@@ -327,13 +327,18 @@ def max_pool_2d(x, y, idx, kh, kw, sh, sw, ph, pw):
 
 
 @_jit
-def max_pool_2d_backward(dy, idx, dx, kh, kw, sh, sw, ph, pw):
-    """Add each output gradient ``dy [B, OH, OW, C]`` (any strides) into the zeroed, unpadded
-    ``dx [B, H, W, C]`` at its window's first maximum (``idx``), kernel offset by kernel
-    offset as the reference's scatter adds them; gradients routed into the padding are
-    dropped."""
+def pool_2d_backward(dy, idx, dx, kh, kw, sh, sw, ph, pw, routed):
+    """Pooling's input gradient into the zeroed, unpadded ``dx [B, H, W, C]`` from
+    ``dy [B, OH, OW, C]`` (any strides), kernel offset by kernel offset as the reference's
+    scatter adds them; positions in the padding are dropped. ``routed`` (max pooling): each
+    gradient goes to its window's first maximum, the offset ``idx [B, OH, OW, C]``; otherwise
+    (average pooling; ``idx`` unread) every position of a window gets ``dy·(1/(kh·kw))``. (For
+    the average, ``scatter_add_2d`` over the shares seen through a zero-stride window axis
+    gives the same sums, slower: 2.6 against 1.5–1.8 ms with the forward, for
+    ``AvgPool2D(3, stride=2)`` on ``[64, 32, 28, 28]``.)"""
     batch, oh, ow, channels = dy.shape
     height, width = dx.shape[1], dx.shape[2]
+    share = dx.dtype.type(1.0 / (kh * kw))
     for b in range(batch):
         for ky in range(kh):
             for oy in range(oh):
@@ -346,9 +351,14 @@ def max_pool_2d_backward(dy, idx, dx, kh, kw, sh, sw, ph, pw):
                         ix = ox * sw + kx - pw
                         if ix < 0 or ix >= width:
                             continue
-                        d, g, ib = dx[b, iy, ix], dy[b, oy, ox], idx[b, oy, ox]
-                        for c in range(channels):
-                            d[c] = d[c] + g[c] if ib[c] == j else d[c]
+                        d, g = dx[b, iy, ix], dy[b, oy, ox]
+                        if routed:
+                            ib = idx[b, oy, ox]
+                            for c in range(channels):
+                                d[c] = d[c] + g[c] if ib[c] == j else d[c]
+                        else:
+                            for c in range(channels):
+                                d[c] += g[c] * share
 
 
 @_jit
@@ -386,29 +396,3 @@ def avg_pool_2d(x, y, kh, kw, sh, sw, ph, pw):
                                 s[c] = s[c] + zero
                 for c in range(channels):
                     s[c] = s[c] / count
-
-
-@_jit
-def avg_pool_2d_backward(dy, dx, kh, kw, sh, sw, ph, pw):
-    """Add ``dy·(1/(kh·kw))`` of every window (``dy [B, OH, OW, C]``, any strides) into each of
-    its positions of the zeroed, unpadded ``dx [B, H, W, C]``, kernel offset by kernel offset
-    as the reference's scatter adds them. (``scatter_add_2d`` over the shares seen through a
-    zero-stride window axis does the same, slower: 2.6 against 1.5–1.8 ms with the forward,
-    for ``AvgPool2D(3, stride=2)`` on ``[64, 32, 28, 28]``.)"""
-    batch, oh, ow, channels = dy.shape
-    height, width = dx.shape[1], dx.shape[2]
-    share = dx.dtype.type(1.0 / (kh * kw))
-    for b in range(batch):
-        for ky in range(kh):
-            for oy in range(oh):
-                iy = oy * sh + ky - ph
-                if iy < 0 or iy >= height:
-                    continue
-                for kx in range(kw):
-                    for ox in range(ow):
-                        ix = ox * sw + kx - pw
-                        if ix < 0 or ix >= width:
-                            continue
-                        d, g = dx[b, iy, ix], dy[b, oy, ox]
-                        for c in range(channels):
-                            d[c] += g[c] * share

@@ -374,8 +374,8 @@ def max_pool_backward(dy, idx, spatial, kernel, stride, pads):
     n = len(kernel)
     dy = _channels_contiguous(dy)
     dx = np.zeros((dy.shape[0], *spatial, dy.shape[-1]), dy.dtype)
-    _loops().max_pool_2d_backward(_spatial_2d(dy, n), _spatial_2d(idx, n), _spatial_2d(dx, n),
-                                  *_pool_args(kernel, stride, pads))
+    _loops().pool_2d_backward(_spatial_2d(dy, n), _spatial_2d(idx, n), _spatial_2d(dx, n),
+                              *_pool_args(kernel, stride, pads), True)
     return dx
 
 
@@ -412,8 +412,9 @@ def avg_pool_backward(dy, spatial, kernel, stride, pads):
     n = len(kernel)
     dy = _channels_contiguous(dy)
     dx = np.zeros((dy.shape[0], *spatial, dy.shape[-1]), dy.dtype)
-    _loops().avg_pool_2d_backward(_spatial_2d(dy, n), _spatial_2d(dx, n),
-                                  *_pool_args(kernel, stride, pads))
+    unread = np.zeros((1,) * (n + 2), np.uint8)  # no offsets: every position gets a share
+    _loops().pool_2d_backward(_spatial_2d(dy, n), _spatial_2d(unread, n), _spatial_2d(dx, n),
+                              *_pool_args(kernel, stride, pads), False)
     return dx
 
 
