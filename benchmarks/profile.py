@@ -10,11 +10,19 @@ the loss, the optimizer, and the glue between layers.
 The synchronisations cost a little and remove overlap between the host and the device, so the
 per-layer times add up to more than the plain median; they say where the time goes, not how
 fast the call is.
+
+``--host`` answers the other question a GPU run raises: is the call bound by the host issuing
+work? It times the call without its final synchronisation (the host's time to queue it; close
+to the median when the device waits for the host) and lists the Python functions the host spends
+that time in (``cProfile``, exclusive time and calls per call): how many array-library calls a
+step makes, and which wrappers cost the most.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import statistics
 import time
 from collections import defaultdict
@@ -158,6 +166,62 @@ def profile(key: str, spec: str, scale: int = 1, calls: int = 10, quick: bool = 
     return "\n".join(lines)
 
 
+def host_profile(key: str, spec: str, scale: int = 1, calls: int = 10, quick: bool = False,
+                 top: int = 25) -> str:
+    """The Markdown host-side profile of case ``key`` on backend ``spec``: the median call with
+    and without its final synchronisation, then the ``top`` functions by exclusive host time."""
+    from loomx.backends import get_backend
+
+    cases = {c.key: c for c in all_cases(quick=quick, scale=scale)}
+    if key not in cases:
+        raise SystemExit(f"unknown case {key!r}; known: {', '.join(cases)}")
+    case = cases[key]
+    backend = get_backend(spec)
+    with backend.activate():
+        op = case.loomx(backend)
+        sync = op.sync or (lambda: None)
+        for _ in range(3):
+            time_call(op)
+        plain = statistics.median(time_call(op) for _ in range(calls))
+        issue = []
+        for _ in range(calls):
+            if op.setup is not None:
+                op.setup()
+            sync()  # an empty queue: the call's own launches are what is timed
+            t0 = time.perf_counter()
+            op.run()
+            issue.append(time.perf_counter() - t0)
+            sync()
+        profiler = cProfile.Profile()
+        for _ in range(calls):
+            if op.setup is not None:
+                op.setup()
+            sync()
+            profiler.enable()
+            op.run()
+            profiler.disable()
+            sync()
+    stats = pstats.Stats(profiler).stats  # {(file, line, name): (cc, nc, tt, ct, callers)}
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])
+    every = sum(nc for _, nc, _, _, _ in stats.values()) / calls
+    lines = [f"{case.title} on {backend.describe()}: median {plain * 1e3:.3f} ms per call; "
+             f"host issues it in {statistics.median(issue) * 1e3:.3f} ms (no final sync); "
+             f"{every:.0f} Python-level calls per call (profiled)", "",
+             "| function | calls per call | host µs per call | µs per function call |",
+             "|---|---:|---:|---:|"]
+    for (file, line, name), (_, nc, tt, _, _) in rows[:top]:
+        where = name if file == "~" else f"{name} ({_short(file)}:{line})"
+        lines.append(f"| {where} | {nc / calls:.0f} | {tt / calls * 1e6:.0f} | "
+                     f"{tt / nc * 1e6:.2f} |")
+    return "\n".join(lines)
+
+
+def _short(path: str) -> str:
+    """The last two parts of a source path (``array_api_compat/_aliases.py``)."""
+    parts = path.replace("\\", "/").split("/")
+    return "/".join(parts[-2:])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile",
                                      description="Per-layer time of one loomx benchmark call.")
@@ -167,9 +231,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-scale", type=int, default=1)
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument("--host", action="store_true",
+                        help="host-side profile: the call without its final sync, and the "
+                             "Python functions the host spends it in (cProfile)")
+    parser.add_argument("--top", type=int, default=25, help="rows of the --host table")
     args = parser.parse_args(argv)
     for key in args.case:
-        print(profile(key, args.backend, args.batch_scale, args.calls, args.quick))
+        if args.host:
+            print(host_profile(key, args.backend, args.batch_scale, args.calls, args.quick,
+                               args.top))
+        else:
+            print(profile(key, args.backend, args.batch_scale, args.calls, args.quick))
         print()
     return 0
 

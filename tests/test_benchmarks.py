@@ -201,6 +201,18 @@ def test_profile_attributes_the_call_to_layers_and_kernels_then_restores_them():
     assert get_backend("numpy").kernels == kernels
 
 
+def test_host_profile_counts_the_calls_a_step_makes():
+    from benchmarks.profile import host_profile
+
+    text = host_profile("a_mlp", "numpy", calls=2, quick=True, top=5)
+    head, _, table = text.partition("\n\n")
+    assert head.startswith("a. MLP") and "host issues it in" in head
+    assert int(head.split("; ")[-1].split()[0]) > 0  # Python-level calls per call
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[0].startswith("| function |") and len(rows) == 6
+    assert any("matmul" in row for row in rows[1:]), table
+
+
 def test_gpu_runs_use_the_gpu_target():
     from types import SimpleNamespace
 
