@@ -32,6 +32,7 @@ __all__ = [
     "available_backends",
     "current_backend",
     "get_backend",
+    "kernel_for",
     "set_default_backend",
     "use_backend",
 ]
@@ -95,6 +96,20 @@ def get_backend(spec: str | Backend | None = None, dtype: str | None = None) -> 
             raise LoomxError(f"backend {backend.name} has no dtype {dtype!r}")
         backend = backend.with_dtype(dtype)
     return backend
+
+
+def kernel_for(x, name: str):
+    """The kernel ``name`` for the array ``x`` from a backend already built for its library,
+    or ``None``; for functions that see arrays but no backend (the losses).
+
+    Only the library of ``x`` is looked at (cheaply, by its type's module), so a CuPy array
+    on any device finds the CuPy kernels. No backend is built here.
+    """
+    library = type(x).__module__.partition(".")[0]
+    for backend in _cache.values():
+        if backend.library == library:
+            return backend.kernel(name)
+    return None
 
 
 def current_backend() -> Backend:

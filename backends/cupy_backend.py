@@ -130,9 +130,12 @@ def make_cupy_backend(name: str = "cupy", index: int | None = None) -> CupyBacke
     if i >= count:
         raise BackendUnavailableError(f"cupy:{i} requested but only {count} CUDA device(s) exist.")
     from .cupy_kernels import cupy_kernels
+    from .cupy_windows import window_matmul, window_matmul_backward
 
     return CupyBackend(name=name, xp=xp, device=cupy.cuda.Device(i), library="cupy",
                        kernels={"window_gather": _cupy_window_gather,
                                 "window_scatter_add": window_scatter_add_with(
                                     lambda view, part: cupy.add(view, part, out=view)),
+                                "window_matmul": window_matmul,
+                                "window_matmul_backward": window_matmul_backward,
                                 **cupy_kernels()})

@@ -17,8 +17,16 @@ that reference (tests/test_kernels.py).
 - ``sum_rows``: ``a [R, N] -> [N]`` as ``ones [R] @ a`` (on a GPU many times faster than
   ``cupy.sum(a, axis=0)`` for tall matrices);
 - ``adam_update``: one elementwise kernel updating param, first and second moment in place;
+- ``sgd_update``: ``w ← w − lr·(g + weight_decay·w)`` in place, one pass;
+- ``bias_act_inplace:<ReLU family>``: bias + activation written over the layer's own product;
+- ``silu_gate_forward`` / ``silu_gate_backward``: SwiGLU's gate in one pass each;
+- ``softmax_cross_entropy``: the loss rows and the gradient of softmax cross-entropy in one
+  row kernel;
+- ``rope``: the rotary position embedding of queries or keys (both styles) in one pass;
 - ``lstm_cell_forward`` / ``lstm_cell_backward``: one LSTM step's gate arithmetic in one pass
-  each (the hidden-state product stays a matrix product).
+  each (the hidden-state product stays a matrix product);
+
+The convolutions' ``window_matmul`` kernels live in ``cupy_windows.py``.
 
 float32 and float64 run natively; other float dtypes (float16) are computed in float32 and cast
 back.
@@ -130,6 +138,36 @@ def make_act_backward(name: str):
 
     act_backward.__name__ = f"act_backward_{name}"
     return act_backward
+
+
+#: activations whose derivative depends only on the sign of ``z``, which ``y`` keeps: their
+#: ``bias_act_inplace`` may overwrite the pre-activation with the output
+INPLACE_ACTIVATIONS = ("relu", "scaled_relu", "leaky_relu", "loom_leaky_relu")
+
+
+@functools.cache
+def _bias_act_inplace_kernel(name: str):
+    fwd, _ = ACTIVATION_BODIES[name]
+    return _cupy().ElementwiseKernel("T b", "T x", f"T t = x + b; T y; {fwd} x = y;",
+                                     f"loomx_bias_{name}_inplace")
+
+
+def make_bias_act_inplace(name: str):
+    """``bias_act_inplace:<name>``: ``(x [..., N], bias [N] | None) -> (x, x)``, ``x`` overwritten
+    with ``act(x + bias)`` in one pass (only for a layer's own fresh product)."""
+
+    def bias_act_inplace(x, bias=None):
+        if not _native(x) or (bias is not None and bias.dtype != x.dtype):
+            _, y = make_bias_act(name)(x, bias)
+            x[...] = y
+        elif bias is None:
+            _bias_act_kernel(name, False)(x, x)
+        else:
+            _bias_act_inplace_kernel(name)(bias, x)
+        return x, x
+
+    bias_act_inplace.__name__ = f"bias_act_inplace_{name}"
+    return bias_act_inplace
 
 
 # ---------------------------------------------------------------------- row kernels
@@ -270,10 +308,30 @@ __global__ void rms_norm_bwd(const T* dy, const T* x, const T* rinv, const T* w,
     const T r3 = r * r * r;
     ROW_LOOP(i) dr[i] = r * gr[i] * (unit_offset ? (T)1 + w[i] : w[i]) - xr[i] * r3 * mgx;
 }
+
+template <typename T>
+__global__ void softmax_xent(const T* x, const T* t, T* grad, T* loss, long long n, T batch) {
+    __shared__ T red[32];
+    const long long off = (long long)blockIdx.x * n;
+    const T* xr = x + off; const T* tr = t + off; T* gr = grad + off;
+    T m = xr[0];
+    ROW_LOOP(i) m = max(m, xr[i]);
+    m = block_max(m, red);
+    T s = (T)0;
+    ROW_LOOP(i) s += exp(xr[i] - m);
+    s = block_sum(s, red);
+    const T ls = log(s);
+    T ts = (T)0, tl = (T)0;
+    ROW_LOOP(i) { ts += tr[i]; tl += tr[i] * ((xr[i] - m) - ls); }
+    ts = block_sum(ts, red);
+    tl = block_sum(tl, red);
+    ROW_LOOP(i) gr[i] = (exp(xr[i] - m) / s * ts - tr[i]) / batch;
+    if (threadIdx.x == 0) loss[blockIdx.x] = -tl;
+}
 """
 
 _ROW_KERNELS = ("softmax_fwd", "softmax_bwd", "layer_norm_fwd", "layer_norm_bwd",
-                "rms_norm_fwd", "rms_norm_bwd")
+                "rms_norm_fwd", "rms_norm_bwd", "softmax_xent")
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
 
@@ -340,6 +398,24 @@ def softmax_backward(y, g):
 def log_softmax_backward(y, g):
     """``log_softmax_backward``: ``(y = log_softmax(x), g) -> g - exp(y) · Σ g``."""
     return _softmax_backward(y, g, True)
+
+
+def softmax_cross_entropy(logits, target):
+    """``softmax_cross_entropy``: ``(logits [B, C], target [B, C])`` (dense targets of the
+    logits' dtype) → ``(value, grad [B, C])`` with ``value = −Σ t·log_softmax(logits) / B``
+    (a 0-d array) and ``grad = (softmax(logits)·Σ_c t − t) / B``; one row kernel for the
+    gradient and the per-row losses, then their sum."""
+    cp = _cupy()
+    if not _native(logits) or target.dtype != logits.dtype or logits.ndim != 2:
+        return None
+    x2 = cp.ascontiguousarray(logits)
+    t2 = cp.ascontiguousarray(target)
+    rows, n = x2.shape
+    grad = cp.empty_like(x2)
+    loss = cp.empty((rows,), dtype=x2.dtype)
+    _launch("softmax_xent", rows, (x2, t2, grad, loss, np.int64(n), x2.dtype.type(rows)),
+            x2.dtype)
+    return cp.sum(loss) / rows, grad
 
 
 @functools.lru_cache(maxsize=64)
@@ -550,6 +626,113 @@ def lstm_cell_backward(i, f, g, o, c_prev, tc, dh, dc_next, dpx, t: int):
     return dc_prev if work == dtype else dc_prev.astype(dtype)
 
 
+# ---------------------------------------------------------------------- SGD, SwiGLU gate
+@functools.cache
+def _sgd_kernels():
+    cp = _cupy()
+    return (cp.ElementwiseKernel("T g, T lr", "T w", "w = w - lr * g;", "loomx_sgd_update"),
+            cp.ElementwiseKernel("T g, T lr, T wd", "T w", "w = w - lr * (g + wd * w);",
+                                 "loomx_sgd_update_decay"))
+
+
+def sgd_update(w, g, *, lr: float, weight_decay: float):
+    """``sgd_update``: ``w ← w − lr·(g + weight_decay·w)`` **in place** (the reference's order
+    of operations); returns ``w``. Non-native dtypes (float16) run the reference's
+    arithmetic and write the result back into ``w``."""
+    if not _native(w) or g.dtype != w.dtype:
+        step = g + weight_decay * w if weight_decay else g
+        w[...] = w - lr * step
+        return w
+    t = w.dtype.type
+    plain, decay = _sgd_kernels()
+    if weight_decay:
+        decay(g, t(lr), t(weight_decay), w)
+    else:
+        plain(g, t(lr), w)
+    return w
+
+
+@functools.cache
+def _silu_gate_kernels():
+    cp = _cupy()
+    forward = cp.ElementwiseKernel(
+        "T g, T u", "T s, T h",
+        f"s = {_c(0.5)} * tanh({_c(0.5)} * g) + {_c(0.5)}; h = g * s * u;",
+        "loomx_silu_gate_forward")
+    backward = cp.ElementwiseKernel(
+        "T g, T u, T s, T dh", "T dg, T du",
+        f"dg = dh * u * (s + g * s * ({_c(1.0)} - s)); du = dh * g * s;",
+        "loomx_silu_gate_backward")
+    return forward, backward
+
+
+def _same_native(*arrays) -> bool:
+    dt = arrays[0].dtype
+    return _native(arrays[0]) and all(a.dtype == dt for a in arrays[1:])
+
+
+def silu_gate_forward(g, u):
+    """``silu_gate_forward``: ``(g, u [..., M]) -> (σ(g), g·σ(g)·u)`` in one pass (σ as
+    ``½·tanh(½g) + ½``, as the reference). Mixed or half dtypes run the reference's
+    arithmetic."""
+    if not _same_native(g, u):
+        cp = _cupy()
+        s = 0.5 * cp.tanh(0.5 * g) + 0.5
+        return s, g * s * u
+    return _silu_gate_kernels()[0](g, u)
+
+
+def silu_gate_backward(g, u, s, dh):
+    """``silu_gate_backward``: ``(g, u, σ(g), dh) -> (dh·u·(σ + g·σ·(1 − σ)), dh·g·σ)`` in one
+    pass."""
+    if not _same_native(g, u, s, dh):
+        return dh * u * (s + g * s * (1.0 - s)), dh * g * s
+    return _silu_gate_kernels()[1](g, u, s, dh)
+
+
+# ---------------------------------------------------------------------- rotary embedding
+_ROPE = """
+const ptrdiff_t j = i % hd;
+if (j >= rot) {
+    out = x[i];
+} else {
+    const ptrdiff_t base = i - j, half = rot / 2, t = (i / hd) % steps;
+    const ptrdiff_t p = interleaved ? j / 2 : (j < half ? j : j - half);
+    const T a = interleaved ? x[base + 2 * p] : x[base + p];
+    const T b = interleaved ? x[base + 2 * p + 1] : x[base + p + half];
+    const T cv = cos_t[t * half + p], sv = sin_t[t * half + p];
+    const bool first = interleaved ? (j % 2 == 0) : (j < half);
+    out = first ? a * cv - b * sv : b * cv + a * sv;
+}
+"""
+
+
+@functools.cache
+def _rope_kernel():
+    return _cupy().ElementwiseKernel(
+        "raw T x, raw T cos_t, raw T sin_t, int64 steps, int64 hd, int64 rot, "
+        "int32 interleaved", "T out", _ROPE, "loomx_rope")
+
+
+def rope(x, cos, sin, rot: int, style: str):
+    """``rope``: ``(x [..., T, hd], cos [T, rot/2], sin [T, rot/2], rot, style)`` → the first
+    ``rot`` dims of ``x`` rotated (``"half"``: the halves ``(a, b)`` of those dims,
+    ``"interleaved"``: pairs ``(x[2p], x[2p+1])``) into ``(a·cos − b·sin, b·cos + a·sin)``,
+    the rest copied; one pass. ``None`` (declined) for mixed or half dtypes or tables of
+    another shape."""
+    cp = _cupy()
+    half = rot // 2
+    if (not _same_native(x, cos, sin) or x.ndim < 2 or rot % 2 or not 0 < rot <= x.shape[-1]
+            or tuple(cos.shape) != (x.shape[-2], half) or tuple(sin.shape) != tuple(cos.shape)):
+        return None
+    xc = cp.ascontiguousarray(x)
+    out = cp.empty_like(xc)
+    _rope_kernel()(xc, cp.ascontiguousarray(cos), cp.ascontiguousarray(sin),
+                   np.int64(x.shape[-2]), np.int64(x.shape[-1]), np.int64(rot),
+                   np.int32(style != "half"), out)
+    return out
+
+
 # ---------------------------------------------------------------------- Adam / AdamW
 @functools.cache
 def _adam_kernel():
@@ -593,12 +776,16 @@ def cupy_kernels() -> dict:
     for name in ACTIVATION_BODIES:
         kernels[f"bias_act:{name}"] = make_bias_act(name)
         kernels[f"act_backward:{name}"] = make_act_backward(name)
+    for name in INPLACE_ACTIVATIONS:
+        kernels[f"bias_act_inplace:{name}"] = make_bias_act_inplace(name)
     kernels.update({
         "softmax": softmax, "log_softmax": log_softmax, "softmax_backward": softmax_backward,
         "log_softmax_backward": log_softmax_backward,
         "layer_norm_forward": layer_norm_forward, "layer_norm_backward": layer_norm_backward,
         "rms_norm_forward": rms_norm_forward, "rms_norm_backward": rms_norm_backward,
-        "adam_update": adam_update,
+        "adam_update": adam_update, "sgd_update": sgd_update,
+        "silu_gate_forward": silu_gate_forward, "silu_gate_backward": silu_gate_backward,
+        "softmax_cross_entropy": softmax_cross_entropy, "rope": rope,
         "sum_rows": sum_rows,
         "lstm_cell_forward": lstm_cell_forward, "lstm_cell_backward": lstm_cell_backward,
     })

@@ -48,6 +48,7 @@ from loomx.layers.recurrent import (
     lstm_cell_forward,
 )
 from loomx.layers.softmax import log_softmax, log_softmax_vjp, softmax, softmax_vjp
+from loomx.train.losses import cross_entropy_reference
 from loomx.train.optim import SGD, Adam, AdamW
 from tests.conftest import assert_close
 
@@ -240,6 +241,43 @@ def check_sgd(backend, kernel, name):
             backend, lambda layer, opts=opts: SGD(layer, lr=0.05, **opts), transposed, 30)
         for r1, r2 in zip(fast.parameters(), slow.parameters()):
             assert_close(r1.value, backend.to_host(r2.value), backend, rtol=1e-6, atol=1e-7)
+
+
+def check_softmax_cross_entropy(backend, kernel, name):
+    """Hard (one-hot) and soft targets, rows wider than a warp; mixed dtypes are declined
+    (``None``: the caller takes the reference path)."""
+    xp = backend.xp
+    x = _rand(backend, (6, 45), 61, scale=3.0)
+    hard = xp.astype(xp.reshape(xp.arange(6 * 45, device=backend.device) % 45, (6, 45))
+                     == xp.reshape(xp.arange(6, device=backend.device) * 7, (6, 1)), x.dtype)
+    soft = xp.abs(_rand(backend, (6, 45), 62))
+    for t in (hard, soft / xp.sum(soft, axis=1, keepdims=True), soft):
+        value, grad = kernel(x, t)
+        ref_value, ref_grad = cross_entropy_reference(xp, x, t)
+        assert value.shape == () and value.dtype == x.dtype and grad.dtype == x.dtype
+        assert_close(value, backend.to_host(ref_value), backend, rtol=1e-5, atol=1e-6)
+        assert_close(grad, backend.to_host(ref_grad), backend, rtol=1e-5, atol=1e-7)
+    assert kernel(x, xp.astype(hard, xp.float64)) is None
+
+
+def check_rope(backend, kernel, name):
+    """Both styles, a partial rotation, the inverse (``-sin``) and a strided input, against
+    the array-API reference; tables of another shape and mixed dtypes are declined."""
+    from loomx.layers.rope import apply_rope_reference
+
+    xp = backend.xp
+    x = _rand(backend, (2, 3, 5, 8), 63)
+    cos, sin = _rand(backend, (5, 4), 64), _rand(backend, (5, 4), 65)
+    strided = xp.permute_dims(_rand(backend, (2, 5, 3, 8), 66), (0, 2, 1, 3))
+    for style in ("half", "interleaved"):
+        for rot, c, s, inp in ((8, cos, sin, x), (4, cos[:, :2], sin[:, :2], x),
+                               (8, cos, -sin, strided)):
+            out = kernel(inp, c, s, rot, style)
+            ref = apply_rope_reference(xp, inp, c, s, rot, style)
+            assert tuple(out.shape) == tuple(ref.shape) and out.dtype == ref.dtype
+            assert_close(out, backend.to_host(ref), backend, rtol=1e-6, atol=1e-6)
+    assert kernel(x, cos[:4], sin[:4], 8, "half") is None
+    assert kernel(x, xp.astype(cos, xp.float64), xp.astype(sin, xp.float64), 8, "half") is None
 
 
 def check_sum_rows(backend, kernel, name):
@@ -546,6 +584,8 @@ KERNEL_CHECKS = {
     "silu_gate_forward": check_silu_gate_forward,
     "silu_gate_backward": check_silu_gate_backward,
     "sum_rows": check_sum_rows,
+    "softmax_cross_entropy": check_softmax_cross_entropy,
+    "rope": check_rope,
     "window_gather": check_window_gather,
     "im2col": check_im2col,
     "window_scatter_add": check_window_scatter_add,
@@ -568,6 +608,16 @@ def test_every_registered_kernel_matches_reference(backend):
 
 def test_kernel_lookup_of_unknown_name_is_none(backend):
     assert backend.kernel("no_such_kernel") is None
+
+
+def test_kernel_for_finds_a_built_backends_kernels_by_the_arrays_library():
+    from loomx.backends import get_backend, kernel_for
+
+    backend = get_backend("numpy")
+    x = backend.zeros((2, 3))
+    assert kernel_for(x, "sum_rows") is backend.kernel("sum_rows") is not None
+    assert kernel_for(x, "no_such_kernel") is None
+    assert kernel_for([1.0, 2.0], "sum_rows") is None  # not an array of any backend
 
 
 # ---------------------------------------------------------------------- layers with kernels
@@ -646,7 +696,9 @@ def test_cupy_backend_registers_the_fused_kernels():
     backend = get_backend("cupy")
     for name in ("bias_act:relu", "act_backward:gelu", "softmax", "log_softmax",
                  "layer_norm_forward", "rms_norm_backward", "adam_update",
-                 "lstm_cell_forward", "lstm_cell_backward", "sum_rows"):
+                 "lstm_cell_forward", "lstm_cell_backward", "sum_rows", "sgd_update",
+                 "bias_act_inplace:relu", "silu_gate_forward", "silu_gate_backward",
+                 "softmax_cross_entropy", "rope", "window_matmul", "window_matmul_backward"):
         assert backend.kernel(name) is not None, name
 
 

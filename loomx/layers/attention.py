@@ -139,6 +139,7 @@ class MultiHeadAttention(Layer):
         self.qk_norm = bool(qk_norm)
         self.qk_norm_eps = float(qk_norm_eps)
         self._rope = RopeCache()
+        self._causal: tuple[tuple, Array] | None = None  # the last causal mask and its key
         self._validate()
 
     def _validate(self) -> None:
@@ -251,8 +252,15 @@ class MultiHeadAttention(Layer):
 
     def _mask_bias(self, b: int, t: int, tk: int, offset: int,
                    key_padding_mask: Array | None) -> Array | None:
-        """Additive mask ``[B or 1, 1, T or 1, Tk]`` (0 or a large negative), or ``None``."""
+        """Additive mask ``[B or 1, 1, T or 1, Tk]`` (0 or a large negative), or ``None``.
+
+        A causal mask alone is kept for the next call of the same shape and offset (training
+        steps and equal-length prompts rebuild the same one: five array calls each, which
+        count on a GPU, where the host issuing them is the bottleneck)."""
         xp, dev = self.xp, self.backend.device
+        key = (t, tk, offset, str(self.float_dtype), id(self.backend))
+        if key_padding_mask is None and self._causal is not None and self._causal[0] == key:
+            return self._causal[1]
         masked = None
         if self.causal and not (t == 1 and offset + 1 == tk):
             qpos = xp.arange(offset, offset + t, dtype=xp.int64, device=dev)
@@ -270,7 +278,10 @@ class MultiHeadAttention(Layer):
             return None
         dt = self.float_dtype
         neg = self.backend.full((), -0.5 * float(xp.finfo(dt).max), dtype=dt)
-        return xp.where(masked, neg, self.backend.zeros((), dtype=dt))
+        bias = xp.where(masked, neg, self.backend.zeros((), dtype=dt))
+        if key_padding_mask is None:
+            self._causal = (key, bias)
+        return bias
 
     # ------------------------------------------------------------------ forward / backward
     def forward(self, x: Array, train: bool = False, cache: KVCache | None = None,

@@ -9,13 +9,29 @@ from .base import Array, Layer, Shape, register_layer
 from .init import init_weight
 
 
+def rows_matmul(xp, a: Array, b: Array) -> Array:
+    """``a [..., K] @ b [K, N]`` → ``[..., N]`` as one 2-d product over the flattened leading
+    axes of ``a``.
+
+    A stacked ``a`` against a 2-d ``b`` is a broadcast batched product to the array libraries:
+    CuPy copies a transposed ``b`` to contiguous memory and builds device arrays of matrix
+    pointers on every call (the decoder's prompt forward spent 40 µs of host time per
+    product that way, against about 20 µs for a 2-d product), and numpy calls BLAS once per
+    leading index. One 2-d product takes a transposed ``b`` as it is.
+    """
+    if a.ndim <= 2:
+        return xp.matmul(a, b)
+    lead = tuple(a.shape[:-1])
+    return xp.reshape(xp.matmul(xp.reshape(a, (-1, a.shape[-1])), b), (*lead, b.shape[-1]))
+
+
 def linear(xp, x: Array, weight: Array, bias: Array | None = None) -> Array:
     """``x [..., in] @ weight[out, in]ᵀ (+ bias [out])`` → ``[..., out]``.
 
     The bias is added in place into the fresh product: a second array of the output's size
     would cost one more allocation (first-touch page faults for large ones) and one more pass.
     """
-    z = xp.matmul(x, xp.matrix_transpose(weight))
+    z = rows_matmul(xp, x, xp.matrix_transpose(weight))
     if bias is None:
         return z
     if bias.dtype == z.dtype:
@@ -54,7 +70,7 @@ def linear_backward(layer: Layer, x: Array, dz: Array, weight_key: str,
     accumulate_linear_grads(layer, x, dz, weight_key, bias_key)
     if not need_input_grad:
         return None
-    return layer.xp.matmul(dz, layer.params[weight_key])
+    return rows_matmul(layer.xp, dz, layer.params[weight_key])
 
 
 @register_layer

@@ -35,7 +35,7 @@ import json
 import math
 from typing import Any
 
-from ..backends import Backend
+from ..backends import Backend, kernel_for
 from ..errors import ConfigError
 from .base import Array
 
@@ -209,8 +209,16 @@ class RopeCache:
 def apply_rope(xp, x: Array, cos: Array, sin: Array, rot: int, style: str) -> Array:
     """Rotate the first ``rot`` dims of ``x [..., T, hd]`` with tables ``[T, rot/2]``.
 
-    Pass ``-sin`` to apply the inverse (adjoint) rotation.
+    Pass ``-sin`` to apply the inverse (adjoint) rotation. Runs as one kernel where the
+    array's backend has a ``rope`` kernel (CuPy), else as :func:`apply_rope_reference`.
     """
+    fused = kernel_for(x, "rope")
+    out = None if fused is None else fused(x, cos, sin, rot, style)  # None: declined
+    return apply_rope_reference(xp, x, cos, sin, rot, style) if out is None else out
+
+
+def apply_rope_reference(xp, x: Array, cos: Array, sin: Array, rot: int, style: str) -> Array:
+    """:func:`apply_rope` on the array API (the reference of the ``rope`` kernel)."""
     hd = x.shape[-1]
     xr = x[..., :rot] if rot < hd else x
     half = rot // 2

@@ -1,0 +1,183 @@
+"""A convolution's window products on CuPy: one gather kernel and one adjoint kernel.
+
+The reference convolution (:mod:`loomx.layers.conv`) pads its input, takes a strided window
+view, copies it into ``cols [B·P, K·C]`` and, in the backward pass, zeroes a padded gradient,
+adds each kernel offset's slice into it (one launch per offset) and crops it: on a GPU some
+twenty launches per convolution, each costing the host more than the device. Here:
+
+- ``window_matmul(x [B, *S, C], w [F, K·C], kernel, stride, dilation, pads, out_shape,
+  epilogue=None) -> z [B·P, F]``: one elementwise kernel writes the windows of the unpadded
+  input (zeros where a window reaches into the padding), one product multiplies them, and
+  ``epilogue(z_rows)`` runs on the rows right after (bias + ReLU, in place);
+- ``window_matmul_backward(x, dz [B·P, F], w, ..., need_input_grad) -> (dw [F, K·C],
+  dx [B, *S, C] | None)``: the windows are gathered again (the forward keeps none), ``dw =
+  dzᵀ·cols``, and ``dx`` is computed element by element from ``dz·w``: every input position
+  sums, in kernel-offset order, the window gradients that read it (no atomics: the same
+  order of additions as the reference's scatter, so the same result to the bit).
+
+1, 2 and 3 spatial axes are all handled as 3 (leading axes of size 1). The batch is split into
+chunks whose windows take at most ``CHUNK_BYTES`` (one chunk for the benchmark's CNN at batch
+512), which bounds the memory of the windows for large batches; the weight gradient is then
+a sum of per-chunk products.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+#: Most bytes of windows gathered at once; larger batches run in several chunks.
+CHUNK_BYTES = 256 << 20
+
+_DECODE_WINDOW = """
+I r = (I)i;
+const I ch = r % C; r /= C;
+const I k3 = r % K3; r /= K3;
+const I k2 = r % K2; r /= K2;
+const I k1 = r % K1; r /= K1;
+const I o3 = r % O3; r /= O3;
+const I o2 = r % O2; r /= O2;
+const I o1 = r % O1; r /= O1;
+const I h1 = o1 * s1 + k1 * d1 - p1;
+const I h2 = o2 * s2 + k2 * d2 - p2;
+const I h3 = o3 * s3 + k3 * d3 - p3;
+const bool inside = h1 >= 0 && h1 < S1 && h2 >= 0 && h2 < S2 && h3 >= 0 && h3 < S3;
+cols = inside ? x[(((r * S1 + h1) * S2 + h2) * S3 + h3) * C + ch] : (T)0;
+"""
+
+_SCATTER_WINDOWS = """
+I r = (I)i;
+const I ch = r % C; r /= C;
+const I h3 = r % S3; r /= S3;
+const I h2 = r % S2; r /= S2;
+const I h1 = r % S1; r /= S1;
+T acc = (T)0;
+for (I k1 = 0; k1 < K1; ++k1) {
+    const I t1 = h1 + p1 - k1 * d1;
+    if (t1 < 0 || t1 % s1 != 0 || t1 / s1 >= O1) continue;
+    for (I k2 = 0; k2 < K2; ++k2) {
+        const I t2 = h2 + p2 - k2 * d2;
+        if (t2 < 0 || t2 % s2 != 0 || t2 / s2 >= O2) continue;
+        for (I k3 = 0; k3 < K3; ++k3) {
+            const I t3 = h3 + p3 - k3 * d3;
+            if (t3 < 0 || t3 % s3 != 0 || t3 / s3 >= O3) continue;
+            const I row = ((r * O1 + t1 / s1) * O2 + t2 / s2) * O3 + t3 / s3;
+            acc += dcols[((row * K1 + k1) * K2 + k2) * K3 * C + k3 * C + ch];
+        }
+    }
+}
+dx = acc;
+"""
+
+#: the geometry arguments, all of the index type ``I``: int32 where every index fits (64-bit
+#: integer division costs the GPU several times more), else int64
+_GEOMETRY = ("S1", "S2", "S3", "C", "O1", "O2", "O3", "K1", "K2", "K3", "s1", "s2", "s3",
+             "d1", "d2", "d3", "p1", "p2", "p3")
+_INDEX_CTYPES = {"int32": "int", "int64": "long long"}
+
+
+@functools.cache
+def _kernels(index: str):
+    """The gather and scatter kernels with ``index`` (``"int32"`` or ``"int64"``) indices."""
+    import cupy
+
+    params = ", ".join(f"{index} {name}" for name in _GEOMETRY)
+    typedef = f"typedef {_INDEX_CTYPES[index]} I;\n"
+    gather = cupy.ElementwiseKernel(f"raw T x, {params}", "T cols", typedef + _DECODE_WINDOW,
+                                    f"loomx_window_gather_{index}")
+    scatter = cupy.ElementwiseKernel(f"raw T dcols, {params}", "T dx",
+                                     typedef + _SCATTER_WINDOWS, f"loomx_window_scatter_{index}")
+    return gather, scatter
+
+
+class _Windows:
+    """The geometry of one call, as three spatial axes, and its chunking."""
+
+    def __init__(self, x, kernel, stride, dilation, pads, out_shape):
+        n = len(kernel)
+        if not 1 <= n <= 3 or x.ndim != n + 2 or len(out_shape) != n or len(pads) != n:
+            raise ValueError(f"window_matmul takes 1 to 3 spatial axes of x [B, *S, C] with "
+                             f"matching kernel, pads and out_shape; got x {tuple(x.shape)}, "
+                             f"kernel {tuple(kernel)}, out_shape {tuple(out_shape)}")
+        spatial = tuple(x.shape[1:-1])
+        reach = tuple((o - 1) * s + (k - 1) * d + 1
+                      for o, k, s, d in zip(out_shape, kernel, stride, dilation))
+        padded = tuple(m + lo + hi for m, (lo, hi) in zip(spatial, pads))
+        if any(r > m for r, m in zip(reach, padded)):
+            raise ValueError(f"windows {tuple(out_shape)} of kernel {tuple(kernel)} reach "
+                             f"{reach}, beyond the padded input's spatial shape {padded}")
+        one = (1,) * (3 - n)
+        self.geometry = (*(one + spatial), x.shape[-1], *(one + tuple(out_shape)),
+                     *(one + tuple(kernel)), *(one + tuple(stride)), *(one + tuple(dilation)),
+                     *((0,) * (3 - n) + tuple(lo for lo, _ in pads)))
+        self.positions = math.prod(out_shape)
+        self.width = math.prod(kernel) * x.shape[-1]
+        batch = x.shape[0]
+        per_image = self.positions * self.width * x.dtype.itemsize
+        self.step = max(1, min(batch, CHUNK_BYTES // max(1, per_image)))
+        largest = max(math.prod(x.shape), self.step * self.positions * self.width)
+        self.index = "int32" if largest < 2**31 - 1 else "int64"
+        self.args = tuple(np.dtype(self.index).type(v) for v in self.geometry)
+
+    def chunks(self, batch: int):
+        """``(start, stop)`` image ranges of the chunks."""
+        return [(a, min(batch, a + self.step)) for a in range(0, batch, self.step)]
+
+    def gather(self, xc, out):
+        """The windows of the contiguous images ``xc [m, *S, C]`` into ``out [m·P, K·C]``."""
+        _kernels(self.index)[0](xc, *self.args, out)
+        return out
+
+    def scatter(self, dcols, dx):
+        """``dx [m, *S, C]`` (contiguous, overwritten) from the window gradients
+        ``dcols [m·P, K·C]`` (contiguous)."""
+        _kernels(self.index)[1](dcols, *self.args, dx)
+
+
+def window_matmul(x, w, kernel, stride, dilation, pads, out_shape, epilogue=None):
+    """``window_matmul``: ``z [B·P, F] = gather(pad(x)) · wᵀ`` for ``x [B, *S, C]`` (any
+    strides) and ``w [F, K·C]``; ``epilogue(z_rows)`` runs on each chunk's rows after their
+    product."""
+    import cupy
+
+    win = _Windows(x, kernel, stride, dilation, pads, out_shape)
+    batch, positions = x.shape[0], win.positions
+    xc = cupy.ascontiguousarray(x)
+    z = cupy.empty((batch * positions, w.shape[0]), dtype=cupy.result_type(x, w))
+    cols = cupy.empty((min(batch, win.step) * positions, win.width), dtype=x.dtype)
+    wt = w.T
+    for start, stop in win.chunks(batch):
+        rows = z[start * positions:stop * positions]
+        cupy.matmul(win.gather(xc[start:stop], cols[:(stop - start) * positions]), wt,
+                    out=rows)
+        if epilogue is not None:
+            epilogue(rows)
+    return z
+
+
+def window_matmul_backward(x, dz, w, kernel, stride, dilation, pads, out_shape,
+                           need_input_grad=True):
+    """``window_matmul_backward``: ``(dw [F, K·C] = dzᵀ·gather(pad(x)), dx [B, *S, C] =
+    crop(scatter(dz·w)) | None)``, in the reference's dtypes."""
+    import cupy
+
+    win = _Windows(x, kernel, stride, dilation, pads, out_shape)
+    batch, positions = x.shape[0], win.positions
+    if tuple(dz.shape) != (batch * positions, w.shape[0]):
+        raise ValueError(f"dz has shape {tuple(dz.shape)}; the windows of x {tuple(x.shape)} "
+                         f"need ({batch * positions}, {w.shape[0]})")
+    xc = cupy.ascontiguousarray(x)
+    cols = cupy.empty((min(batch, win.step) * positions, win.width), dtype=x.dtype)
+    dx = (cupy.empty(tuple(x.shape), dtype=cupy.result_type(dz, w)) if need_input_grad
+          else None)
+    dw = None
+    for start, stop in win.chunks(batch):
+        rows = slice(start * positions, stop * positions)
+        windows = win.gather(xc[start:stop], cols[:(stop - start) * positions])
+        part = cupy.matmul(dz[rows].T, windows)
+        dw = part if dw is None else cupy.add(dw, part, out=dw)
+        if dx is not None:
+            win.scatter(cupy.matmul(dz[rows], w), dx[start:stop])
+    return dw, dx
