@@ -99,13 +99,19 @@ def get_backend(spec: str | Backend | None = None, dtype: str | None = None) -> 
 
 
 def kernel_for(x, name: str):
-    """The kernel ``name`` for the array ``x`` from a backend already built for its library,
-    or ``None``; for functions that see arrays but no backend (the losses).
+    """The kernel ``name`` for the array ``x``, or ``None``; for functions that see arrays
+    but no backend (the losses, the rotary embedding).
 
-    Only the library of ``x`` is looked at (cheaply, by its type's module), so a CuPy array
-    on any device finds the CuPy kernels. No backend is built here.
+    The backend of an enclosing ``use_backend`` block counts first when it is of the array's
+    library (so ``use_backend(b.without_kernels())`` turns these kernels off too), else a
+    backend already built for that library. Only the library of ``x`` is looked at (cheaply,
+    by its type's module), so a CuPy array on any device finds the CuPy kernels. No backend
+    is built here.
     """
     library = type(x).__module__.partition(".")[0]
+    current = _current.get()
+    if current is not None and current.library == library:
+        return current.kernel(name)
     for backend in _cache.values():
         if backend.library == library:
             return backend.kernel(name)

@@ -116,7 +116,7 @@ def _conv_chunks() -> KernelCase:
 
         return call
 
-    return KernelCase("conv 32→64, 3×3/2, forward + backward, against the whole batch",
+    return KernelCase("conv 32→64, 3×3/2, forward + backward, against the gather path",
                       ("window_matmul", "window_matmul_backward"), make, only_these=True)
 
 
@@ -198,6 +198,69 @@ def _lstm_cell(backward: bool) -> KernelCase:
     return KernelCase(f"LSTM cell {'backward' if backward else 'forward'}", (name,), make)
 
 
+def _sgd() -> KernelCase:
+    def make(backend, rows, cols):
+        import loomx.layers as layers
+        from loomx.train.optim import SGD
+
+        layer = layers.Dense(cols, bias=False)
+        layer.build((rows,), backend)
+        layer.grads["weight"] = _rand(backend, tuple(layer.params["weight"].shape), 17, 1e-2)
+        return SGD(layer, lr=1e-3).step
+
+    return KernelCase("SGD step", ("sgd_update",), make)
+
+
+def _silu_gate(backward: bool) -> KernelCase:
+    name = "silu_gate_backward" if backward else "silu_gate_forward"
+
+    def make(backend, rows, cols):
+        from functools import partial
+
+        from loomx.layers import ffn
+
+        g, u = _rand(backend, (rows, cols), 18), _rand(backend, (rows, cols), 19)
+        if not backward:
+            forward = (backend.kernel(name) or partial(ffn.silu_gate_forward, backend.xp))
+            return lambda: forward(g, u)
+        s, dh = _rand(backend, (rows, cols), 20), _rand(backend, (rows, cols), 21)
+        cell = backend.kernel(name) or partial(ffn.silu_gate_backward, backend.xp)
+        return lambda: cell(g, u, s, dh)
+
+    return KernelCase(f"SwiGLU gate {'backward' if backward else 'forward'}", (name,), make)
+
+
+def _cross_entropy() -> KernelCase:
+    def make(backend, rows, cols):
+        from functools import partial
+
+        from loomx.train.losses import cross_entropy_reference
+
+        x = _rand(backend, (rows, 10), 22, 3.0)
+        t = backend.from_host(np.eye(10, dtype=np.float32)[np.arange(rows) % 10])
+        loss = (backend.kernel("softmax_cross_entropy")
+                or partial(cross_entropy_reference, backend.xp))
+        return lambda: loss(x, t)
+
+    return KernelCase("cross-entropy loss + gradient, [rows, 10]", ("softmax_cross_entropy",),
+                      make)
+
+
+def _rope() -> KernelCase:
+    def make(backend, rows, cols):
+        from loomx.layers.rope import apply_rope_reference
+
+        heads, steps = 8, 128
+        x = _rand(backend, (max(1, rows // steps), heads, steps, 64), 23)
+        cos, sin = _rand(backend, (steps, 32), 24), _rand(backend, (steps, 32), 25)
+        fused = backend.kernel("rope")
+        if fused is None:
+            return lambda: apply_rope_reference(backend.xp, x, cos, sin, 64, "half")
+        return lambda: fused(x, cos, sin, 64, "half")
+
+    return KernelCase("RoPE of queries, 8 heads × 128 steps × 64", ("rope",), make)
+
+
 def _sum_rows() -> KernelCase:
     def make(backend, rows, cols):
         from loomx.layers.dense import sum_rows
@@ -217,7 +280,8 @@ def kernel_cases() -> list[KernelCase]:
               _window_scatter(), _conv_chunks()]
     cases += [_softmax(log, bwd) for log in (False, True) for bwd in (False, True)]
     cases += [_norm(kind, bwd) for kind in ("LayerNorm", "RMSNorm") for bwd in (False, True)]
-    cases += [_adam(), _lstm_cell(False), _lstm_cell(True), _sum_rows()]
+    cases += [_adam(), _sgd(), _lstm_cell(False), _lstm_cell(True), _sum_rows()]
+    cases += [_silu_gate(False), _silu_gate(True), _cross_entropy(), _rope()]
     return cases
 
 

@@ -146,7 +146,8 @@ def test_kernel_benchmark_times_each_kernel_fused_and_unfused():
                                 only=["softmax", "adam_update", "rms_norm_forward"])
     names = [r["case"] for r in results]
     assert names == ["softmax", "softmax backward", "log softmax", "log softmax backward",
-                     "RMSNorm forward", "AdamW step"]
+                     "RMSNorm forward", "AdamW step",
+                     "cross-entropy loss + gradient, [rows, 10]"]  # softmax_cross_entropy
     timed = [r for r in results if "skipped" not in r]
     # the fused Adam is registered where the PyTorch build runs it on the CPU (2.4 and later)
     expected = {"softmax"} | ({"AdamW step"} if backend.kernel("adam_update") else set())

@@ -611,13 +611,15 @@ def test_kernel_lookup_of_unknown_name_is_none(backend):
 
 
 def test_kernel_for_finds_a_built_backends_kernels_by_the_arrays_library():
-    from loomx.backends import get_backend, kernel_for
+    from loomx.backends import get_backend, kernel_for, use_backend
 
     backend = get_backend("numpy")
     x = backend.zeros((2, 3))
     assert kernel_for(x, "sum_rows") is backend.kernel("sum_rows") is not None
     assert kernel_for(x, "no_such_kernel") is None
     assert kernel_for([1.0, 2.0], "sum_rows") is None  # not an array of any backend
+    with use_backend(backend.without_kernels("sum_rows")):  # the enclosing backend first
+        assert kernel_for(x, "sum_rows") is None
 
 
 # ---------------------------------------------------------------------- layers with kernels
