@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
-
-import numpy as np
+from dataclasses import dataclass
 
 #: Most bytes of windows gathered at once; larger batches run in several chunks.
 CHUNK_BYTES = 256 << 20
@@ -71,69 +70,85 @@ for (I k1 = 0; k1 < K1; ++k1) {
 dx = acc;
 """
 
-#: the geometry arguments, all of the index type ``I``: int32 where every index fits (64-bit
-#: integer division costs the GPU several times more), else int64
+#: the geometry, all of the index type ``I`` (int32 where every index fits, else int64)
 _GEOMETRY = ("S1", "S2", "S3", "C", "O1", "O2", "O3", "K1", "K2", "K3", "s1", "s2", "s3",
              "d1", "d2", "d3", "p1", "p2", "p3")
 _INDEX_CTYPES = {"int32": "int", "int64": "long long"}
 
 
 @functools.cache
-def _kernels(index: str):
-    """The gather and scatter kernels with ``index`` (``"int32"`` or ``"int64"``) indices."""
+def _kernels(index: str, geometry: tuple[int, ...]):
+    """The gather and scatter kernels of one geometry, with ``index`` (``"int32"`` or
+    ``"int64"``) indices.
+
+    The geometry is compiled in as constants: the index arithmetic is a chain of divisions,
+    and a division by a constant is a multiply and a shift where one by a run-time value is a
+    long instruction sequence (the gather of benchmark b's second convolution was bound by
+    it). Each geometry is compiled once per process (CuPy keeps the binaries on disk).
+    """
     import cupy
 
-    params = ", ".join(f"{index} {name}" for name in _GEOMETRY)
-    typedef = f"typedef {_INDEX_CTYPES[index]} I;\n"
-    gather = cupy.ElementwiseKernel(f"raw T x, {params}", "T cols", typedef + _DECODE_WINDOW,
+    head = f"typedef {_INDEX_CTYPES[index]} I;\n" + "".join(
+        f"const I {name} = {int(value)};\n" for name, value in zip(_GEOMETRY, geometry))
+    gather = cupy.ElementwiseKernel("raw T x", "T cols", head + _DECODE_WINDOW,
                                     f"loomx_window_gather_{index}")
-    scatter = cupy.ElementwiseKernel(f"raw T dcols, {params}", "T dx",
-                                     typedef + _SCATTER_WINDOWS, f"loomx_window_scatter_{index}")
+    scatter = cupy.ElementwiseKernel("raw T dcols", "T dx", head + _SCATTER_WINDOWS,
+                                     f"loomx_window_scatter_{index}")
     return gather, scatter
 
 
-class _Windows:
-    """The geometry of one call, as three spatial axes, and its chunking."""
+@dataclass(frozen=True)
+class _Plan:
+    """The geometry of a call, as three spatial axes, and its chunking."""
 
-    def __init__(self, x, kernel, stride, dilation, pads, out_shape):
-        n = len(kernel)
-        if not 1 <= n <= 3 or x.ndim != n + 2 or len(out_shape) != n or len(pads) != n:
-            raise ValueError(f"window_matmul takes 1 to 3 spatial axes of x [B, *S, C] with "
-                             f"matching kernel, pads and out_shape; got x {tuple(x.shape)}, "
-                             f"kernel {tuple(kernel)}, out_shape {tuple(out_shape)}")
-        spatial = tuple(x.shape[1:-1])
-        reach = tuple((o - 1) * s + (k - 1) * d + 1
-                      for o, k, s, d in zip(out_shape, kernel, stride, dilation))
-        padded = tuple(m + lo + hi for m, (lo, hi) in zip(spatial, pads))
-        if any(r > m for r, m in zip(reach, padded)):
-            raise ValueError(f"windows {tuple(out_shape)} of kernel {tuple(kernel)} reach "
-                             f"{reach}, beyond the padded input's spatial shape {padded}")
-        one = (1,) * (3 - n)
-        self.geometry = (*(one + spatial), x.shape[-1], *(one + tuple(out_shape)),
-                     *(one + tuple(kernel)), *(one + tuple(stride)), *(one + tuple(dilation)),
-                     *((0,) * (3 - n) + tuple(lo for lo, _ in pads)))
-        self.positions = math.prod(out_shape)
-        self.width = math.prod(kernel) * x.shape[-1]
-        batch = x.shape[0]
-        per_image = self.positions * self.width * x.dtype.itemsize
-        self.step = max(1, min(batch, CHUNK_BYTES // max(1, per_image)))
-        largest = max(math.prod(x.shape), self.step * self.positions * self.width)
-        self.index = "int32" if largest < 2**31 - 1 else "int64"
-        self.args = tuple(np.dtype(self.index).type(v) for v in self.geometry)
+    geometry: tuple[int, ...]
+    positions: int
+    width: int
+    step: int
+    index: str
 
-    def chunks(self, batch: int):
+    def chunks(self, batch: int) -> list[tuple[int, int]]:
         """``(start, stop)`` image ranges of the chunks."""
         return [(a, min(batch, a + self.step)) for a in range(0, batch, self.step)]
 
     def gather(self, xc, out):
         """The windows of the contiguous images ``xc [m, *S, C]`` into ``out [m·P, K·C]``."""
-        _kernels(self.index)[0](xc, *self.args, out)
+        _kernels(self.index, self.geometry)[0](xc, out)
         return out
 
-    def scatter(self, dcols, dx):
+    def scatter(self, dcols, dx) -> None:
         """``dx [m, *S, C]`` (contiguous, overwritten) from the window gradients
         ``dcols [m·P, K·C]`` (contiguous)."""
-        _kernels(self.index)[1](dcols, *self.args, dx)
+        _kernels(self.index, self.geometry)[1](dcols, dx)
+
+
+def _plan(x, kernel, stride, dilation, pads, out_shape) -> _Plan:
+    return _plan_for(tuple(x.shape), x.dtype.itemsize, tuple(kernel), tuple(stride),
+                     tuple(dilation), tuple(tuple(p) for p in pads), tuple(out_shape),
+                     CHUNK_BYTES)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan_for(shape, itemsize, kernel, stride, dilation, pads, out_shape, chunk_bytes) -> _Plan:
+    n = len(kernel)
+    if not 1 <= n <= 3 or len(shape) != n + 2 or len(out_shape) != n or len(pads) != n:
+        raise ValueError(f"window_matmul takes 1 to 3 spatial axes of x [B, *S, C] with "
+                         f"matching kernel, pads and out_shape; got x {shape}, "
+                         f"kernel {kernel}, out_shape {out_shape}")
+    spatial = shape[1:-1]
+    reach = tuple((o - 1) * s + (k - 1) * d + 1
+                  for o, k, s, d in zip(out_shape, kernel, stride, dilation))
+    padded = tuple(m + lo + hi for m, (lo, hi) in zip(spatial, pads))
+    if any(r > m for r, m in zip(reach, padded)):
+        raise ValueError(f"windows {out_shape} of kernel {kernel} reach {reach}, beyond the "
+                         f"padded input's spatial shape {padded}")
+    one = (1,) * (3 - n)
+    geometry = (*(one + spatial), shape[-1], *(one + out_shape), *(one + kernel),
+                *(one + stride), *(one + dilation), *((0,) * (3 - n) + tuple(lo for lo, _ in pads)))
+    positions, width, batch = math.prod(out_shape), math.prod(kernel) * shape[-1], shape[0]
+    step = max(1, min(batch, chunk_bytes // max(1, positions * width * itemsize)))
+    largest = max(math.prod(shape), step * positions * width)
+    return _Plan(geometry, positions, width, step, "int32" if largest < 2**31 - 1 else "int64")
 
 
 def window_matmul(x, w, kernel, stride, dilation, pads, out_shape, epilogue=None):
@@ -142,7 +157,7 @@ def window_matmul(x, w, kernel, stride, dilation, pads, out_shape, epilogue=None
     product."""
     import cupy
 
-    win = _Windows(x, kernel, stride, dilation, pads, out_shape)
+    win = _plan(x, kernel, stride, dilation, pads, out_shape)
     batch, positions = x.shape[0], win.positions
     xc = cupy.ascontiguousarray(x)
     z = cupy.empty((batch * positions, w.shape[0]), dtype=cupy.result_type(x, w))
@@ -163,7 +178,7 @@ def window_matmul_backward(x, dz, w, kernel, stride, dilation, pads, out_shape,
     crop(scatter(dz·w)) | None)``, in the reference's dtypes."""
     import cupy
 
-    win = _Windows(x, kernel, stride, dilation, pads, out_shape)
+    win = _plan(x, kernel, stride, dilation, pads, out_shape)
     batch, positions = x.shape[0], win.positions
     if tuple(dz.shape) != (batch * positions, w.shape[0]):
         raise ValueError(f"dz has shape {tuple(dz.shape)}; the windows of x {tuple(x.shape)} "
