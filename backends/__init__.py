@@ -102,17 +102,18 @@ def kernel_for(x, name: str):
     """The kernel ``name`` for the array ``x``, or ``None``; for functions that see arrays
     but no backend (the losses, the rotary embedding).
 
-    The backend of an enclosing ``use_backend`` block counts first when it is of the array's
-    library (so ``use_backend(b.without_kernels())`` turns these kernels off too), else a
-    backend already built for that library. Only the library of ``x`` is looked at (cheaply,
+    The backend in effect counts first when it is of the array's library (an enclosing
+    ``use_backend`` block's, else the default set by ``set_default_backend``; so
+    ``use_backend(b.without_kernels())`` turns these kernels off too), else a backend already
+    built for that library. Only the library of ``x`` is looked at (cheaply,
     by its type's module), so a CuPy array on any device finds the CuPy kernels. No backend
     is built here.
     """
     library = type(x).__module__.partition(".")[0]
-    current = _current.get()
-    if current is not None and current.library == library:
-        return current.kernel(name)
-    for backend in _cache.values():
+    for current in (_current.get(), _default[0]):
+        if current is not None and current.library == library:
+            return current.kernel(name)
+    for backend in list(_cache.values()):  # a copy: another thread may build a backend
         if backend.library == library:
             return backend.kernel(name)
     return None

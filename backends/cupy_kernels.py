@@ -28,8 +28,10 @@ that reference (tests/test_kernels.py).
 
 The convolutions' ``window_matmul`` kernels live in ``cupy_windows.py``.
 
-float32 and float64 run natively; other float dtypes (float16) are computed in float32 and cast
-back.
+float32 and float64 run natively. For other float dtypes (float16) the activation, row, Adam
+and LSTM kernels compute in float32 and cast back; SGD and the SwiGLU gate run the reference's
+arithmetic; ``softmax_cross_entropy`` and ``rope`` decline (``None``) and the caller runs the
+reference.
 """
 
 from __future__ import annotations
@@ -157,7 +159,10 @@ def make_bias_act_inplace(name: str):
     with ``act(x + bias)`` in one pass (only for a layer's own fresh product)."""
 
     def bias_act_inplace(x, bias=None):
-        if not _native(x) or (bias is not None and bias.dtype != x.dtype):
+        if bias is not None and bias.dtype != x.dtype:  # promotes, as the reference: not in place
+            _, y = make_bias_act(name)(x + bias, None)
+            return y, y
+        if not _native(x):
             _, y = make_bias_act(name)(x, bias)
             x[...] = y
         elif bias is None:
@@ -406,7 +411,8 @@ def softmax_cross_entropy(logits, target):
     (a 0-d array) and ``grad = (softmax(logits)·Σ_c t − t) / B``; one row kernel for the
     gradient and the per-row losses, then their sum."""
     cp = _cupy()
-    if not _native(logits) or target.dtype != logits.dtype or logits.ndim != 2:
+    if (not _native(logits) or target.dtype != logits.dtype or logits.ndim != 2
+            or 0 in logits.shape):
         return None
     x2 = cp.ascontiguousarray(logits)
     t2 = cp.ascontiguousarray(target)

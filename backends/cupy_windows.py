@@ -12,8 +12,10 @@ twenty launches per convolution, each costing the host more than the device. Her
 - ``window_matmul_backward(x, dz [B·P, F], w, ..., need_input_grad) -> (dw [F, K·C],
   dx [B, *S, C] | None)``: the windows are gathered again (the forward keeps none), ``dw =
   dzᵀ·cols``, and ``dx`` is computed element by element from ``dz·w``: every input position
-  sums, in kernel-offset order, the window gradients that read it (no atomics: the same
-  order of additions as the reference's scatter, so the same result to the bit).
+  sums, in kernel-offset order, the window gradients that read it (no atomics, and the
+  reference scatter's order of additions; the window gradients themselves come from one
+  product where the reference makes one per kernel offset, which cuBLAS may round
+  differently).
 
 1, 2 and 3 spatial axes are all handled as 3 (leading axes of size 1). The batch is split into
 chunks whose windows take at most ``CHUNK_BYTES`` (one chunk for the benchmark's CNN at batch
@@ -76,7 +78,7 @@ _GEOMETRY = ("S1", "S2", "S3", "C", "O1", "O2", "O3", "K1", "K2", "K3", "s1", "s
 _INDEX_CTYPES = {"int32": "int", "int64": "long long"}
 
 
-@functools.cache
+@functools.lru_cache(maxsize=128)
 def _kernels(index: str, geometry: tuple[int, ...]):
     """The gather and scatter kernels of one geometry, with ``index`` (``"int32"`` or
     ``"int64"``) indices.
@@ -84,7 +86,8 @@ def _kernels(index: str, geometry: tuple[int, ...]):
     The geometry is compiled in as constants: the index arithmetic is a chain of divisions,
     and a division by a constant is a multiply and a shift where one by a run-time value is a
     long instruction sequence (the gather of benchmark b's second convolution was bound by
-    it). Each geometry is compiled once per process (CuPy keeps the binaries on disk).
+    it). Each geometry is compiled once (CuPy keeps the binaries on disk); the most recent 128
+    stay loaded, so inputs of ever-changing sizes recompile, or load from disk, as they come.
     """
     import cupy
 
@@ -195,4 +198,6 @@ def window_matmul_backward(x, dz, w, kernel, stride, dilation, pads, out_shape,
         dw = part if dw is None else cupy.add(dw, part, out=dw)
         if dx is not None:
             win.scatter(cupy.matmul(dz[rows], w), dx[start:stop])
+    if dw is None:  # an empty batch
+        dw = cupy.zeros((w.shape[0], win.width), dtype=cupy.result_type(dz, x))
     return dw, dx

@@ -89,7 +89,7 @@ def make_window_matmul(im2col: Callable, scatter_add: Callable, scratch,
             batch, channels = x.shape[0], x.shape[-1]
             self.positions, self.k = math.prod(out_shape), math.prod(kernel)
             self.width = self.k * channels
-            self.step = batch
+            self.step = max(1, batch)  # one chunk (and a valid range step for no images)
             if compiled is not None and compiled(x, kernel):
                 self.step = images_per_chunk(self.positions * self.width * x.dtype.itemsize,
                                              batch)
@@ -162,7 +162,8 @@ def make_window_matmul(im2col: Callable, scatter_add: Callable, scratch,
         # few window columns (one input channel): colsᵀ·dz is BLAS's faster order there
         # (measured 0.69 against 1.02 ms on the CNN benchmark's first convolution)
         tall = width < w.shape[0]
-        dw = np.empty((width, w.shape[0]) if tall else tuple(w.shape), dw_dtype)
+        dw = (np.empty if batch else np.zeros)((width, w.shape[0]) if tall else tuple(w.shape),
+                                                dw_dtype)  # zeros: an empty batch adds none
         part = np.empty_like(dw)
         dx = dbuf = None
         if need_input_grad:

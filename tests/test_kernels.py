@@ -426,6 +426,11 @@ def check_window_matmul_backward(backend, kernel, name):
                 dw, none = kernel(x, dz, w, k, s, d, pads, out, False)
                 assert none is None
                 assert_close(dw, dw_ref, backend, rtol=1e-5, atol=1e-5)
+    # an empty batch: zero weight gradient, an empty input gradient
+    x, w, dz, k, s, d, pads, out, _ = next(_window_matmul_cases(backend))
+    dw, dx = kernel(x[:0], dz[:0], w, k, s, d, pads, out, True)
+    assert_close(dw, np.zeros(tuple(w.shape), np.float32), backend)
+    assert tuple(dx.shape) == (0, *x.shape[1:])
 
 
 POOL_CASES = [  # layer class, arguments, per-sample input shape

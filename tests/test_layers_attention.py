@@ -464,3 +464,18 @@ def test_rope_scaling_config_round_trip_and_errors():
     with pytest.raises(ConfigError, match="factor must be positive"):
         MultiHeadAttention(num_heads=2, rope_theta=1e4, rope_scaling={"type": "linear",
                                                                       "factor": 0})
+
+
+def test_causal_mask_is_kept_per_shape_offset_setting_and_backend(backend):
+    layer = _build(dict(num_heads=4, causal=True), backend)
+    first = layer._mask_bias(B, T, T, 0, None)
+    assert layer._mask_bias(B, T, T, 0, None) is first  # the same call again: kept
+    other = layer._mask_bias(B, T - 1, T, 1, None)  # another shape and offset: rebuilt
+    assert other is not first and tuple(other.shape) == (1, 1, T - 1, T)
+    layer.causal = False  # a changed setting never sees the old mask
+    assert layer._mask_bias(B, T - 1, T, 1, None) is None
+    layer.causal = True
+    fresh = layer._mask_bias(B, T - 1, T, 1, None)
+    assert_close(fresh, backend.to_host(other), backend, rtol=0, atol=0)
+    layer.backend = backend.without_kernels()  # another backend object: rebuilt for it
+    assert layer._mask_bias(B, T - 1, T, 1, None) is not fresh

@@ -114,3 +114,17 @@ def test_activation_extreme_inputs_match_torch(backend, activation):
     # relative tolerance for large outputs, absolute below one float32 ulp of 1 for tiny ones
     assert_close(y, yt.detach().numpy(), backend, rtol=1e-6, atol=1e-7)
     assert_close(dz, zt.grad.numpy(), backend, rtol=1e-6, atol=1e-7)
+
+
+def test_linear_flattens_leading_axes_and_takes_empty_inputs(backend):
+    from loomx.layers.dense import linear, rows_matmul
+
+    xp = backend.xp
+    x = backend.from_host(np.arange(24, dtype=np.float32).reshape(2, 3, 4))
+    w = backend.from_host(np.arange(20, dtype=np.float32).reshape(5, 4) / 10)
+    expected = np.arange(24, dtype=np.float32).reshape(2, 3, 4) @ (
+        np.arange(20, dtype=np.float32).reshape(5, 4).T / 10)
+    assert_close(linear(xp, x, w), expected, backend)
+    assert tuple(linear(xp, x[:0, ...], w).shape) == (0, 3, 5)
+    empty_k = rows_matmul(xp, backend.zeros((2, 3, 0)), backend.zeros((0, 5)))
+    assert_close(empty_k, np.zeros((2, 3, 5), np.float32), backend)

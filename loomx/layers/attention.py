@@ -21,6 +21,7 @@ key/value gradients by construction.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from ..backends import RandomSource
 from ..errors import ConfigError, LoomxError, ShapeError
@@ -30,6 +31,9 @@ from .init import init_weight
 from .norm import rms_input_grad, rms_inverse
 from .rope import ROPE_STYLES, RopeCache, apply_rope, check_rope_scaling, rotary_dims
 from .softmax import softmax_vjp_with, softmax_with
+
+#: the largest causal mask (query × key positions) a layer keeps for its next call
+_CAUSAL_CACHE_ITEMS = 1 << 20
 
 
 class KVCache:
@@ -139,7 +143,8 @@ class MultiHeadAttention(Layer):
         self.qk_norm = bool(qk_norm)
         self.qk_norm_eps = float(qk_norm_eps)
         self._rope = RopeCache()
-        self._causal: tuple[tuple, Array] | None = None  # the last causal mask and its key
+        # the last causal mask: (key, backend, mask), for masks of up to _CAUSAL_CACHE_ITEMS
+        self._causal: tuple[tuple, Any, Array] | None = None
         self._validate()
 
     def _validate(self) -> None:
@@ -258,9 +263,11 @@ class MultiHeadAttention(Layer):
         steps and equal-length prompts rebuild the same one: five array calls each, which
         count on a GPU, where the host issuing them is the bottleneck)."""
         xp, dev = self.xp, self.backend.device
-        key = (t, tk, offset, str(self.float_dtype), id(self.backend))
-        if key_padding_mask is None and self._causal is not None and self._causal[0] == key:
-            return self._causal[1]
+        key = (self.causal, t, tk, offset, str(self.float_dtype))
+        cached = self._causal  # read once: another thread may replace it
+        if (key_padding_mask is None and cached is not None and cached[0] == key
+                and cached[1] is self.backend):
+            return cached[2]
         masked = None
         if self.causal and not (t == 1 and offset + 1 == tk):
             qpos = xp.arange(offset, offset + t, dtype=xp.int64, device=dev)
@@ -279,8 +286,8 @@ class MultiHeadAttention(Layer):
         dt = self.float_dtype
         neg = self.backend.full((), -0.5 * float(xp.finfo(dt).max), dtype=dt)
         bias = xp.where(masked, neg, self.backend.zeros((), dtype=dt))
-        if key_padding_mask is None:
-            self._causal = (key, bias)
+        if key_padding_mask is None and t * tk <= _CAUSAL_CACHE_ITEMS:
+            self._causal = (key, self.backend, bias)
         return bias
 
     # ------------------------------------------------------------------ forward / backward
@@ -310,8 +317,8 @@ class MultiHeadAttention(Layer):
         if rot:
             cos, sin = self._rope.tables(self.backend, self.float_dtype, offset, t, rot,
                                          self.rope_theta, self.rope_scaling)
-            q = apply_rope(xp, q, cos, sin, rot, self.rope_style)
-            k = apply_rope(xp, k, cos, sin, rot, self.rope_style)
+            q = apply_rope(xp, q, cos, sin, rot, self.rope_style, self.backend)
+            k = apply_rope(xp, k, cos, sin, rot, self.rope_style, self.backend)
         if cache is not None:
             k, v = cache.append(k, v)
         tk = k.shape[2]
@@ -353,8 +360,8 @@ class MultiHeadAttention(Layer):
         dk = xp.matmul(xp.matrix_transpose(ds), ctx.qg)  # qg carries the scale
         rot = self.rotary
         if rot:
-            dq = apply_rope(xp, dq, ctx.cos, -ctx.sin, rot, self.rope_style)
-            dk = apply_rope(xp, dk, ctx.cos, -ctx.sin, rot, self.rope_style)
+            dq = apply_rope(xp, dq, ctx.cos, -ctx.sin, rot, self.rope_style, self.backend)
+            dk = apply_rope(xp, dk, ctx.cos, -ctx.sin, rot, self.rope_style, self.backend)
         if self.qk_norm:
             dq = self._rms_back(dq, ctx.q_raw, ctx.q_r, "q_norm")
             dk = self._rms_back(dk, ctx.k_raw, ctx.k_r, "k_norm")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from ..backends import RandomSource
 from ..errors import ConfigError, ShapeError
 from .activations import activation_backward, bias_activation, get_activation
@@ -22,7 +24,8 @@ def rows_matmul(xp, a: Array, b: Array) -> Array:
     if a.ndim <= 2:
         return xp.matmul(a, b)
     lead = tuple(a.shape[:-1])
-    return xp.reshape(xp.matmul(xp.reshape(a, (-1, a.shape[-1])), b), (*lead, b.shape[-1]))
+    rows = math.prod(lead)  # not -1: a zero-size ``a`` has no inferable axis
+    return xp.reshape(xp.matmul(xp.reshape(a, (rows, a.shape[-1])), b), (*lead, b.shape[-1]))
 
 
 def linear(xp, x: Array, weight: Array, bias: Array | None = None) -> Array:

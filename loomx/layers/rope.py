@@ -206,13 +206,15 @@ class RopeCache:
         return cos[start:end, :], sin[start:end, :]
 
 
-def apply_rope(xp, x: Array, cos: Array, sin: Array, rot: int, style: str) -> Array:
+def apply_rope(xp, x: Array, cos: Array, sin: Array, rot: int, style: str,
+               backend: Backend | None = None) -> Array:
     """Rotate the first ``rot`` dims of ``x [..., T, hd]`` with tables ``[T, rot/2]``.
 
-    Pass ``-sin`` to apply the inverse (adjoint) rotation. Runs as one kernel where the
-    array's backend has a ``rope`` kernel (CuPy), else as :func:`apply_rope_reference`.
+    Pass ``-sin`` to apply the inverse (adjoint) rotation. Runs as one kernel where
+    ``backend`` (default: the one :func:`~loomx.backends.kernel_for` finds for ``x``) has a
+    ``rope`` kernel (CuPy), else as :func:`apply_rope_reference`.
     """
-    fused = kernel_for(x, "rope")
+    fused = kernel_for(x, "rope") if backend is None else backend.kernel("rope")
     out = None if fused is None else fused(x, cos, sin, rot, style)  # None: declined
     return apply_rope_reference(xp, x, cos, sin, rot, style) if out is None else out
 
