@@ -128,8 +128,9 @@ def instrument(sync, backend=None):
                 setattr(owner, attr, original)
 
 
-def profile(key: str, spec: str, scale: int = 1, calls: int = 10, quick: bool = False) -> str:
-    """The Markdown profile of case ``key`` on backend ``spec``."""
+def _warmed(key: str, spec: str, scale: int, calls: int, quick: bool):
+    """``(case, backend, op, median seconds)`` of case ``key``'s loomx side on ``spec``, after
+    three untimed calls; call it with the backend active."""
     from loomx.backends import get_backend
 
     cases = {c.key: c for c in all_cases(quick=quick, scale=scale)}
@@ -142,6 +143,13 @@ def profile(key: str, spec: str, scale: int = 1, calls: int = 10, quick: bool = 
         for _ in range(3):
             time_call(op)
         plain = statistics.median(time_call(op) for _ in range(calls))
+    return case, backend, op, plain
+
+
+def profile(key: str, spec: str, scale: int = 1, calls: int = 10, quick: bool = False) -> str:
+    """The Markdown profile of case ``key`` on backend ``spec``."""
+    case, backend, op, plain = _warmed(key, spec, scale, calls, quick)
+    with backend.activate():
         sync = op.sync or (lambda: None)
         run_only = replace(op, setup=None)
         total = 0.0
@@ -170,19 +178,9 @@ def host_profile(key: str, spec: str, scale: int = 1, calls: int = 10, quick: bo
                  top: int = 25) -> str:
     """The Markdown host-side profile of case ``key`` on backend ``spec``: the median call with
     and without its final synchronisation, then the ``top`` functions by exclusive host time."""
-    from loomx.backends import get_backend
-
-    cases = {c.key: c for c in all_cases(quick=quick, scale=scale)}
-    if key not in cases:
-        raise SystemExit(f"unknown case {key!r}; known: {', '.join(cases)}")
-    case = cases[key]
-    backend = get_backend(spec)
+    case, backend, op, plain = _warmed(key, spec, scale, calls, quick)
     with backend.activate():
-        op = case.loomx(backend)
         sync = op.sync or (lambda: None)
-        for _ in range(3):
-            time_call(op)
-        plain = statistics.median(time_call(op) for _ in range(calls))
         issue = []
         for _ in range(calls):
             if op.setup is not None:
