@@ -307,3 +307,17 @@ def test_without_kernels_drops_the_named_kernels_or_all():
     assert set(some.kernels) == set(backend.kernels) - {"im2col"}
     assert backend.without_kernels().kernels == {}
     assert backend.kernel("im2col") is not None  # the original keeps its kernels
+
+
+def test_ab_times_a_workload_with_and_without_kernels():
+    from loomx.backends import get_backend
+
+    from benchmarks.ab import compare, main
+
+    name = next(iter(sorted(get_backend("numpy").kernels)), None)
+    if name is None:
+        pytest.skip("the numpy backend registers no kernels here")
+    result = compare("a_mlp", "numpy", [name], rounds=2, block=1, quick=True)
+    assert result["with_s"] > 0 and result["without_s"] > 0 and result["ratio"] > 0
+    with pytest.raises(SystemExit, match="has no kernel no_such_kernel"):
+        main(["--case", "a_mlp", "--without", "no_such_kernel", "--quick"])
