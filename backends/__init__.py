@@ -105,9 +105,8 @@ def kernel_for(x, name: str):
     The backend in effect counts first when it is of the array's library (an enclosing
     ``use_backend`` block's, else the default set by ``set_default_backend``; so
     ``use_backend(b.without_kernels())`` turns these kernels off too), else a backend already
-    built for that library. Only the library of ``x`` is looked at (cheaply,
-    by its type's module), so a CuPy array on any device finds the CuPy kernels. No backend
-    is built here.
+    built for that library. Only the library of ``x`` is looked at (cheaply, by its type's
+    module), so a CuPy array on any device finds the CuPy kernels. No backend is built here.
     """
     library = type(x).__module__.partition(".")[0]
     for current in (_current.get(), _default[0]):
