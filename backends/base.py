@@ -328,6 +328,25 @@ def offset_slices(kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tu
                     for o, d, s, m in zip(off, dilation, stride, out_shape))
 
 
+def check_window_reach(spatial: tuple[int, ...], kernel: tuple[int, ...],
+                       stride: tuple[int, ...], dilation: tuple[int, ...],
+                       pads: tuple[tuple[int, int], ...], out_shape: tuple[int, ...]) -> None:
+    """Raise ``ValueError`` unless the ``out_shape`` windows of ``kernel`` (with ``stride`` and
+    ``dilation``) fit in the input's ``spatial`` shape padded by ``pads`` (the
+    ``window_matmul`` kernels' precondition)."""
+    n = len(kernel)
+    if not (len(spatial) == len(stride) == len(dilation) == len(pads) == len(out_shape) == n):
+        raise ValueError(f"windows need one kernel size, stride, dilation, padding and output "
+                         f"size per spatial axis; got spatial {tuple(spatial)}, kernel "
+                         f"{tuple(kernel)}, out_shape {tuple(out_shape)}")
+    reach = tuple((o - 1) * s + (k - 1) * d + 1
+                  for o, k, s, d in zip(out_shape, kernel, stride, dilation))
+    padded = tuple(m + lo + hi for m, (lo, hi) in zip(spatial, pads))
+    if any(r > m for r, m in zip(reach, padded)):
+        raise ValueError(f"windows {tuple(out_shape)} of kernel {tuple(kernel)} reach {reach}, "
+                         f"beyond the padded input's spatial shape {padded}")
+
+
 def window_scatter_add_with(add_into: Callable[[Any, Any], Any]) -> Callable:
     """The ``window_scatter_add`` kernel of a library, from its in-place add
     ``add_into(view, part)`` (``np.add(view, part, out=view)``, ``view.add_(part)``...).

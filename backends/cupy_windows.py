@@ -29,6 +29,8 @@ import functools
 import math
 from dataclasses import dataclass
 
+from .base import check_window_reach
+
 #: Most bytes of windows gathered at once; larger batches run in several chunks.
 CHUNK_BYTES = 256 << 20
 
@@ -134,17 +136,10 @@ def _plan(x, kernel, stride, dilation, pads, out_shape) -> _Plan:
 @functools.lru_cache(maxsize=256)
 def _plan_for(shape, itemsize, kernel, stride, dilation, pads, out_shape, chunk_bytes) -> _Plan:
     n = len(kernel)
-    if not 1 <= n <= 3 or len(shape) != n + 2 or len(out_shape) != n or len(pads) != n:
-        raise ValueError(f"window_matmul takes 1 to 3 spatial axes of x [B, *S, C] with "
-                         f"matching kernel, pads and out_shape; got x {shape}, "
-                         f"kernel {kernel}, out_shape {out_shape}")
+    if not 1 <= n <= 3:
+        raise ValueError(f"window_matmul takes 1 to 3 spatial axes; got kernel {kernel}")
     spatial = shape[1:-1]
-    reach = tuple((o - 1) * s + (k - 1) * d + 1
-                  for o, k, s, d in zip(out_shape, kernel, stride, dilation))
-    padded = tuple(m + lo + hi for m, (lo, hi) in zip(spatial, pads))
-    if any(r > m for r, m in zip(reach, padded)):
-        raise ValueError(f"windows {out_shape} of kernel {kernel} reach {reach}, beyond the "
-                         f"padded input's spatial shape {padded}")
+    check_window_reach(spatial, kernel, stride, dilation, pads, out_shape)
     one = (1,) * (3 - n)
     geometry = (*(one + spatial), shape[-1], *(one + out_shape), *(one + kernel),
                 *(one + stride), *(one + dilation), *((0,) * (3 - n) + tuple(lo for lo, _ in pads)))

@@ -105,10 +105,13 @@ def make_torch_backend(name: str = "torch", device: str | None = None) -> TorchB
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise BackendUnavailableError("torch device mps requested but MPS is not available.")
     from .torch_kernels import activation_kernels, reduction_kernels
+    from .torch_windows import window_matmul, window_matmul_backward
 
     dev = with_index(dev, torch.cuda.current_device)
     return TorchBackend(name=name, xp=xp, device=dev, library="torch",
                         kernels={"window_gather": _torch_window_gather,
                                  "window_scatter_add": window_scatter_add_with(
                                      lambda view, part: view.add_(part)),
+                                 "window_matmul": window_matmul,
+                                 "window_matmul_backward": window_matmul_backward,
                                  **activation_kernels(), **reduction_kernels(dev)})

@@ -39,6 +39,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .base import check_window_reach
+
 #: Target size of one chunk's gathered windows: about one core's L2 cache.
 CHUNK_BYTES = 1 << 20
 
@@ -76,12 +78,7 @@ def make_window_matmul(im2col: Callable, scatter_add: Callable, scratch,
         """The per-call chunk buffers and the padded gather/scatter of one chunk."""
 
         def __init__(self, x, kernel, stride, dilation, pads, out_shape):
-            reach = tuple((o - 1) * s + (k - 1) * d + 1
-                          for o, k, s, d in zip(out_shape, kernel, stride, dilation))
-            padded = tuple(n + lo + hi for n, (lo, hi) in zip(x.shape[1:-1], pads))
-            if any(r > n for r, n in zip(reach, padded)) or len(padded) != len(kernel):
-                raise ValueError(f"windows {out_shape} of kernel {kernel} reach {reach}, "
-                                 f"beyond the padded input's spatial shape {padded}")
+            check_window_reach(tuple(x.shape[1:-1]), kernel, stride, dilation, pads, out_shape)
             self.kernel, self.stride, self.dilation, self.pads = kernel, stride, dilation, pads
             self.out_shape = out_shape
             self.spatial = tuple(x.shape[1:-1])
