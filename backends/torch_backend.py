@@ -105,7 +105,14 @@ def make_torch_backend(name: str = "torch", device: str | None = None) -> TorchB
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise BackendUnavailableError("torch device mps requested but MPS is not available.")
     from .torch_kernels import activation_kernels, reduction_kernels
-    from .torch_windows import window_matmul, window_matmul_backward
+    from .torch_windows import (
+        avg_pool_backward,
+        avg_pool_forward,
+        max_pool_backward,
+        max_pool_forward,
+        window_matmul,
+        window_matmul_backward,
+    )
 
     dev = with_index(dev, torch.cuda.current_device)
     return TorchBackend(name=name, xp=xp, device=dev, library="torch",
@@ -114,4 +121,8 @@ def make_torch_backend(name: str = "torch", device: str | None = None) -> TorchB
                                      lambda view, part: view.add_(part)),
                                  "window_matmul": window_matmul,
                                  "window_matmul_backward": window_matmul_backward,
+                                 "max_pool_forward": max_pool_forward,
+                                 "max_pool_backward": max_pool_backward,
+                                 "avg_pool_forward": avg_pool_forward,
+                                 "avg_pool_backward": avg_pool_backward,
                                  **activation_kernels(), **reduction_kernels(dev)})

@@ -1,4 +1,4 @@
-"""A convolution's window products on PyTorch tensors, through ATen's own convolution.
+"""A convolution's window products and pooling on PyTorch tensors, through ATen's own ops.
 
 The reference convolution (:mod:`loomx.layers.conv`) gathers every kernel window into
 ``cols [B·P, K·C]`` and multiplies; PyTorch's ``aten.convolution`` (oneDNN on the CPU, cuDNN on
@@ -13,6 +13,12 @@ both gradients in one call. Same contracts as the numpy and CuPy kernels (``docs
   dx [B, *S, C] | None)``.
 
 Mixed dtypes are computed in the promoted dtype and returned in the reference's dtypes.
+
+Max and average pooling of 1 or 2 spatial axes (``max_pool_forward`` / ``_backward``,
+``avg_pool_forward`` / ``_backward``) are ``aten.max_pool2d_with_indices`` and
+``aten.avg_pool2d`` and their backward ops, where the padding is symmetric and at most half
+the kernel (ATen's limits); elsewhere the forward kernels return ``None`` and the layer takes
+its reference path.
 """
 
 from __future__ import annotations
@@ -111,3 +117,74 @@ def window_matmul_backward(x, dz, w, kernel, stride, dilation, pads, out_shape,
         dx = dx[(slice(None), slice(None),
                  *(slice(lo, lo + m) for (lo, _), m in zip(conv.pads, x.shape[1:-1])))]
     return dw, _channels_last(dx, conv.n).to(torch.result_type(dz, w))
+
+
+# ---------------------------------------------------------------------- pooling
+def _pool_case(x, kernel, stride, pads):
+    """``(x as [B, C, H, W], kernel, stride, padding)`` as 2-d ATen arguments for 1 or 2
+    spatial axes and symmetric padding of at most half the kernel (what ATen's pooling
+    takes), else ``None``."""
+    n = len(kernel)
+    if n not in (1, 2) or x.ndim != n + 2 or not x.is_floating_point():
+        return None
+    if any(lo != hi or 2 * lo > k for (lo, hi), k in zip(pads, kernel)):
+        return None
+    xcf = _channels_first(x, n)
+    if n == 1:
+        return xcf.unsqueeze(2), [1, *kernel], [1, *stride], [0, pads[0][0]]
+    return xcf, list(kernel), list(stride), [lo for lo, _ in pads]
+
+
+def _pooled_channels_last(y, n: int):
+    """ATen's pooled ``[B, C, H', W']`` as the kernels' ``[B, *O, C]``."""
+    return _channels_last(y.squeeze(2) if n == 1 else y, n)
+
+
+def max_pool_forward(x, kernel, stride, pads):
+    """``max_pool_forward``: ``(x [B, *S, C], kernel, stride, pads) -> (y [B, *O, C], idx)``
+    through ``aten.max_pool2d_with_indices`` (padding as ``-inf``, the first maximum of a
+    window taking its gradient, as the reference); ``idx`` is private to
+    :func:`max_pool_backward`. ``None`` outside ATen's case (see :func:`_pool_case`)."""
+    case = _pool_case(x, kernel, stride, pads)
+    if case is None:
+        return None
+    xin, k, s, p = case
+    y, indices = _aten.max_pool2d_with_indices(xin, k, s, p, [1, 1], False)
+    return _pooled_channels_last(y, len(kernel)), (indices, xin, k, s, p)
+
+
+def max_pool_backward(dy, idx, spatial, kernel, stride, pads):
+    """``max_pool_backward``: ``(dy [B, *O, C], idx, spatial, kernel, stride, pads) ->
+    dx [B, *spatial, C]``, each gradient at its window's first maximum."""
+    n = len(kernel)
+    indices, xin, k, s, p = idx
+    grad = _channels_first(dy, n)
+    if n == 1:
+        grad = grad.unsqueeze(2)
+    dx = _aten.max_pool2d_with_indices_backward(grad, xin, k, s, p, [1, 1], False, indices)
+    return _pooled_channels_last(dx, n)
+
+
+def avg_pool_forward(x, kernel, stride, pads):
+    """``avg_pool_forward``: ``(x [B, *S, C], kernel, stride, pads) -> y [B, *O, C]``, window
+    means with the padding counted in the divisor (``aten.avg_pool2d``); ``None`` outside
+    ATen's case."""
+    case = _pool_case(x, kernel, stride, pads)
+    if case is None:
+        return None
+    xin, k, s, p = case
+    return _pooled_channels_last(_aten.avg_pool2d(xin, k, s, p, False, True, None), len(kernel))
+
+
+def avg_pool_backward(dy, spatial, kernel, stride, pads):
+    """``avg_pool_backward``: ``(dy [B, *O, C], spatial, kernel, stride, pads) ->
+    dx [B, *spatial, C]``, each window's share of its gradient at every position it covers."""
+    n = len(kernel)
+    grad = _channels_first(dy, n)
+    if n == 1:
+        grad = grad.unsqueeze(2)
+    like = grad.new_empty((grad.shape[0], grad.shape[1], *([1] if n == 1 else []), *spatial))
+    _, k, s, p = _pool_case(_channels_last(like.squeeze(2) if n == 1 else like, n), kernel,
+                            stride, pads)
+    dx = _aten.avg_pool2d_backward(grad, like, k, s, p, False, True, None)
+    return _pooled_channels_last(dx, n)

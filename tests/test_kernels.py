@@ -448,7 +448,9 @@ POOL_CASES = [  # layer class, arguments, per-sample input shape
 def check_pool(backend, kernel, name):
     """Max and average pooling with the backend's kernels against its reference path:
     maxima exactly, with ties (integer values) going to the first maximum; means; padding;
-    channels-first input."""
+    channels-first input. Gradients to rounding: where windows overlap, a position's
+    gradients may be added in another order (PyTorch's); the numba kernels' equality to the
+    bit is checked in tests/test_numba_kernels.py."""
     reference = reference_backend(backend)
     kinds = {"max": (MaxPool1D, MaxPool2D), "avg": (AvgPool1D, AvgPool2D)}[name[:3]]
     tol = 0 if name.startswith("max") else 1e-6
@@ -461,8 +463,9 @@ def check_pool(backend, kernel, name):
             y, ctx = layer.forward(b.from_host(x), True)
             dy = _rand(b, tuple(y.shape), 61)
             results.append((y, layer.backward(dy, ctx)))
-        for got, want in zip(*results):
-            assert_close(got, backend.to_host(want), backend, rtol=tol, atol=tol)
+        (y, dx), (y_ref, dx_ref) = results
+        assert_close(y, backend.to_host(y_ref), backend, rtol=tol, atol=tol)
+        assert_close(dx, backend.to_host(dx_ref), backend, rtol=1e-6, atol=1e-6)
 
 
 def _step_buffer(backend, steps, batch, width, strided):
