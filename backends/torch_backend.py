@@ -105,6 +105,7 @@ def make_torch_backend(name: str = "torch", device: str | None = None) -> TorchB
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise BackendUnavailableError("torch device mps requested but MPS is not available.")
     from .torch_kernels import activation_kernels, reduction_kernels
+    from .torch_rnn import lstm_sequence_backward, lstm_sequence_forward
     from .torch_windows import (
         avg_pool_backward,
         avg_pool_forward,
@@ -125,4 +126,6 @@ def make_torch_backend(name: str = "torch", device: str | None = None) -> TorchB
                                  "max_pool_backward": max_pool_backward,
                                  "avg_pool_forward": avg_pool_forward,
                                  "avg_pool_backward": avg_pool_backward,
+                                 "lstm_sequence_forward": lstm_sequence_forward,
+                                 "lstm_sequence_backward": lstm_sequence_backward,
                                  **activation_kernels(), **reduction_kernels(dev)})

@@ -280,6 +280,35 @@ def check_rope(backend, kernel, name):
     assert kernel(x, xp.astype(cos, xp.float64), xp.astype(sin, xp.float64), 8, "half") is None
 
 
+def check_lstm_sequence(backend, kernel, name):
+    """The LSTM layer through the whole-sequence kernels against the per-step reference:
+    outputs, final state, input, parameter and initial-state gradients, with and without
+    bias and initial state, every step or the last; a second backward on the same context
+    adds the same gradients again; a forward without ``train`` still allows backward."""
+    xp = backend.xp
+    for sequences, bias, given in ((True, True, True), (False, True, False),
+                                   (True, False, False)):
+        results = []
+        for b in (backend, reference_backend(backend)):
+            layer = LSTM(5, return_sequences=sequences, bias=bias)
+            layer.build((4, 3), b, rng=0)
+            state = (_rand(b, (2, 5), 70), _rand(b, (2, 5), 71)) if given else None
+            x = _rand(b, (2, 4, 3), 72)
+            y, ctx = layer.forward(x, True, initial_state=state)
+            dy = _rand(b, tuple(y.shape), 73)
+            dx = layer.backward(dy, ctx)
+            first = [xp.asarray(r.grad, copy=True) for r in layer.parameters()]
+            layer.backward(dy, ctx)  # gradients add up
+            twice = [r.grad for r in layer.parameters()]
+            _, eval_ctx = layer.forward(x, False, initial_state=state)
+            layer.zero_grad()
+            dx_eval = layer.backward(dy, eval_ctx)
+            results.append((y, dx, dx_eval, *layer.initial_state_grad(ctx),
+                            *layer.final_state(ctx), *first, *twice))
+        for got, want in zip(*results, strict=True):
+            assert_close(got, backend.to_host(want), backend, rtol=1e-4, atol=1e-5)
+
+
 def check_sum_rows(backend, kernel, name):
     a = _rand(backend, (513, 7), 30)
     assert_close(kernel(a), backend.to_host(backend.xp.sum(a, axis=0)), backend, rtol=1e-5,
@@ -590,6 +619,8 @@ KERNEL_CHECKS = {
     "sgd_update": check_sgd,
     "lstm_cell_forward": check_lstm_cell_forward,
     "lstm_cell_backward": check_lstm_cell_backward,
+    "lstm_sequence_forward": check_lstm_sequence,
+    "lstm_sequence_backward": check_lstm_sequence,
     "gru_cell_forward": check_gru_cell_forward,
     "gru_cell_backward": check_gru_cell_backward,
     "silu_gate_forward": check_silu_gate_forward,

@@ -23,7 +23,7 @@ from functools import partial
 from typing import Any
 
 from ..backends import RandomSource
-from ..errors import ConfigError, ShapeError
+from ..errors import ConfigError, LoomxError, ShapeError
 from .activations import sigmoid
 from .base import Array, Layer, Shape, register_layer
 from .dense import accumulate_linear_grads, linear, linear_backward
@@ -128,9 +128,12 @@ class RecurrentContext:
         h_prev: hidden states before each step, ``[T, B, H]`` (``h0`` then ``hs[:-1]``).
         state: the state after the last step (``h`` or ``(h, c)``).
         d_initial: filled by ``backward``: the gradient of the initial state.
+        fused: ``(x, handle)`` when a whole-sequence kernel ran the forward (LSTM on PyTorch
+            tensors); ``x_tb``, ``steps``, ``hs`` and ``h_prev`` are then unset.
     """
 
-    __slots__ = ("x_tb", "batch", "steps", "h0", "c0", "hs", "h_prev", "state", "d_initial")
+    __slots__ = ("x_tb", "batch", "steps", "h0", "c0", "hs", "h_prev", "state", "d_initial",
+                 "fused")
 
     def __init__(self, x_tb: Array, batch: int, h0: Array, c0: Array | None = None):
         self.x_tb, self.batch, self.h0, self.c0 = x_tb, batch, h0, c0
@@ -139,6 +142,7 @@ class RecurrentContext:
         self.h_prev: Array = None
         self.state: Any = None
         self.d_initial: Any = None
+        self.fused: Any = None
 
 
 class RecurrentLayer(Layer):
@@ -371,6 +375,9 @@ class LSTM(RecurrentLayer):
                                  f"[B, {hs_}] arrays but received {type(initial_state).__name__}")
             h = self._check_state(initial_state[0], batch, "initial_state h")
             c = self._check_state(initial_state[1], batch, "initial_state c")
+        fused = self._sequence(x, h, c, train)
+        if fused is not None:
+            return fused
         w_ih, w_hh, bias = self._gate_weights()
         x_tb, xw = self._project_inputs(x, w_ih, bias)
         ctx = RecurrentContext(x_tb, batch, h, c)
@@ -383,6 +390,44 @@ class LSTM(RecurrentLayer):
             ctx.steps.append((i, f, g, o, c_prev, tc))
             hs.append(h)
         return self._finish(ctx, hs, (h, c))
+
+    def _sequence(self, x: Array, h: Array, c: Array,
+                  train: bool) -> tuple[Array, RecurrentContext] | None:
+        """The whole sequence through the backend's ``lstm_sequence_forward`` kernel (ATen's
+        fused LSTM on PyTorch tensors), or ``None`` where it has none or declines."""
+        kernel = self.backend.kernel("lstm_sequence_forward")
+        found = None if kernel is None else kernel(
+            x, h, c, self.params["weight_ih"], self.params["weight_hh"],
+            self.params.get("bias"), train)
+        if found is None:
+            return None
+        y, h_last, c_last, handle = found
+        ctx = RecurrentContext(None, x.shape[0], h, c)
+        ctx.fused, ctx.state = (x, handle), (h_last, c_last)
+        return (y if self.return_sequences else h_last), ctx
+
+    def _sequence_backward(self, dy: Array, ctx: RecurrentContext,
+                           need_input_grad: bool) -> Array | None:
+        """Backward of :meth:`_sequence` (a forward without ``train`` is run again, with)."""
+        x, handle = ctx.fused
+        if handle is None:
+            found = self.backend.kernel("lstm_sequence_forward")(
+                x, ctx.h0, ctx.c0, self.params["weight_ih"], self.params["weight_hh"],
+                self.params.get("bias"), True)
+            if found is None or found[3] is None:
+                raise LoomxError(f"{self.describe()}: backward needs a forward with "
+                                 "train=True on these arrays")
+            handle = found[3]
+            ctx.fused = (x, handle)
+        seq, last = (dy, None) if self.return_sequences else (None, dy)
+        dx, dh0, dc0, dw_ih, dw_hh, db = self.backend.kernel("lstm_sequence_backward")(
+            handle, seq, last, need_input_grad)
+        self._accumulate("weight_ih", dw_ih)
+        self._accumulate("weight_hh", dw_hh)
+        if db is not None:
+            self._accumulate("bias", db)
+        ctx.d_initial = (dh0, dc0)
+        return dx
 
     def _gate_weights(self) -> tuple[Array, Array, Array | None]:
         """``weight_ih``, ``weight_hh`` and ``bias`` with the gate blocks reordered to
@@ -401,6 +446,8 @@ class LSTM(RecurrentLayer):
 
     def backward(self, dy: Array, ctx: RecurrentContext,
                  need_input_grad: bool = True) -> Array | None:
+        if ctx.fused is not None:
+            return self._sequence_backward(dy, ctx, need_input_grad)
         xp = self.xp
         w_hh = self.params["weight_hh"]
         dpx = self._grad_buffer(ctx)  # gate order of the parameters: i, f, g, o
