@@ -20,7 +20,8 @@ def _torch_window_gather(x, window: tuple[int, ...], stride: tuple[int, ...]):
 
 
 class TorchBackend(Backend):
-    """PyTorch tensors; autograd is never used (loomx computes its own gradients)."""
+    """PyTorch tensors. loomx computes its own gradients; autograd runs only inside the
+    ``lstm_sequence`` kernels (``torch_rnn.py``), on copies that nothing outside them sees."""
 
     def _from_host(self, arr: np.ndarray, dtype):
         import torch

@@ -32,6 +32,9 @@ from .base import check_window_reach
 
 _aten = torch.ops.aten
 
+#: these kernels take the whole batch at once (the kernel checks run no chunked variant)
+CHUNKED = False
+
 
 def _channels_first(a, n: int):
     """``[B, *S, C]`` → ``[B, C, *S]`` (a view)."""
@@ -150,18 +153,21 @@ def max_pool_forward(x, kernel, stride, pads):
         return None
     xin, k, s, p = case
     y, indices = _aten.max_pool2d_with_indices(xin, k, s, p, [1, 1], False)
-    return _pooled_channels_last(y, len(kernel)), (indices, xin, k, s, p)
+    return _pooled_channels_last(y, len(kernel)), (indices, tuple(xin.shape), k, s, p)
 
 
 def max_pool_backward(dy, idx, spatial, kernel, stride, pads):
     """``max_pool_backward``: ``(dy [B, *O, C], idx, spatial, kernel, stride, pads) ->
     dx [B, *spatial, C]``, each gradient at its window's first maximum."""
     n = len(kernel)
-    indices, xin, k, s, p = idx
+    indices, shape, k, s, p = idx
     grad = _channels_first(dy, n)
     if n == 1:
         grad = grad.unsqueeze(2)
-    dx = _aten.max_pool2d_with_indices_backward(grad, xin, k, s, p, [1, 1], False, indices)
+    # the input's shape in dy's dtype (ATen reads no values from it): dx in dy's dtype, as
+    # the reference, and the input is not kept alive
+    like = grad.new_empty(shape)
+    dx = _aten.max_pool2d_with_indices_backward(grad, like, k, s, p, [1, 1], False, indices)
     return _pooled_channels_last(dx, n)
 
 

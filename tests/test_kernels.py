@@ -292,7 +292,8 @@ def check_lstm_sequence(backend, kernel, name):
         for b in (backend, reference_backend(backend)):
             layer = LSTM(5, return_sequences=sequences, bias=bias)
             layer.build((4, 3), b, rng=0)
-            state = (_rand(b, (2, 5), 70), _rand(b, (2, 5), 71)) if given else None
+            state = (_rand(b, (2, 5), 70),  # c0 a strided view
+                     xp.permute_dims(_rand(b, (5, 2), 71), (1, 0))) if given else None
             x = _rand(b, (2, 4, 3), 72)
             y, ctx = layer.forward(x, True, initial_state=state)
             dy = _rand(b, tuple(y.shape), 73)
@@ -303,8 +304,11 @@ def check_lstm_sequence(backend, kernel, name):
             _, eval_ctx = layer.forward(x, False, initial_state=state)
             layer.zero_grad()
             dx_eval = layer.backward(dy, eval_ctx)
+            _, ctx_no_dx = layer.forward(x, True, initial_state=state)
+            assert layer.backward(dy, ctx_no_dx, need_input_grad=False) is None
             results.append((y, dx, dx_eval, *layer.initial_state_grad(ctx),
-                            *layer.final_state(ctx), *first, *twice))
+                            *layer.final_state(ctx), *first, *twice,
+                            *layer.initial_state_grad(ctx_no_dx)))
         for got, want in zip(*results, strict=True):
             assert_close(got, backend.to_host(want), backend, rtol=1e-4, atol=1e-5)
 
@@ -385,12 +389,14 @@ def check_window_scatter_add(backend, kernel, name):
 @contextlib.contextmanager
 def _chunks_of_one_image(kernel):
     """Make a chunked kernel (``CHUNK_BYTES`` in its module) take one image per chunk; kernels
-    that do not chunk (PyTorch's, through ATen's convolution) run as they are."""
+    whose module declares ``CHUNKED = False`` (PyTorch's, through ATen's convolution) run as
+    they are."""
     module = sys.modules.get(getattr(kernel, "__module__", ""), None)
-    saved = getattr(module, "CHUNK_BYTES", None)
-    if saved is None:
+    if getattr(module, "CHUNKED", True) is False:
         yield
         return
+    saved = getattr(module, "CHUNK_BYTES", None)
+    assert saved is not None, f"{kernel!r} has no CHUNK_BYTES in its module"
     module.CHUNK_BYTES = 1
     try:
         yield
@@ -777,6 +783,35 @@ def test_lstm_initial_state_and_its_gradient_same_with_and_without_kernels(backe
         results.append((y, dx, *layer.initial_state_grad(ctx), *layer.final_state(ctx)))
     for got, want in zip(*results):
         assert_close(got, backend.to_host(want), backend, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_lstm_and_pooling_kernels_in_inference_mode_and_mixed_dtypes():
+    """PyTorch's fused LSTM trains inside ``torch.inference_mode()`` (on copies of the
+    inference tensors) like the per-step path, and its max-pooling gradient takes ``dy``'s
+    dtype."""
+    torch = pytest.importorskip("torch")
+    from loomx.backends import get_backend
+
+    backend = get_backend("torch")
+    results = []
+    for b in (backend, backend.without_kernels()):
+        layer = LSTM(5, return_sequences=True)
+        layer.build((4, 3), b, rng=0)
+        with torch.inference_mode():
+            x = _rand(b, (2, 4, 3), 80)
+            y, ctx = layer.forward(x, True)
+            dx = layer.backward(_rand(b, tuple(y.shape), 81), ctx)
+        _, eval_ctx = layer.forward(x, False)  # x is an inference tensor
+        dx_eval = layer.backward(_rand(b, tuple(y.shape), 81), eval_ctx)
+        results.append((y, dx, dx_eval, *[r.grad for r in layer.parameters()]))
+    for got, want in zip(*results, strict=True):
+        assert_close(got, backend.to_host(want), backend, rtol=1e-4, atol=1e-5)
+    fwd, back = backend.kernel("max_pool_forward"), backend.kernel("max_pool_backward")
+    x = _rand(backend, (2, 6, 6, 8), 82)
+    y, idx = fwd(x, (2, 2), (2, 2), ((0, 0), (0, 0)))
+    dx = back(backend.xp.astype(_rand(backend, tuple(y.shape), 83), backend.xp.float64), idx,
+              (6, 6), (2, 2), (2, 2), ((0, 0), (0, 0)))
+    assert dx.dtype == torch.float64 and tuple(dx.shape) == (2, 6, 6, 8)
 
 
 def _numpy_lstm_kernels(np_):
