@@ -21,7 +21,7 @@ def _torch_window_gather(x, window: tuple[int, ...], stride: tuple[int, ...]):
 
 class TorchBackend(Backend):
     """PyTorch tensors. loomx computes its own gradients; autograd runs only inside the
-    ``lstm_sequence`` kernels (``torch_rnn.py``), on copies that nothing outside them sees."""
+    ``recurrent_sequence`` kernels (``torch_rnn.py``), on copies that nothing outside them sees."""
 
     def _from_host(self, arr: np.ndarray, dtype):
         import torch
@@ -106,7 +106,7 @@ def make_torch_backend(name: str = "torch", device: str | None = None) -> TorchB
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise BackendUnavailableError("torch device mps requested but MPS is not available.")
     from .torch_kernels import activation_kernels, reduction_kernels
-    from .torch_rnn import lstm_sequence_backward, lstm_sequence_forward
+    from .torch_rnn import recurrent_sequence_backward, recurrent_sequence_forward
     from .torch_windows import (
         avg_pool_backward,
         avg_pool_forward,
@@ -127,6 +127,6 @@ def make_torch_backend(name: str = "torch", device: str | None = None) -> TorchB
                                  "max_pool_backward": max_pool_backward,
                                  "avg_pool_forward": avg_pool_forward,
                                  "avg_pool_backward": avg_pool_backward,
-                                 "lstm_sequence_forward": lstm_sequence_forward,
-                                 "lstm_sequence_backward": lstm_sequence_backward,
+                                 "recurrent_sequence_forward": recurrent_sequence_forward,
+                                 "recurrent_sequence_backward": recurrent_sequence_backward,
                                  **activation_kernels(), **reduction_kernels(dev)})

@@ -42,6 +42,7 @@ from loomx.layers.ffn import SwiGLU, silu_gate_backward, silu_gate_forward
 from loomx.layers.recurrent import (
     GRU,
     LSTM,
+    RNN,
     gru_cell_backward,
     gru_cell_forward,
     lstm_cell_backward,
@@ -280,37 +281,43 @@ def check_rope(backend, kernel, name):
     assert kernel(x, xp.astype(cos, xp.float64), xp.astype(sin, xp.float64), 8, "half") is None
 
 
-def check_lstm_sequence(backend, kernel, name):
-    """The LSTM layer through the whole-sequence kernels against the per-step reference:
+def check_recurrent_sequence(backend, kernel, name):
+    """RNN, LSTM and GRU through the whole-sequence kernels against the per-step reference:
     outputs, final state, input, parameter and initial-state gradients, with and without
-    bias and initial state, every step or the last; a second backward on the same context
-    adds the same gradients again; a forward without ``train`` still allows backward."""
+    bias and initial state (a strided view), every step or the last; a second backward on
+    the same context adds the same gradients again; a forward without ``train`` still allows
+    backward; ``need_input_grad=False``."""
     xp = backend.xp
-    for sequences, bias, given in ((True, True, True), (False, True, False),
-                                   (True, False, False)):
-        results = []
-        for b in (backend, reference_backend(backend)):
-            layer = LSTM(5, return_sequences=sequences, bias=bias)
-            layer.build((4, 3), b, rng=0)
-            state = (_rand(b, (2, 5), 70),  # c0 a strided view
-                     xp.permute_dims(_rand(b, (5, 2), 71), (1, 0))) if given else None
-            x = _rand(b, (2, 4, 3), 72)
-            y, ctx = layer.forward(x, True, initial_state=state)
-            dy = _rand(b, tuple(y.shape), 73)
-            dx = layer.backward(dy, ctx)
-            first = [xp.asarray(r.grad, copy=True) for r in layer.parameters()]
-            layer.backward(dy, ctx)  # gradients add up
-            twice = [r.grad for r in layer.parameters()]
-            _, eval_ctx = layer.forward(x, False, initial_state=state)
-            layer.zero_grad()
-            dx_eval = layer.backward(dy, eval_ctx)
-            _, ctx_no_dx = layer.forward(x, True, initial_state=state)
-            assert layer.backward(dy, ctx_no_dx, need_input_grad=False) is None
-            results.append((y, dx, dx_eval, *layer.initial_state_grad(ctx),
-                            *layer.final_state(ctx), *first, *twice,
-                            *layer.initial_state_grad(ctx_no_dx)))
-        for got, want in zip(*results, strict=True):
-            assert_close(got, backend.to_host(want), backend, rtol=1e-4, atol=1e-5)
+    for cls in (RNN, LSTM, GRU):
+        for sequences, bias, given in ((True, True, True), (False, True, False),
+                                       (True, False, False)):
+            results = []
+            for b in (backend, reference_backend(backend)):
+                layer = cls(5, return_sequences=sequences, bias=bias)
+                layer.build((4, 3), b, rng=0)
+                h0 = xp.permute_dims(_rand(b, (5, 2), 71), (1, 0))  # a strided view
+                state = ((_rand(b, (2, 5), 70), h0) if cls is LSTM else h0) if given else None
+                x = _rand(b, (2, 4, 3), 72)
+                y, ctx = layer.forward(x, True, initial_state=state)
+                dy = _rand(b, tuple(y.shape), 73)
+                dx = layer.backward(dy, ctx)
+                first = [xp.asarray(r.grad, copy=True) for r in layer.parameters()]
+                layer.backward(dy, ctx)  # gradients add up
+                twice = [r.grad for r in layer.parameters()]
+                _, eval_ctx = layer.forward(x, False, initial_state=state)
+                layer.zero_grad()
+                dx_eval = layer.backward(dy, eval_ctx)
+                _, ctx_no_dx = layer.forward(x, True, initial_state=state)
+                assert layer.backward(dy, ctx_no_dx, need_input_grad=False) is None
+
+                def flat(v):
+                    return list(v) if isinstance(v, tuple) else [v]
+
+                results.append((y, dx, dx_eval, *flat(layer.initial_state_grad(ctx)),
+                                *flat(layer.final_state(ctx)), *first, *twice,
+                                *flat(layer.initial_state_grad(ctx_no_dx))))
+            for got, want in zip(*results, strict=True):
+                assert_close(got, backend.to_host(want), backend, rtol=1e-4, atol=1e-5)
 
 
 def check_sum_rows(backend, kernel, name):
@@ -625,8 +632,8 @@ KERNEL_CHECKS = {
     "sgd_update": check_sgd,
     "lstm_cell_forward": check_lstm_cell_forward,
     "lstm_cell_backward": check_lstm_cell_backward,
-    "lstm_sequence_forward": check_lstm_sequence,
-    "lstm_sequence_backward": check_lstm_sequence,
+    "recurrent_sequence_forward": check_recurrent_sequence,
+    "recurrent_sequence_backward": check_recurrent_sequence,
     "gru_cell_forward": check_gru_cell_forward,
     "gru_cell_backward": check_gru_cell_backward,
     "silu_gate_forward": check_silu_gate_forward,

@@ -128,7 +128,7 @@ class RecurrentContext:
         h_prev: hidden states before each step, ``[T, B, H]`` (``h0`` then ``hs[:-1]``).
         state: the state after the last step (``h`` or ``(h, c)``).
         d_initial: filled by ``backward``: the gradient of the initial state.
-        fused: ``(x, handle)`` when a whole-sequence kernel ran the forward (LSTM on PyTorch
+        fused: ``(x, handle)`` when a whole-sequence kernel ran the forward (PyTorch
             tensors); ``x_tb``, ``steps``, ``hs`` and ``h_prev`` are then unset.
     """
 
@@ -281,6 +281,55 @@ class RecurrentLayer(Layer):
             return None
         return xp.permute_dims(xp.reshape(dx, (steps, b, dx.shape[-1])), (1, 0, 2))
 
+    # ------------------------------------------------------------------ fused sequences
+    #: the ``recurrent_sequence_forward`` mode of this layer (``"lstm"``, ``"gru"``,
+    #: ``"rnn_tanh"``); backends with that kernel (PyTorch) run the whole sequence in one call
+    sequence_mode: str | None = None
+
+    def _sequence_names(self) -> list[str | None]:
+        """The parameter names in the kernel's order ``[weight_ih, weight_hh, bias_ih,
+        bias_hh]`` (``None`` for a bias the layer does not have)."""
+        return ["weight_ih", "weight_hh", "bias" if self.bias else None, None]
+
+    def _sequence(self, x: Array, states: list[Array],
+                  train: bool) -> tuple[Array, RecurrentContext] | None:
+        """The whole sequence through the backend's ``recurrent_sequence_forward`` kernel
+        (ATen's fused RNN/LSTM/GRU on PyTorch tensors), or ``None`` where it has none or
+        declines."""
+        kernel = self.backend.kernel("recurrent_sequence_forward")
+        if kernel is None or self.sequence_mode is None:
+            return None
+        params = [None if n is None else self.params[n] for n in self._sequence_names()]
+        found = kernel(self.sequence_mode, x, states, params, train)
+        if found is None:
+            return None
+        y, last, handle = found
+        ctx = RecurrentContext(None, x.shape[0], *states)
+        ctx.fused = (x, handle)
+        ctx.state = tuple(last) if len(last) > 1 else last[0]
+        return (y if self.return_sequences else last[0]), ctx
+
+    def _sequence_backward(self, dy: Array, ctx: RecurrentContext,
+                           need_input_grad: bool) -> Array | None:
+        """Backward of :meth:`_sequence` (a forward without ``train`` is run again, with)."""
+        x, handle = ctx.fused
+        if handle is None:
+            states = [ctx.h0] if ctx.c0 is None else [ctx.h0, ctx.c0]
+            found = self._sequence(x, states, True)
+            if found is None:
+                raise LoomxError(f"{self.describe()}: backward needs a forward with "
+                                 "train=True on these arrays")
+            handle = found[1].fused[1]
+            ctx.fused = (x, handle)
+        seq, last = (dy, None) if self.return_sequences else (None, dy)
+        dx, d_states, d_params = self.backend.kernel("recurrent_sequence_backward")(
+            handle, seq, last, need_input_grad)
+        for name, grad in zip(self._sequence_names(), d_params):
+            if name is not None:
+                self._accumulate(name, grad)
+        ctx.d_initial = tuple(d_states) if len(d_states) > 1 else d_states[0]
+        return dx
+
     # ------------------------------------------------------------------ public extras
     def final_state(self, ctx: RecurrentContext) -> Any:
         """The state after the last step: ``h [B, H]`` (LSTM: ``(h, c)``)."""
@@ -306,6 +355,7 @@ class RNN(RecurrentLayer):
     """
 
     type_name = "rnn"
+    sequence_mode = "rnn_tanh"
 
     def forward(self, x: Array, train: bool = False,
                 initial_state: Array | None = None) -> tuple[Array, RecurrentContext]:
@@ -313,6 +363,9 @@ class RNN(RecurrentLayer):
         xp = self.xp
         batch = x.shape[0]
         h = self._initial_h(initial_state, batch)
+        fused = self._sequence(x, [h], train)
+        if fused is not None:
+            return fused
         x_tb, xw = self._project_inputs(x, self.params["weight_ih"], self.params.get("bias"))
         ctx = RecurrentContext(x_tb, batch, h)
         w_hh_t = self._hidden_weight_t(self.params["weight_hh"])
@@ -324,6 +377,8 @@ class RNN(RecurrentLayer):
 
     def backward(self, dy: Array, ctx: RecurrentContext,
                  need_input_grad: bool = True) -> Array | None:
+        if ctx.fused is not None:
+            return self._sequence_backward(dy, ctx, need_input_grad)
         xp = self.xp
         w_hh = self.params["weight_hh"]
         dpx = self._grad_buffer(ctx)
@@ -352,6 +407,7 @@ class LSTM(RecurrentLayer):
 
     type_name = "lstm"
     gates = 4
+    sequence_mode = "lstm"
 
     def _build_biases(self, dt: Any) -> None:
         if self.bias:
@@ -375,7 +431,7 @@ class LSTM(RecurrentLayer):
                                  f"[B, {hs_}] arrays but received {type(initial_state).__name__}")
             h = self._check_state(initial_state[0], batch, "initial_state h")
             c = self._check_state(initial_state[1], batch, "initial_state c")
-        fused = self._sequence(x, h, c, train)
+        fused = self._sequence(x, [h, c], train)
         if fused is not None:
             return fused
         w_ih, w_hh, bias = self._gate_weights()
@@ -390,44 +446,6 @@ class LSTM(RecurrentLayer):
             ctx.steps.append((i, f, g, o, c_prev, tc))
             hs.append(h)
         return self._finish(ctx, hs, (h, c))
-
-    def _sequence(self, x: Array, h: Array, c: Array,
-                  train: bool) -> tuple[Array, RecurrentContext] | None:
-        """The whole sequence through the backend's ``lstm_sequence_forward`` kernel (ATen's
-        fused LSTM on PyTorch tensors), or ``None`` where it has none or declines."""
-        kernel = self.backend.kernel("lstm_sequence_forward")
-        found = None if kernel is None else kernel(
-            x, h, c, self.params["weight_ih"], self.params["weight_hh"],
-            self.params.get("bias"), train)
-        if found is None:
-            return None
-        y, h_last, c_last, handle = found
-        ctx = RecurrentContext(None, x.shape[0], h, c)
-        ctx.fused, ctx.state = (x, handle), (h_last, c_last)
-        return (y if self.return_sequences else h_last), ctx
-
-    def _sequence_backward(self, dy: Array, ctx: RecurrentContext,
-                           need_input_grad: bool) -> Array | None:
-        """Backward of :meth:`_sequence` (a forward without ``train`` is run again, with)."""
-        x, handle = ctx.fused
-        if handle is None:
-            found = self.backend.kernel("lstm_sequence_forward")(
-                x, ctx.h0, ctx.c0, self.params["weight_ih"], self.params["weight_hh"],
-                self.params.get("bias"), True)
-            if found is None or found[3] is None:
-                raise LoomxError(f"{self.describe()}: backward needs a forward with "
-                                 "train=True on these arrays")
-            handle = found[3]
-            ctx.fused = (x, handle)
-        seq, last = (dy, None) if self.return_sequences else (None, dy)
-        dx, dh0, dc0, dw_ih, dw_hh, db = self.backend.kernel("lstm_sequence_backward")(
-            handle, seq, last, need_input_grad)
-        self._accumulate("weight_ih", dw_ih)
-        self._accumulate("weight_hh", dw_hh)
-        if db is not None:
-            self._accumulate("bias", db)
-        ctx.d_initial = (dh0, dc0)
-        return dx
 
     def _gate_weights(self) -> tuple[Array, Array, Array | None]:
         """``weight_ih``, ``weight_hh`` and ``bias`` with the gate blocks reordered to
@@ -478,6 +496,11 @@ class GRU(RecurrentLayer):
 
     type_name = "gru"
     gates = 3
+    sequence_mode = "gru"
+
+    def _sequence_names(self) -> list[str | None]:
+        bias = ["bias_ih", "bias_hh"] if self.bias else [None, None]
+        return ["weight_ih", "weight_hh", *bias]
 
     def _build_biases(self, dt: Any) -> None:
         if self.bias:
@@ -490,6 +513,9 @@ class GRU(RecurrentLayer):
         xp = self.xp
         batch = x.shape[0]
         h = self._initial_h(initial_state, batch)
+        fused = self._sequence(x, [h], train)
+        if fused is not None:
+            return fused
         x_tb, xw = self._project_inputs(x, self.params["weight_ih"], self.params.get("bias_ih"))
         ctx = RecurrentContext(x_tb, batch, h)
         w_hh_t = self._hidden_weight_t(self.params["weight_hh"])
@@ -508,6 +534,8 @@ class GRU(RecurrentLayer):
 
     def backward(self, dy: Array, ctx: RecurrentContext,
                  need_input_grad: bool = True) -> Array | None:
+        if ctx.fused is not None:
+            return self._sequence_backward(dy, ctx, need_input_grad)
         xp = self.xp
         w_hh = self.params["weight_hh"]
         dpx, dph = self._grad_buffer(ctx), self._grad_buffer(ctx)
