@@ -133,9 +133,14 @@ def _pool_case(x, kernel, stride, pads):
     if any(lo != hi or 2 * lo > k for (lo, hi), k in zip(pads, kernel)):
         return None
     xcf = _channels_first(x, n)
-    if n == 1:
-        return xcf.unsqueeze(2), [1, *kernel], [1, *stride], [0, pads[0][0]]
-    return xcf, list(kernel), list(stride), [lo for lo, _ in pads]
+    return (xcf.unsqueeze(2) if n == 1 else xcf), *_pool_args(kernel, stride, pads)
+
+
+def _pool_args(kernel, stride, pads) -> tuple[list[int], list[int], list[int]]:
+    """ATen's 2-d ``(kernel, stride, padding)`` of a 1-d (over a unit axis) or 2-d window."""
+    if len(kernel) == 1:
+        return [1, *kernel], [1, *stride], [0, pads[0][0]]
+    return list(kernel), list(stride), [lo for lo, _ in pads]
 
 
 def _pooled_channels_last(y, n: int):
@@ -189,8 +194,8 @@ def avg_pool_backward(dy, spatial, kernel, stride, pads):
     grad = _channels_first(dy, n)
     if n == 1:
         grad = grad.unsqueeze(2)
+    # the input's shape (ATen reads no values from it)
     like = grad.new_empty((grad.shape[0], grad.shape[1], *([1] if n == 1 else []), *spatial))
-    _, k, s, p = _pool_case(_channels_last(like.squeeze(2) if n == 1 else like, n), kernel,
-                            stride, pads)
+    k, s, p = _pool_args(kernel, stride, pads)
     dx = _aten.avg_pool2d_backward(grad, like, k, s, p, False, True, None)
     return _pooled_channels_last(dx, n)
