@@ -18,6 +18,7 @@ kernel launch on CUDA and one loop on the CPU. Same contracts as the CuPy kernel
   backward); RMSNorm keeps the reference path, because ATen's fused RMSNorm has no CPU
   backward and its CPU forward is itself a composition of operations;
 - ``adam_update``: PyTorch's fused Adam / AdamW step on one parameter, in place;
+- ``sgd_update``: plain SGD in place (``sub_`` with ``alpha``);
 - ``lstm_cell_forward`` / ``lstm_cell_backward``: one LSTM step's gate arithmetic in 8 and
   about 16 ATen operations (``addcmul`` for the ``x·(1 - x)`` factors, ``out=`` into the
   gradient buffer) instead of 14 and 26 array calls: fewer launches per step on CUDA.
@@ -174,6 +175,15 @@ def _adam_update(w, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step, decou
     return w
 
 
+def _sgd_update(w, g, *, lr, weight_decay=0.0):
+    """``sgd_update``: ``w ← w − lr·(g + weight_decay·w)`` **in place**, the decayed gradient
+    formed first as on the reference path; without decay one ATen operation
+    (``sub_(g, alpha=lr)``) instead of a product, a difference and a new tensor."""
+    if weight_decay:
+        g = g + weight_decay * w
+    return w.sub_(g, alpha=float(lr))
+
+
 @functools.lru_cache(maxsize=16)
 def _fused_adam_runs(device: str) -> bool:
     """Whether this PyTorch build has the fused Adam and AdamW kernels on ``device`` (CPU
@@ -229,7 +239,7 @@ def reduction_kernels(device=None) -> dict[str, Callable]:
                "layer_norm_forward": _layer_norm_forward,
                "layer_norm_backward": _layer_norm_backward,
                "lstm_cell_forward": _lstm_cell_forward,
-               "lstm_cell_backward": _lstm_cell_backward}
+               "lstm_cell_backward": _lstm_cell_backward, "sgd_update": _sgd_update}
     if _fused_adam_runs(str(device) if device is not None else "cpu"):
         kernels["adam_update"] = _adam_update
     return kernels
