@@ -123,17 +123,16 @@ def window_matmul_backward(x, dz, w, kernel, stride, dilation, pads, out_shape,
 
 
 # ---------------------------------------------------------------------- pooling
-def _pool_case(x, kernel, stride, pads):
-    """``(x as [B, C, H, W], kernel, stride, padding)`` as 2-d ATen arguments for 1 or 2
-    spatial axes and symmetric padding of at most half the kernel (what ATen's pooling
-    takes), else ``None``."""
-    n = len(kernel)
-    if n not in (1, 2) or x.ndim != n + 2 or not x.is_floating_point():
-        return None
-    if any(lo != hi or 2 * lo > k for (lo, hi), k in zip(pads, kernel)):
-        return None
-    xcf = _channels_first(x, n)
-    return (xcf.unsqueeze(2) if n == 1 else xcf), *_pool_args(kernel, stride, pads)
+def _to_aten_2d(a, n: int):
+    """The kernels' ``[B, *S, C]`` as ATen's 2-d pooling layout ``[B, C, H, W]`` (a view; 1-d
+    over a unit axis)."""
+    a = _channels_first(a, n)
+    return a.unsqueeze(2) if n == 1 else a
+
+
+def _from_aten_2d(a, n: int):
+    """ATen's ``[B, C, H, W]`` as the kernels' ``[B, *S, C]`` (a view)."""
+    return _channels_last(a.squeeze(2) if n == 1 else a, n)
 
 
 def _pool_args(kernel, stride, pads) -> tuple[list[int], list[int], list[int]]:
@@ -143,59 +142,58 @@ def _pool_args(kernel, stride, pads) -> tuple[list[int], list[int], list[int]]:
     return list(kernel), list(stride), [lo for lo, _ in pads]
 
 
-def _pooled_channels_last(y, n: int):
-    """ATen's pooled ``[B, C, H', W']`` as the kernels' ``[B, *O, C]``."""
-    return _channels_last(y.squeeze(2) if n == 1 else y, n)
+def _pool_case(x, kernel, stride, pads) -> bool:
+    """Whether ATen's pooling takes these windows: 1 or 2 spatial axes of a float ``x`` and
+    symmetric padding of at most half the kernel."""
+    n = len(kernel)
+    return (n in (1, 2) and x.ndim == n + 2 and x.is_floating_point()
+            and all(lo == hi and 2 * lo <= k for (lo, hi), k in zip(pads, kernel)))
+
+
+def _backward_args(dy, spatial, kernel, stride, pads):
+    """``(grad, like, kernel, stride, padding)`` of ATen's pooling backward: ``dy`` in ATen's
+    layout and an uninitialised input of ``spatial`` size in ``dy``'s dtype (ATen reads only
+    its shape, and ``dx`` takes its dtype, as on the reference path)."""
+    n = len(kernel)
+    grad = _to_aten_2d(dy, n)
+    like = grad.new_empty((*grad.shape[:2], *([1] if n == 1 else []), *spatial))
+    return (grad, like, *_pool_args(kernel, stride, pads))
 
 
 def max_pool_forward(x, kernel, stride, pads):
     """``max_pool_forward``: ``(x [B, *S, C], kernel, stride, pads) -> (y [B, *O, C], idx)``
     through ``aten.max_pool2d_with_indices`` (padding as ``-inf``, the first maximum of a
-    window taking its gradient, as the reference); ``idx`` is private to
+    window taking its gradient, as the reference); ``idx`` is ATen's indices, private to
     :func:`max_pool_backward`. ``None`` outside ATen's case (see :func:`_pool_case`)."""
-    case = _pool_case(x, kernel, stride, pads)
-    if case is None:
+    if not _pool_case(x, kernel, stride, pads):
         return None
-    xin, k, s, p = case
-    y, indices = _aten.max_pool2d_with_indices(xin, k, s, p, [1, 1], False)
-    return _pooled_channels_last(y, len(kernel)), (indices, tuple(xin.shape), k, s, p)
+    y, indices = _aten.max_pool2d_with_indices(_to_aten_2d(x, len(kernel)),
+                                               *_pool_args(kernel, stride, pads), [1, 1], False)
+    return _from_aten_2d(y, len(kernel)), indices
 
 
 def max_pool_backward(dy, idx, spatial, kernel, stride, pads):
     """``max_pool_backward``: ``(dy [B, *O, C], idx, spatial, kernel, stride, pads) ->
     dx [B, *spatial, C]``, each gradient at its window's first maximum."""
-    n = len(kernel)
-    indices, shape, k, s, p = idx
-    grad = _channels_first(dy, n)
-    if n == 1:
-        grad = grad.unsqueeze(2)
-    # the input's shape in dy's dtype (ATen reads no values from it): dx in dy's dtype, as
-    # the reference, and the input is not kept alive
-    like = grad.new_empty(shape)
-    dx = _aten.max_pool2d_with_indices_backward(grad, like, k, s, p, [1, 1], False, indices)
-    return _pooled_channels_last(dx, n)
+    dx = _aten.max_pool2d_with_indices_backward(
+        *_backward_args(dy, spatial, kernel, stride, pads), [1, 1], False, idx)
+    return _from_aten_2d(dx, len(kernel))
 
 
 def avg_pool_forward(x, kernel, stride, pads):
     """``avg_pool_forward``: ``(x [B, *S, C], kernel, stride, pads) -> y [B, *O, C]``, window
     means with the padding counted in the divisor (``aten.avg_pool2d``); ``None`` outside
     ATen's case."""
-    case = _pool_case(x, kernel, stride, pads)
-    if case is None:
+    if not _pool_case(x, kernel, stride, pads):
         return None
-    xin, k, s, p = case
-    return _pooled_channels_last(_aten.avg_pool2d(xin, k, s, p, False, True, None), len(kernel))
+    y = _aten.avg_pool2d(_to_aten_2d(x, len(kernel)), *_pool_args(kernel, stride, pads), False,
+                         True, None)
+    return _from_aten_2d(y, len(kernel))
 
 
 def avg_pool_backward(dy, spatial, kernel, stride, pads):
     """``avg_pool_backward``: ``(dy [B, *O, C], spatial, kernel, stride, pads) ->
     dx [B, *spatial, C]``, each window's share of its gradient at every position it covers."""
-    n = len(kernel)
-    grad = _channels_first(dy, n)
-    if n == 1:
-        grad = grad.unsqueeze(2)
-    # the input's shape (ATen reads no values from it)
-    like = grad.new_empty((grad.shape[0], grad.shape[1], *([1] if n == 1 else []), *spatial))
-    k, s, p = _pool_args(kernel, stride, pads)
-    dx = _aten.avg_pool2d_backward(grad, like, k, s, p, False, True, None)
-    return _pooled_channels_last(dx, n)
+    dx = _aten.avg_pool2d_backward(*_backward_args(dy, spatial, kernel, stride, pads), False,
+                                   True, None)
+    return _from_aten_2d(dx, len(kernel))

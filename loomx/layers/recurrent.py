@@ -319,8 +319,8 @@ class RecurrentLayer(Layer):
             if found is None:
                 raise LoomxError(f"{self.describe()}: backward needs a forward with "
                                  "train=True on these arrays")
-            handle = found[1].fused[1]
-            ctx.fused = (x, handle)
+            ctx.fused = found[1].fused
+            handle = ctx.fused[1]
         seq, last = (dy, None) if self.return_sequences else (None, dy)
         dx, d_states, d_params = self.backend.kernel("recurrent_sequence_backward")(
             handle, seq, last, need_input_grad)
