@@ -115,6 +115,55 @@ def cupy_status() -> tuple[bool, str]:
     return True, f"{count} CUDA device(s)"
 
 
+@functools.lru_cache(maxsize=64)
+def _cupy_module(code: str):
+    """The compiled module of ``code`` (with the CUDA prelude), or ``None`` when NVRTC
+    rejects it."""
+    import cupy
+
+    from .cuda_lstm import CUDA_PRELUDE
+
+    try:
+        module = cupy.RawModule(code=CUDA_PRELUDE + code, options=("-std=c++14",))
+        module.compile()
+    except cupy.cuda.compiler.CompileException:
+        return None
+    return module
+
+
+def _cupy_build(code: str, name: str):
+    """``launch(grid, block, args, shared_mem)`` of kernel ``name`` in ``code``, or ``None``."""
+    module = _cupy_module(code)
+    if module is None:
+        return None
+    fn = module.get_function(name)
+
+    def launch(grid: int, block: int, args: tuple, shared_mem: int) -> None:
+        fn((grid,), (block,), args, shared_mem=shared_mem)
+
+    return launch
+
+
+@functools.cache
+def _multiprocessors(device_id: int) -> int:
+    import cupy
+
+    return int(cupy.cuda.Device(device_id).attributes["MultiProcessorCount"])
+
+
+def _lstm_sequence_kernels() -> dict:
+    """The whole-sequence LSTM kernels (``backends/cuda_lstm.py``) on CuPy arrays."""
+    import cupy
+
+    from .cuda_lstm import LSTMSequence
+
+    seq = LSTMSequence(cupy, _cupy_build,
+                       lambda: _multiprocessors(cupy.cuda.Device().id),
+                       device=lambda a: a.device)
+    return {"recurrent_sequence_forward": seq.forward,
+            "recurrent_sequence_backward": seq.backward}
+
+
 def make_cupy_backend(name: str = "cupy", index: int | None = None) -> CupyBackend:
     """Build the CuPy backend on device ``index`` (default 0)."""
     from loomx.errors import BackendUnavailableError
@@ -138,4 +187,4 @@ def make_cupy_backend(name: str = "cupy", index: int | None = None) -> CupyBacke
                                     lambda view, part: cupy.add(view, part, out=view)),
                                 "window_matmul": window_matmul,
                                 "window_matmul_backward": window_matmul_backward,
-                                **cupy_kernels()})
+                                **cupy_kernels(), **_lstm_sequence_kernels()})

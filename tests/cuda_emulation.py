@@ -1,0 +1,167 @@
+"""Run CUDA kernel source on the CPU: every CUDA thread a real thread, ``__syncthreads`` a barrier.
+
+For kernels written with block-stride loops and dynamic shared memory (``SHARED_MEMORY(T)``),
+such as :mod:`loomx.backends.cuda_lstm`, without a GPU. The source is compiled by the host's
+C++ compiler with a prelude that maps the CUDA built-ins onto C++ threads: ``threadIdx`` is
+thread-local, ``__syncthreads`` is a barrier over the block's threads, blocks run one after
+another, and shared memory is filled with NaN bytes before each block.
+
+What it catches: indexing errors and wrong arithmetic (wrong values), reads of shared memory
+that no thread wrote (NaN in the results), missing barriers (the threads really race, so the
+results are wrong in most runs), and a barrier inside divergent code (an error after 5 s).
+What it does not: reads past the shared memory the launch asked for (unless they crash), and
+everything device-specific (compiler limits, register pressure, speed).
+
+``build(code, name)`` returns ``launch(grid, block, args, shared_mem)`` over numpy arrays and
+``np.int32`` scalars, the interface ``LSTMSequence`` expects of a device compiler. Compiled
+libraries are cached by source hash in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+import numpy as np
+
+PRELUDE = r"""
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <vector>
+using std::min; using std::max;
+struct emu_dim3 { unsigned x, y, z; };
+static thread_local emu_dim3 threadIdx;
+static emu_dim3 blockIdx, blockDim, gridDim;
+// __syncthreads: a barrier over the block's threads that gives up (and marks the launch
+// failed) when some thread never arrives, as when a kernel syncs inside divergent code
+struct emu_barrier_t {
+    std::mutex m;
+    std::condition_variable cv;
+    int count = 0, waiting = 0;
+    long generation = 0;
+    bool broken = false;
+    void wait() {
+        std::unique_lock<std::mutex> lock(m);
+        if (broken) return;
+        const long g = generation;
+        if (++waiting == count) { waiting = 0; ++generation; cv.notify_all(); return; }
+        if (!cv.wait_for(lock, std::chrono::seconds(5),
+                         [&] { return generation != g || broken; })) {
+            broken = true;
+            cv.notify_all();
+        }
+    }
+};
+static emu_barrier_t* emu_barrier = nullptr;
+static unsigned char* emu_shared = nullptr;
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __syncthreads() emu_barrier->wait()
+#define SHARED_MEMORY(T) T* const smem = reinterpret_cast<T*>(emu_shared)
+
+template <class F> static int emu_run(int grid, int block, long long shared, F body) {
+    std::vector<unsigned char> memory(shared > 0 ? shared : 1);
+    emu_shared = memory.data();
+    gridDim = {(unsigned)grid, 1, 1};
+    blockDim = {(unsigned)block, 1, 1};
+    for (int b = 0; b < grid; ++b) {
+        std::memset(memory.data(), 0xff, memory.size());  // NaN in every float type
+        blockIdx = {(unsigned)b, 0, 0};
+        emu_barrier_t bar;
+        bar.count = block;
+        emu_barrier = &bar;
+        std::vector<std::thread> threads;
+        for (int t = 0; t < block; ++t)
+            threads.emplace_back([&, t] { threadIdx = {(unsigned)t, 0, 0}; body(); });
+        for (auto& th : threads) th.join();
+        if (bar.broken) return 1;
+    }
+    return 0;
+}
+"""
+
+
+def compiler() -> str | None:
+    """The host C++ compiler, or ``None``."""
+    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("clang++")
+
+
+def _signature(code: str, name: str) -> list[tuple[str, str]]:
+    """``[(kind, name)]`` of the kernel's parameters, ``kind`` ``"ptr"`` or ``"int"``."""
+    found = re.search(r"__global__\s+void\s+" + re.escape(name) + r"\s*\(([^)]*)\)", code)
+    if found is None:
+        raise ValueError(f"no kernel {name!r} in the source")
+    params = []
+    for part in found.group(1).split(","):
+        words = part.replace("*", " * ").split()
+        params.append(("ptr" if "*" in words else "int", words[-1]))
+    return params
+
+
+@functools.cache
+def _library(code: str) -> ctypes.CDLL:
+    names = re.findall(r"__global__\s+void\s+(\w+)\s*\(", code)
+    wrappers = []
+    for name in names:
+        params = _signature(code, name)
+        decl = ", ".join(f"void* {p}" if kind == "ptr" else f"int {p}" for kind, p in params)
+        kernel = re.search(r"__global__\s+void\s+" + name + r"\s*\(([^)]*)\)", code).group(1)
+        types = [re.sub(r"\b" + p + r"\s*$", "", a).strip()
+                 for a, (_, p) in zip(kernel.split(","), params)]
+        casts = ", ".join(f"({t}){p}" for t, (_, p) in zip(types, params))
+        wrappers.append(f'extern "C" int emu_{name}(int grid, int block, long long shared, {decl})'
+                        f' {{ return emu_run(grid, block, shared, [&] {{ {name}({casts}); }}); }}')
+    source = PRELUDE + code + "\n" + "\n".join(wrappers) + "\n"
+    digest = hashlib.sha1(source.encode()).hexdigest()[:16]
+    folder = os.path.join(tempfile.gettempdir(), "loomx-cuda-emulation")
+    os.makedirs(folder, exist_ok=True)
+    lib = os.path.join(folder, f"{digest}.so")
+    if not os.path.exists(lib):
+        src = os.path.join(folder, f"{digest}.cpp")
+        with open(src, "w") as f:
+            f.write(source)
+        tmp = f"{lib}.{os.getpid()}.tmp"
+        subprocess.run([compiler(), "-std=c++17", "-O1", "-g", "-shared", "-fPIC", "-pthread",
+                        "-Wall", "-Wno-unknown-pragmas", "-Werror", src, "-o", tmp],
+                       check=True, capture_output=True, text=True)
+        os.replace(tmp, lib)
+    return ctypes.CDLL(lib)
+
+
+def build(code: str, name: str):
+    """``launch(grid, block, args, shared_mem)`` running kernel ``name`` of ``code``."""
+    fn = getattr(_library(code), f"emu_{name}")
+    kinds = [kind for kind, _ in _signature(code, name)]
+    fn.restype = ctypes.c_int
+
+    def launch(grid: int, block: int, args: tuple, shared_mem: int) -> None:
+        if len(args) != len(kinds):
+            raise TypeError(f"{name} takes {len(kinds)} arguments, got {len(args)}")
+        converted = []
+        for kind, a in zip(kinds, args):
+            if kind == "ptr":
+                if not (isinstance(a, np.ndarray) and a.flags.c_contiguous):
+                    raise TypeError(f"{name}: pointer arguments must be C-contiguous arrays")
+                converted.append(ctypes.c_void_p(a.ctypes.data))
+            else:
+                if not isinstance(a, np.int32):
+                    raise TypeError(f"{name}: int arguments must be np.int32, got {type(a)}")
+                converted.append(ctypes.c_int(int(a)))
+        if fn(ctypes.c_int(grid), ctypes.c_int(block), ctypes.c_longlong(shared_mem),
+              *converted):
+            raise RuntimeError(f"{name}: a __syncthreads() was not reached by every thread of "
+                               "a block (a barrier in divergent code)")
+
+    return launch
