@@ -67,7 +67,7 @@ __device__ __forceinline__ T loomx_sigmoid(T z) { return (T)1 / ((T)1 + EXP_(-z)
 
 // xw [B, S, G]: x·W_ihᵀ; bias [G] (has_bias); wt [H, G]: W_hhᵀ; h0, c0, hT, cT [B, H];
 // y [B, S, H]; with save: gates [B, S, G] (i, f, g, o after their activations), cs [B, S, H].
-extern "C" __global__ void lstm_seq_fwd(
+extern "C" __global__ void __launch_bounds__(NT) lstm_seq_fwd(
     const T* __restrict__ xw, const T* __restrict__ bias, const T* __restrict__ wt,
     const T* __restrict__ h0, const T* __restrict__ c0, T* __restrict__ y,
     T* __restrict__ hT, T* __restrict__ cT, T* __restrict__ gates, T* __restrict__ cs,
@@ -88,19 +88,21 @@ extern "C" __global__ void lstm_seq_fwd(
     __syncthreads();
     for (int t = 0; t < steps; ++t) {
         for (int j = threadIdx.x; j < G; j += NT) {
-            const T b = has_bias ? bias[j] : (T)0;
             T acc[R];
 #pragma unroll
-            for (int r = 0; r < R; ++r)
-                acc[r] = r < rows ? xw[((long long)(row0 + r) * steps + t) * G + j] + b : (T)0;
-#pragma unroll 4
+            for (int r = 0; r < R; ++r) acc[r] = (T)0;
+#pragma unroll 8
             for (int k = 0; k < H; ++k) {
                 const T w = wt[k * G + j];
 #pragma unroll
                 for (int r = 0; r < R; ++r) acc[r] += hs[r * H + k] * w;
             }
+            // the input side after the product: its loads wait off the critical path
+            const T b = has_bias ? bias[j] : (T)0;
 #pragma unroll
-            for (int r = 0; r < R; ++r) pre[r * G + j] = acc[r];
+            for (int r = 0; r < R; ++r)
+                pre[r * G + j] = acc[r] + (r < rows
+                    ? xw[((long long)(row0 + r) * steps + t) * G + j] + b : (T)0);
         }
         __syncthreads();
         for (int idx = threadIdx.x; idx < R * H; idx += NT) {
@@ -136,7 +138,7 @@ extern "C" __global__ void lstm_seq_fwd(
 
 // gates, cs, c0 as saved by the forward; w [G, H]: W_hh; dy [B, S, H] (has_dy); dhT [B, H]
 // (has_dh); writes dpre [B, S, G] (pre-activation gradients) and dh0, dc0 [B, H].
-extern "C" __global__ void lstm_seq_bwd(
+extern "C" __global__ void __launch_bounds__(NT) lstm_seq_bwd(
     const T* __restrict__ gates, const T* __restrict__ cs, const T* __restrict__ c0,
     const T* __restrict__ w, const T* __restrict__ dy, const T* __restrict__ dhT,
     T* __restrict__ dpre, T* __restrict__ dh0, T* __restrict__ dc0,
@@ -181,15 +183,18 @@ extern "C" __global__ void lstm_seq_bwd(
             }
         }
         __syncthreads();
-        // dh_prev[r][k] = sum_j dg[r][j] · W_hh[j][k]: GRP groups of threads, each over the
-        // gate columns j ≡ group (mod GRP), then the groups' partial sums are added
+        // dh_prev[r][k] = sum_j dg[r][j] · W_hh[j][k]: GRP groups of threads, each over a
+        // contiguous range of gate columns (so that dg is read in vectors), then the groups'
+        // partial sums are added
         for (int idx = threadIdx.x; idx < GRP * H; idx += NT) {
             const int k = idx % H, grp = idx / H;
+            const int span = (G + GRP - 1) / GRP;
+            const int j_end = min(G, (grp + 1) * span);
             T acc[R];
 #pragma unroll
             for (int r = 0; r < R; ++r) acc[r] = (T)0;
-#pragma unroll 4
-            for (int j = grp; j < G; j += GRP) {
+#pragma unroll 8
+            for (int j = grp * span; j < j_end; ++j) {
                 const T wv = w[j * H + k];
 #pragma unroll
                 for (int r = 0; r < R; ++r) acc[r] += dg[r * G + j] * wv;
@@ -383,7 +388,9 @@ class LSTMSequence:
         d_bias = None
         if any(biases):
             d_bias = xp.matmul(xp.ones((batch * steps,), dtype=dtype), d2)
-        d_params = [d_w_ih, d_w_hh, *(d_bias if here else None for here in biases)]
+        d_biases = [d_bias if biases[0] else None,
+                    None if not biases[1] else d_bias.copy() if biases[0] else d_bias]
+        d_params = [d_w_ih, d_w_hh, *d_biases]
         dx = None
         if need_input_grad:
             dx = xp.matmul(d2, w_ih).reshape(batch, steps, features)

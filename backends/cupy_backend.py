@@ -118,7 +118,7 @@ def cupy_status() -> tuple[bool, str]:
 @functools.lru_cache(maxsize=64)
 def _cupy_module(code: str):
     """The compiled module of ``code`` (with the CUDA prelude), or ``None`` when NVRTC
-    rejects it."""
+    rejects it or the driver cannot load it."""
     import cupy
 
     from .cuda_lstm import CUDA_PRELUDE
@@ -126,11 +126,12 @@ def _cupy_module(code: str):
     try:
         module = cupy.RawModule(code=CUDA_PRELUDE + code, options=("-std=c++14",))
         module.compile()
-    except cupy.cuda.compiler.CompileException:
-        return None
+    except (cupy.cuda.compiler.CompileException, cupy.cuda.driver.CUDADriverError):
+        return None  # rejected by NVRTC, or by the driver when loading it
     return module
 
 
+@functools.lru_cache(maxsize=128)
 def _cupy_build(code: str, name: str):
     """``launch(grid, block, args, shared_mem)`` of kernel ``name`` in ``code``, or ``None``."""
     module = _cupy_module(code)

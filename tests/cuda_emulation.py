@@ -7,10 +7,12 @@ thread-local, ``__syncthreads`` is a barrier over the block's threads, blocks ru
 another, and shared memory is filled with NaN bytes before each block.
 
 What it catches: indexing errors and wrong arithmetic (wrong values), reads of shared memory
-that no thread wrote (NaN in the results), missing barriers (the threads really race, so the
-results are wrong in most runs), and a barrier inside divergent code (an error after 5 s).
-What it does not: reads past the shared memory the launch asked for (unless they crash), and
-everything device-specific (compiler limits, register pressure, speed).
+that no thread wrote or past what the launch asked for (NaN in the results; a guard region
+follows the requested bytes), writes past it (an error), missing barriers (the threads
+really race, and odd blocks start their threads in reverse order, so the results are wrong in
+most runs, not all), and a barrier inside divergent code (an error after 5 s). What it does
+not: everything device-specific (``__restrict__`` loads, flush-to-zero, compiler limits,
+register pressure, speed).
 
 ``build(code, name)`` returns ``launch(grid, block, args, shared_mem)`` over numpy arrays and
 ``np.int32`` scalars, the interface ``LSTMSequence`` expects of a device compiler. Compiled
@@ -68,11 +70,15 @@ static unsigned char* emu_shared = nullptr;
 #define __global__
 #define __device__
 #define __forceinline__ inline
+#define __launch_bounds__(...)
 #define __syncthreads() emu_barrier->wait()
 #define SHARED_MEMORY(T) T* const smem = reinterpret_cast<T*>(emu_shared)
 
+// returns 0, 1 (a barrier some thread never reached) or 2 (a write past the shared memory
+// the launch asked for, into a guard region after it)
 template <class F> static int emu_run(int grid, int block, long long shared, F body) {
-    std::vector<unsigned char> memory(shared > 0 ? shared : 1);
+    const long long guard = 256;
+    std::vector<unsigned char> memory(shared + guard);
     emu_shared = memory.data();
     gridDim = {(unsigned)grid, 1, 1};
     blockDim = {(unsigned)block, 1, 1};
@@ -83,14 +89,22 @@ template <class F> static int emu_run(int grid, int block, long long shared, F b
         bar.count = block;
         emu_barrier = &bar;
         std::vector<std::thread> threads;
-        for (int t = 0; t < block; ++t)
+        for (int i = 0; i < block; ++i) {
+            const int t = b % 2 ? block - 1 - i : i;  // odd blocks start their threads last first
             threads.emplace_back([&, t] { threadIdx = {(unsigned)t, 0, 0}; body(); });
+        }
         for (auto& th : threads) th.join();
         if (bar.broken) return 1;
+        for (long long i = shared; i < shared + guard; ++i)
+            if (memory[i] != 0xff) return 2;
     }
     return 0;
 }
 """
+
+
+#: What precedes a kernel's name: ``__global__ void`` and optional launch bounds.
+_KERNEL = r"__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?"
 
 
 def compiler() -> str | None:
@@ -100,7 +114,7 @@ def compiler() -> str | None:
 
 def _signature(code: str, name: str) -> list[tuple[str, str]]:
     """``[(kind, name)]`` of the kernel's parameters, ``kind`` ``"ptr"`` or ``"int"``."""
-    found = re.search(r"__global__\s+void\s+" + re.escape(name) + r"\s*\(([^)]*)\)", code)
+    found = re.search(_KERNEL + re.escape(name) + r"\s*\(([^)]*)\)", code)
     if found is None:
         raise ValueError(f"no kernel {name!r} in the source")
     params = []
@@ -112,12 +126,12 @@ def _signature(code: str, name: str) -> list[tuple[str, str]]:
 
 @functools.cache
 def _library(code: str) -> ctypes.CDLL:
-    names = re.findall(r"__global__\s+void\s+(\w+)\s*\(", code)
+    names = re.findall(_KERNEL + r"(\w+)\s*\(", code)
     wrappers = []
     for name in names:
         params = _signature(code, name)
         decl = ", ".join(f"void* {p}" if kind == "ptr" else f"int {p}" for kind, p in params)
-        kernel = re.search(r"__global__\s+void\s+" + name + r"\s*\(([^)]*)\)", code).group(1)
+        kernel = re.search(_KERNEL + name + r"\s*\(([^)]*)\)", code).group(1)
         types = [re.sub(r"\b" + p + r"\s*$", "", a).strip()
                  for a, (_, p) in zip(kernel.split(","), params)]
         casts = ", ".join(f"({t}){p}" for t, (_, p) in zip(types, params))
@@ -159,9 +173,13 @@ def build(code: str, name: str):
                 if not isinstance(a, np.int32):
                     raise TypeError(f"{name}: int arguments must be np.int32, got {type(a)}")
                 converted.append(ctypes.c_int(int(a)))
-        if fn(ctypes.c_int(grid), ctypes.c_int(block), ctypes.c_longlong(shared_mem),
-              *converted):
+        failed = fn(ctypes.c_int(grid), ctypes.c_int(block), ctypes.c_longlong(shared_mem),
+                    *converted)
+        if failed == 1:
             raise RuntimeError(f"{name}: a __syncthreads() was not reached by every thread of "
                                "a block (a barrier in divergent code)")
+        if failed == 2:
+            raise RuntimeError(f"{name}: a thread wrote past the {shared_mem} bytes of shared "
+                               "memory the launch asked for")
 
     return launch
