@@ -165,6 +165,13 @@ def _lstm_sequence_kernels() -> dict:
             "recurrent_sequence_backward": seq.backward}
 
 
+def _sgd_update_many(fallback) -> dict:
+    """Plain SGD over many parameters in one launch (``backends/cuda_foreach.py``)."""
+    from .cuda_foreach import SGDMany
+
+    return {"sgd_update_many": SGDMany(_cupy_build, fallback)}
+
+
 def make_cupy_backend(name: str = "cupy", index: int | None = None) -> CupyBackend:
     """Build the CuPy backend on device ``index`` (default 0)."""
     from loomx.errors import BackendUnavailableError
@@ -179,7 +186,7 @@ def make_cupy_backend(name: str = "cupy", index: int | None = None) -> CupyBacke
     i = index or 0
     if i >= count:
         raise BackendUnavailableError(f"cupy:{i} requested but only {count} CUDA device(s) exist.")
-    from .cupy_kernels import cupy_kernels
+    from .cupy_kernels import cupy_kernels, sgd_update
     from .cupy_windows import window_matmul, window_matmul_backward
 
     return CupyBackend(name=name, xp=xp, device=cupy.cuda.Device(i), library="cupy",
@@ -188,4 +195,5 @@ def make_cupy_backend(name: str = "cupy", index: int | None = None) -> CupyBacke
                                     lambda view, part: cupy.add(view, part, out=view)),
                                 "window_matmul": window_matmul,
                                 "window_matmul_backward": window_matmul_backward,
-                                **cupy_kernels(), **_lstm_sequence_kernels()})
+                                **cupy_kernels(), **_lstm_sequence_kernels(),
+                                **_sgd_update_many(sgd_update)})

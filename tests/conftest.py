@@ -122,6 +122,18 @@ def loaded():
     return LoadedModels()
 
 
+@pytest.fixture(scope="session")
+def emulated():
+    """``build`` of the CPU emulation of CUDA kernels (``tests/cuda_emulation.py``), or a skip
+    where the host compiler cannot build it."""
+    from tests import cuda_emulation
+
+    why = cuda_emulation.unavailable()
+    if why:
+        pytest.skip(why)
+    return cuda_emulation.build
+
+
 @pytest.fixture
 def numpy64():
     """The numpy backend in float64 (finite-difference checks)."""

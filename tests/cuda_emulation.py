@@ -112,15 +112,43 @@ def compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("clang++")
 
 
+def unavailable() -> str | None:
+    """Why the emulation cannot run here, or ``None`` when it can."""
+    if compiler() is None:
+        return "no C++ compiler for the CUDA emulation"
+    probe = 'extern "C" __global__ void probe(float* a, int n) { __syncthreads(); }'
+    try:
+        build(probe, "probe")
+    except subprocess.CalledProcessError as exc:
+        return f"the host compiler cannot build the CUDA emulation: {exc.stderr}"
+    return None
+
+
+#: Scalar parameter types -> (ctypes type, the numpy scalar type a launch must pass, as CuPy
+#: requires for its kernels)
+_SCALARS = {"int": (ctypes.c_int, np.int32), "long long": (ctypes.c_longlong, np.int64),
+            "float": (ctypes.c_float, np.float32), "double": (ctypes.c_double, np.float64)}
+
+
 def _signature(code: str, name: str) -> list[tuple[str, str]]:
-    """``[(kind, name)]`` of the kernel's parameters, ``kind`` ``"ptr"`` or ``"int"``."""
+    """``[(type, name)]`` of the kernel's parameters, ``type`` ``"ptr"`` or a key of
+    ``_SCALARS`` (``T`` resolved through the source's ``typedef ... T;``)."""
     found = re.search(_KERNEL + re.escape(name) + r"\s*\(([^)]*)\)", code)
     if found is None:
         raise ValueError(f"no kernel {name!r} in the source")
+    typedef = re.search(r"typedef\s+(float|double)\s+T\s*;", code)
     params = []
     for part in found.group(1).split(","):
         words = part.replace("*", " * ").split()
-        params.append(("ptr" if "*" in words else "int", words[-1]))
+        if "*" in words:
+            params.append(("ptr", words[-1]))
+            continue
+        kind = " ".join(w for w in words[:-1] if w != "const")
+        if kind == "T" and typedef is not None:
+            kind = typedef.group(1)
+        if kind not in _SCALARS:
+            raise ValueError(f"{name}: parameter type {kind!r} is not emulated")
+        params.append((kind, words[-1]))
     return params
 
 
@@ -129,14 +157,11 @@ def _library(code: str) -> ctypes.CDLL:
     names = re.findall(_KERNEL + r"(\w+)\s*\(", code)
     wrappers = []
     for name in names:
-        params = _signature(code, name)
-        decl = ", ".join(f"void* {p}" if kind == "ptr" else f"int {p}" for kind, p in params)
-        kernel = re.search(_KERNEL + name + r"\s*\(([^)]*)\)", code).group(1)
-        types = [re.sub(r"\b" + p + r"\s*$", "", a).strip()
-                 for a, (_, p) in zip(kernel.split(","), params)]
-        casts = ", ".join(f"({t}){p}" for t, (_, p) in zip(types, params))
-        wrappers.append(f'extern "C" int emu_{name}(int grid, int block, long long shared, {decl})'
-                        f' {{ return emu_run(grid, block, shared, [&] {{ {name}({casts}); }}); }}')
+        declared = re.search(_KERNEL + name + r"\s*\(([^)]*)\)", code).group(1)
+        call = ", ".join(p for _, p in _signature(code, name))
+        wrappers.append(f'extern "C" int emu_{name}(int grid, int block, long long shared, '
+                        f'{declared}) {{ return emu_run(grid, block, shared, [&] {{ '
+                        f'{name}({call}); }}); }}')
     source = PRELUDE + code + "\n" + "\n".join(wrappers) + "\n"
     digest = hashlib.sha1(source.encode()).hexdigest()[:16]
     folder = os.path.join(tempfile.gettempdir(), "loomx-cuda-emulation")
@@ -155,10 +180,14 @@ def _library(code: str) -> ctypes.CDLL:
 
 
 def build(code: str, name: str):
-    """``launch(grid, block, args, shared_mem)`` running kernel ``name`` of ``code``."""
+    """``launch(grid, block, args, shared_mem)`` running kernel ``name`` of ``code``: pointer
+    arguments are C-contiguous numpy arrays, scalars numpy scalars of the parameter's exact
+    type (``np.int32`` for ``int``, ``np.int64`` for ``long long``, ...), as CuPy wants."""
     fn = getattr(_library(code), f"emu_{name}")
     kinds = [kind for kind, _ in _signature(code, name)]
     fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong,
+                   *(ctypes.c_void_p if k == "ptr" else _SCALARS[k][0] for k in kinds)]
 
     def launch(grid: int, block: int, args: tuple, shared_mem: int) -> None:
         if len(args) != len(kinds):
@@ -168,13 +197,13 @@ def build(code: str, name: str):
             if kind == "ptr":
                 if not (isinstance(a, np.ndarray) and a.flags.c_contiguous):
                     raise TypeError(f"{name}: pointer arguments must be C-contiguous arrays")
-                converted.append(ctypes.c_void_p(a.ctypes.data))
+                converted.append(a.ctypes.data)
             else:
-                if not isinstance(a, np.int32):
-                    raise TypeError(f"{name}: int arguments must be np.int32, got {type(a)}")
-                converted.append(ctypes.c_int(int(a)))
-        failed = fn(ctypes.c_int(grid), ctypes.c_int(block), ctypes.c_longlong(shared_mem),
-                    *converted)
+                if type(a) is not _SCALARS[kind][1]:
+                    raise TypeError(f"{name}: a {kind} argument must be "
+                                    f"{_SCALARS[kind][1].__name__}, got {type(a).__name__}")
+                converted.append(a.item())
+        failed = fn(grid, block, shared_mem, *converted)
         if failed == 1:
             raise RuntimeError(f"{name}: a __syncthreads() was not reached by every thread of "
                                "a block (a barrier in divergent code)")
@@ -183,3 +212,19 @@ def build(code: str, name: str):
                                "memory the launch asked for")
 
     return launch
+
+
+def nvcc_compiles(source: str, folder) -> str:
+    """Compile ``source`` with nvcc for an H100 (sm_90) with CuPy's options; return ptxas's
+    report (asserting success)."""
+    src = os.path.join(folder, "kernel.cu")
+    with open(src, "w") as f:
+        f.write(source)
+    done = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-std=c++14", "-ftz=true",
+                           "-Xptxas", "-v", src, "-o", os.path.join(folder, "kernel.cubin")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "error" not in done.stderr.lower()
+    spills = [line for line in done.stderr.splitlines() if "spill" in line]
+    assert spills and all(" 0 bytes spill" in line for line in spills), done.stderr
+    return done.stderr

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -28,19 +27,6 @@ from loomx.backends.cuda_lstm import (
 from loomx.layers import LSTM
 from tests import cuda_emulation
 from tests.test_kernels import check_recurrent_sequence
-
-
-@pytest.fixture(scope="module")
-def emulated():
-    """``build`` of the CPU emulation; skips where the host compiler cannot build it."""
-    if cuda_emulation.compiler() is None:
-        pytest.skip("no C++ compiler for the CUDA emulation")
-    probe = "extern \"C\" __global__ void probe(float* a, int n) { __syncthreads(); }"
-    try:
-        cuda_emulation.build(probe, "probe")
-    except subprocess.CalledProcessError as exc:
-        pytest.skip(f"the host compiler cannot build the CUDA emulation : {exc.stderr}")
-    return cuda_emulation.build
 
 
 def _sequence(emulated, rows, threads):
@@ -214,14 +200,4 @@ def test_kernels_compile_for_a_gpu(tmp_path, dtype):
     """The source CuPy compiles (with its CUDA prelude), through nvcc for an H100 (sm_90):
     no errors and no register spills."""
     plan = plan_for(128, 512, np.dtype(dtype).itemsize, 132)
-    src = tmp_path / "lstm.cu"
-    src.write_text(CUDA_PRELUDE + kernel_code(dtype, 128, plan))
-    done = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-std=c++14", "-ftz=true",
-                           "-Xptxas", "-v",
-                           str(src), "-o", str(tmp_path / "lstm.cubin")],
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert "error" not in done.stderr.lower()
-    assert " 0 bytes spill stores" in done.stderr and "bytes spill stores" in done.stderr
-    assert all(" 0 bytes spill" in line for line in done.stderr.splitlines()
-               if "spill" in line)
+    cuda_emulation.nvcc_compiles(CUDA_PRELUDE + kernel_code(dtype, 128, plan), str(tmp_path))

@@ -244,6 +244,28 @@ def check_sgd(backend, kernel, name):
             assert_close(r1.value, backend.to_host(r2.value), backend, rtol=1e-6, atol=1e-7)
 
 
+def check_sgd_many(backend, kernel, name):
+    """The optimizer's step through the kernel (``check_sgd``), and the kernel alone on
+    parameters of several shapes and sizes, one with a transposed (strided) gradient and
+    one of another dtype than the rest, with and without weight decay."""
+    check_sgd(backend, kernel, name)
+    xp = backend.xp
+    shapes = [(7, 5), (300,), (3, 4, 5), (1,), (64, 70)]
+    for decay in (0.0, 0.1):
+        ws = [_rand(backend, s, 80 + i) for i, s in enumerate(shapes)]
+        ws.append(xp.astype(_rand(backend, (9, 3), 86), xp.float64))
+        gs = [_rand(backend, s, 90 + i) for i, s in enumerate(shapes)]
+        gs[0] = xp.permute_dims(_rand(backend, (5, 7), 89), (1, 0))
+        gs.append(xp.astype(_rand(backend, (9, 3), 96), xp.float64))
+        want = [backend.to_host(w) - 0.05 * (backend.to_host(g)
+                                             + (decay * backend.to_host(w) if decay else 0))
+                for w, g in zip(ws, gs)]
+        assert kernel(ws, gs, lr=0.05, weight_decay=decay) is None
+        for i, (w, expected) in enumerate(zip(ws, want)):
+            assert_close(w, expected, backend, rtol=1e-6, atol=1e-7,
+                         dtype=xp.float64 if i == len(shapes) else None)
+
+
 def check_softmax_cross_entropy(backend, kernel, name):
     """Hard (one-hot) and soft targets, rows wider than a warp; mixed dtypes are declined
     (``None``: the caller takes the reference path)."""
@@ -630,6 +652,7 @@ KERNEL_CHECKS = {
     "rms_norm_backward": check_rms_norm,
     "adam_update": check_adam,
     "sgd_update": check_sgd,
+    "sgd_update_many": check_sgd_many,
     "lstm_cell_forward": check_lstm_cell_forward,
     "lstm_cell_backward": check_lstm_cell_backward,
     "recurrent_sequence_forward": check_recurrent_sequence,

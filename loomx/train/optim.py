@@ -144,6 +144,22 @@ class SGD(Optimizer):
         if h["nesterov"] and (h["momentum"] <= 0 or h["dampening"] != 0):
             raise ConfigError("Nesterov momentum needs momentum > 0 and dampening = 0")
 
+    def step(self) -> None:
+        """Apply one update to every parameter. Plain SGD (no momentum) goes through the
+        backend's ``sgd_update_many`` kernel where it has one: every parameter in place, in
+        one or a few launches on a GPU instead of one per parameter."""
+        many = None if self.hyper["momentum"] else self.backend.kernel("sgd_update_many")
+        if many is None:
+            super().step()
+            return
+        self.step_count += 1
+        refs = [r for r in self.params if r.grad.dtype == r.value.dtype]
+        many([r.value for r in refs], [r.grad for r in refs], lr=self.lr,
+             weight_decay=self.hyper["weight_decay"])
+        for r in self.params:  # mixed dtypes: the reference path, which promotes
+            if r.grad.dtype != r.value.dtype:
+                r.value = self._update(r.value, r.grad, self.state[r.name])
+
     def _update(self, w, g, state):
         h = self.hyper
         mu = h["momentum"]

@@ -1,0 +1,101 @@
+"""The CuPy backend's multi-tensor SGD (``backends/cuda_foreach.py``), without a GPU.
+
+The CUDA source runs in the CPU emulation of ``tests/cuda_emulation.py`` through the same host
+code the CuPy backend uses, on numpy arrays; the emulation compiles with the host's C++
+compiler (no contraction into fused multiply-adds on x86-64), so the results must equal the
+reference's arithmetic to the bit. ``nvcc``, where installed, compiles it for a real GPU.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from loomx.backends.cuda_foreach import MAX_TENSORS, SGDMany, sgd_code
+
+from tests import cuda_emulation
+
+
+def _reference(w, g, *, lr, weight_decay=0.0):
+    """The optimizer's reference arithmetic, in place (the per-tensor fallback)."""
+    step = g + weight_decay * w if weight_decay else g
+    w[...] = w - lr * step
+    return w
+
+
+def _arrays(shapes, dtype, seed):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s).astype(dtype) for s in shapes]
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_one_launch_updates_every_tensor_like_the_reference(emulated, decay, dtype):
+    calls = []
+
+    def fallback(w, g, **kw):
+        calls.append(w.shape)
+        return _reference(w, g, **kw)
+
+    many = SGDMany(emulated, fallback, threads=32, chunk=64)
+    # sizes below, at and across the chunk boundary, and one element
+    shapes = [(5, 7), (64,), (65,), (3, 50), (1,), (129,)]
+    ws, gs = _arrays(shapes, dtype, 0), _arrays(shapes, dtype, 1)
+    want = [_reference(w.copy(), g, lr=0.05, weight_decay=decay) for w, g in zip(ws, gs)]
+    assert many(ws, gs, lr=0.05, weight_decay=decay) is None
+    for w, expected in zip(ws, want):
+        assert w.dtype == dtype
+        np.testing.assert_array_equal(w, expected)
+    assert calls == []
+
+
+def test_more_tensors_than_one_launch_takes(emulated):
+    many = SGDMany(emulated, _reference, threads=32, chunk=64)
+    shapes = [(i % 7 + 1, 3) for i in range(MAX_TENSORS * 2 + 3)]
+    ws, gs = _arrays(shapes, np.float32, 2), _arrays(shapes, np.float32, 3)
+    want = [_reference(w.copy(), g, lr=0.1) for w, g in zip(ws, gs)]
+    many(ws, gs, lr=0.1)
+    for w, expected in zip(ws, want):
+        np.testing.assert_array_equal(w, expected)
+
+
+def test_pairs_it_cannot_take_go_to_the_fallback(emulated):
+    calls = []
+
+    def fallback(w, g, **kw):
+        calls.append((w.dtype, w.shape))
+        return _reference(w, g, **kw)
+
+    many = SGDMany(emulated, fallback, threads=32, chunk=64)
+    ws = _arrays([(4, 6), (4, 6), (3,), (0,), (5,)], np.float32, 4)
+    gs = _arrays([(6, 4), (4, 6), (3,), (0,), (5,)], np.float32, 5)
+    gs[0] = gs[0].T                      # a strided gradient
+    ws[2], gs[2] = ws[2].astype(np.float16), gs[2].astype(np.float16)  # half precision
+    gs[4] = gs[4].astype(np.float64)     # a gradient of another dtype
+    want = [_reference(w.copy(), g, lr=0.2) for w, g in zip(ws, gs)]
+    many(ws, gs, lr=0.2)
+    for w, expected in zip(ws, want):
+        np.testing.assert_array_equal(w, expected)
+    assert calls == [(np.float32, (4, 6)), (np.float16, (3,)), (np.float32, (0,)),
+                     (np.float32, (5,))]
+
+
+def test_a_source_that_does_not_compile_falls_back():
+    calls = []
+    many = SGDMany(lambda code, name: None, lambda w, g, **kw: calls.append(w.shape))
+    ws, gs = _arrays([(2,), (3,)], np.float32, 6), _arrays([(2,), (3,)], np.float32, 7)
+    many(ws, gs, lr=0.1)
+    assert calls == [(2,), (3,)]
+
+
+def test_mismatched_lists_raise():
+    many = SGDMany(lambda code, name: None, _reference)
+    with pytest.raises(ValueError):
+        many(_arrays([(2,)], np.float32, 0), [], lr=0.1)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("dtype,count", [(np.float32, MAX_TENSORS), (np.float64, 1)])
+def test_kernel_compiles_for_a_gpu(tmp_path, dtype, count):
+    cuda_emulation.nvcc_compiles(sgd_code(dtype, count), str(tmp_path))
