@@ -165,11 +165,13 @@ def _lstm_sequence_kernels() -> dict:
             "recurrent_sequence_backward": seq.backward}
 
 
-def _sgd_update_many(fallback) -> dict:
-    """Plain SGD over many parameters in one launch (``backends/cuda_foreach.py``)."""
-    from .cuda_foreach import SGDMany
+def _foreach_kernels(sgd_update, adam_update) -> dict:
+    """SGD and Adam over many parameters in one launch (``backends/cuda_foreach.py``), with
+    the per-tensor kernels for the parameters those cannot take."""
+    from .cuda_foreach import AdamMany, SGDMany
 
-    return {"sgd_update_many": SGDMany(_cupy_build, fallback)}
+    return {"sgd_update_many": SGDMany(_cupy_build, sgd_update),
+            "adam_update_many": AdamMany(_cupy_build, adam_update)}
 
 
 def make_cupy_backend(name: str = "cupy", index: int | None = None) -> CupyBackend:
@@ -186,7 +188,7 @@ def make_cupy_backend(name: str = "cupy", index: int | None = None) -> CupyBacke
     i = index or 0
     if i >= count:
         raise BackendUnavailableError(f"cupy:{i} requested but only {count} CUDA device(s) exist.")
-    from .cupy_kernels import cupy_kernels, sgd_update
+    from .cupy_kernels import adam_update, cupy_kernels, sgd_update
     from .cupy_windows import window_matmul, window_matmul_backward
 
     return CupyBackend(name=name, xp=xp, device=cupy.cuda.Device(i), library="cupy",
@@ -196,4 +198,4 @@ def make_cupy_backend(name: str = "cupy", index: int | None = None) -> CupyBacke
                                 "window_matmul": window_matmul,
                                 "window_matmul_backward": window_matmul_backward,
                                 **cupy_kernels(), **_lstm_sequence_kernels(),
-                                **_sgd_update_many(sgd_update)})
+                                **_foreach_kernels(sgd_update, adam_update)})

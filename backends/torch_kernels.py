@@ -19,7 +19,8 @@ kernel launch on CUDA and one loop on the CPU. Same contracts as the CuPy kernel
   backward and its CPU forward is itself a composition of operations;
 - ``adam_update``: PyTorch's fused Adam / AdamW step on one parameter, in place;
 - ``sgd_update``: plain SGD in place (``sub_`` with ``alpha``), and ``sgd_update_many`` for
-  every parameter in one ``torch._foreach_add_``;
+  every parameter in one ``torch._foreach_add_``; ``adam_update_many``: the fused Adam over
+  every parameter in one call;
 - ``lstm_cell_forward`` / ``lstm_cell_backward``: one LSTM step's gate arithmetic in 8 and
   about 16 ATen operations (``addcmul`` for the ``x·(1 - x)`` factors, ``out=`` into the
   gradient buffer) instead of 14 and 26 array calls: fewer launches per step on CUDA.
@@ -176,6 +177,27 @@ def _adam_update(w, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step, decou
     return w
 
 
+def _adam_update_many(ws, gs, ms, vs, *, lr, beta1, beta2, eps, weight_decay, step,
+                      decoupled):
+    """``adam_update_many``: :func:`_adam_update` over every parameter, the contiguous ones of
+    each dtype and device in one call of the fused kernel (which takes lists)."""
+    groups: dict[tuple, list[tuple]] = {}
+    for quad in zip(ws, gs, ms, vs, strict=True):
+        w = quad[0]
+        if all(t.is_contiguous() and t.dtype == w.dtype for t in quad):
+            groups.setdefault((w.dtype, w.device), []).append(quad)
+        else:
+            _adam_update(*quad, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                         weight_decay=weight_decay, step=step, decoupled=decoupled)
+    fused = torch._fused_adamw_ if decoupled else torch._fused_adam_
+    for (_, device), quads in groups.items():
+        steps = torch.full((), float(step), dtype=torch.float32, device=device)
+        lists = [list(t) for t in zip(*quads)]
+        fused(*lists, [], [steps] * len(quads), lr=float(lr), beta1=float(beta1),
+              beta2=float(beta2), weight_decay=float(weight_decay), eps=float(eps),
+              amsgrad=False, maximize=False)
+
+
 def _sgd_update(w, g, *, lr, weight_decay=0.0):
     """``sgd_update``: ``w ← w − lr·(g + weight_decay·w)`` **in place**, the decayed gradient
     formed first as on the reference path; without decay one ATen operation
@@ -252,4 +274,5 @@ def reduction_kernels(device=None) -> dict[str, Callable]:
                "sgd_update_many": _sgd_update_many}
     if _fused_adam_runs(str(device) if device is not None else "cpu"):
         kernels["adam_update"] = _adam_update
+        kernels["adam_update_many"] = _adam_update_many
     return kernels

@@ -41,7 +41,7 @@ PRELUDE = r"""
 #include <mutex>
 #include <thread>
 #include <vector>
-using std::min; using std::max;
+using std::min; using std::max; using std::sqrt; using std::exp; using std::tanh;
 struct emu_dim3 { unsigned x, y, z; };
 static thread_local emu_dim3 threadIdx;
 static emu_dim3 blockIdx, blockDim, gridDim;

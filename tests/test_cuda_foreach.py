@@ -12,7 +12,7 @@ import shutil
 
 import numpy as np
 import pytest
-from loomx.backends.cuda_foreach import MAX_TENSORS, SGDMany, sgd_code
+from loomx.backends.cuda_foreach import ADAM, SGD, AdamMany, SGDMany
 
 from tests import cuda_emulation
 
@@ -50,9 +50,47 @@ def test_one_launch_updates_every_tensor_like_the_reference(emulated, decay, dty
     assert calls == []
 
 
+def _adam_like_the_kernel(w, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step,
+                          decoupled):
+    """The per-tensor Adam kernel's arithmetic in numpy, in the parameter's dtype, in place."""
+    t = w.dtype.type
+    l2 = t(0.0 if decoupled else weight_decay)
+    decay = t(1.0 - lr * weight_decay if decoupled else 1.0)
+    b1, b2 = t(beta1), t(beta2)
+    gg = g + l2 * w
+    w *= decay
+    m[...] = b1 * m + (t(1) - b1) * gg
+    v[...] = b2 * v + (t(1) - b2) * (gg * gg)
+    bc2 = t(np.sqrt(1.0 - beta2 ** step))
+    w -= t(lr / (1.0 - beta1 ** step)) * (m / (np.sqrt(v) / bc2 + t(eps)))
+    return w
+
+
+@pytest.mark.parametrize("decoupled,decay", [(False, 0.0), (False, 0.1), (True, 0.01)],
+                         ids=["adam", "adam_l2", "adamw"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_adam_in_one_launch_equals_the_per_tensor_kernel(emulated, decoupled, decay, dtype):
+    many = AdamMany(emulated, _adam_like_the_kernel, threads=32, chunk=64)
+    shapes = [(5, 7), (64,), (65,), (1,), (3, 50)] + [(2,)] * ADAM.max_tensors  # two launches
+    ws, gs = _arrays(shapes, dtype, 8), _arrays(shapes, dtype, 9)
+    ms = [np.zeros_like(w) for w in ws]
+    vs = [np.zeros_like(w) for w in ws]
+    copies = [[a.copy() for a in arrays] for arrays in (ws, ms, vs)]
+    opts = dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=decay,
+                decoupled=decoupled)
+    for step in (1, 2, 3):
+        many(ws, gs, ms, vs, step=step, **opts)
+        for w, g, m, v in zip(*copies[:1], gs, *copies[1:]):
+            _adam_like_the_kernel(w, g, m, v, step=step, **opts)
+    for got, want in zip((ws, ms, vs), copies):
+        for a, b in zip(got, want):
+            assert a.dtype == dtype
+            np.testing.assert_array_equal(a, b)
+
+
 def test_more_tensors_than_one_launch_takes(emulated):
     many = SGDMany(emulated, _reference, threads=32, chunk=64)
-    shapes = [(i % 7 + 1, 3) for i in range(MAX_TENSORS * 2 + 3)]
+    shapes = [(i % 7 + 1, 3) for i in range(SGD.max_tensors * 2 + 3)]
     ws, gs = _arrays(shapes, np.float32, 2), _arrays(shapes, np.float32, 3)
     want = [_reference(w.copy(), g, lr=0.1) for w, g in zip(ws, gs)]
     many(ws, gs, lr=0.1)
@@ -96,6 +134,8 @@ def test_mismatched_lists_raise():
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
-@pytest.mark.parametrize("dtype,count", [(np.float32, MAX_TENSORS), (np.float64, 1)])
-def test_kernel_compiles_for_a_gpu(tmp_path, dtype, count):
-    cuda_emulation.nvcc_compiles(sgd_code(dtype, count), str(tmp_path))
+@pytest.mark.parametrize("update", [SGD, ADAM], ids=["sgd", "adam"])
+@pytest.mark.parametrize("dtype,most", [(np.float32, True), (np.float64, False)])
+def test_kernels_compile_for_a_gpu(tmp_path, update, dtype, most):
+    count = update.max_tensors if most else 1
+    cuda_emulation.nvcc_compiles(update.code(dtype, count), str(tmp_path))

@@ -653,6 +653,7 @@ KERNEL_CHECKS = {
     "adam_update": check_adam,
     "sgd_update": check_sgd,
     "sgd_update_many": check_sgd_many,
+    "adam_update_many": check_adam,  # the optimizer's step takes it
     "lstm_cell_forward": check_lstm_cell_forward,
     "lstm_cell_backward": check_lstm_cell_backward,
     "recurrent_sequence_forward": check_recurrent_sequence,

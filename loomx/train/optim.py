@@ -78,12 +78,30 @@ class Optimizer:
             r.zero_grad()
 
     def step(self) -> None:
-        """Apply one update to every parameter from its accumulated gradient."""
+        """Apply one update to every parameter from its accumulated gradient.
+
+        Where the backend has a multi-tensor kernel for this optimizer (``_many_kernel``),
+        every parameter whose gradient has its dtype is updated in place by one call (one or
+        a few launches on a GPU instead of one per parameter); the rest, and every parameter
+        elsewhere, by ``_update``, which promotes mixed dtypes as the reference does."""
         self.step_count += 1
+        many = self._many_kernel()
+        if many is not None:
+            same = [r for r in self.params if r.grad.dtype == r.value.dtype]
+            self._update_many(many, same)
         for r in self.params:
-            r.value = self._update(r.value, r.grad, self.state[r.name])
+            if many is None or r.grad.dtype != r.value.dtype:
+                r.value = self._update(r.value, r.grad, self.state[r.name])
 
     def _update(self, w: Array, g: Array, state: dict[str, Array]) -> Array:
+        raise NotImplementedError
+
+    def _many_kernel(self) -> Any:
+        """The backend's multi-tensor kernel for the current settings, or ``None``."""
+        return None
+
+    def _update_many(self, many: Any, refs: list[ParamRef]) -> None:
+        """Update ``refs`` in place through ``many`` (see :meth:`step`)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ state
@@ -144,21 +162,13 @@ class SGD(Optimizer):
         if h["nesterov"] and (h["momentum"] <= 0 or h["dampening"] != 0):
             raise ConfigError("Nesterov momentum needs momentum > 0 and dampening = 0")
 
-    def step(self) -> None:
-        """Apply one update to every parameter. Plain SGD (no momentum) goes through the
-        backend's ``sgd_update_many`` kernel where it has one: every parameter in place, in
-        one or a few launches on a GPU instead of one per parameter."""
-        many = None if self.hyper["momentum"] else self.backend.kernel("sgd_update_many")
-        if many is None:
-            super().step()
-            return
-        self.step_count += 1
-        refs = [r for r in self.params if r.grad.dtype == r.value.dtype]
+    def _many_kernel(self) -> Any:
+        # plain SGD only (momentum buffers stay on the per-parameter path)
+        return None if self.hyper["momentum"] else self.backend.kernel("sgd_update_many")
+
+    def _update_many(self, many: Any, refs: list[ParamRef]) -> None:
         many([r.value for r in refs], [r.grad for r in refs], lr=self.lr,
              weight_decay=self.hyper["weight_decay"])
-        for r in self.params:  # mixed dtypes: the reference path, which promotes
-            if r.grad.dtype != r.value.dtype:
-                r.value = self._update(r.value, r.grad, self.state[r.name])
 
     def _update(self, w, g, state):
         h = self.hyper
@@ -190,6 +200,21 @@ class Adam(Optimizer):
         for k in ("beta1", "beta2"):
             if not 0.0 <= self.hyper[k] < 1.0:
                 raise ConfigError(f"{k} must be in [0, 1), got {self.hyper[k]}")
+
+    def _many_kernel(self) -> Any:
+        return None if self.hyper["amsgrad"] else self.backend.kernel("adam_update_many")
+
+    def _update_many(self, many: Any, refs: list[ParamRef]) -> None:
+        states = [self.state[r.name] for r in refs]
+        for r, state in zip(refs, states):
+            for key in ("exp_avg", "exp_avg_sq"):
+                if state.get(key) is None:
+                    state[key] = self.backend.xp.zeros_like(r.value)
+        h = self.hyper
+        many([r.value for r in refs], [r.grad for r in refs],
+             [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], lr=self.lr,
+             beta1=h["beta1"], beta2=h["beta2"], eps=h["eps"], weight_decay=h["weight_decay"],
+             step=self.step_count, decoupled=self.decoupled)
 
     def _update(self, w, g, state):
         h = self.hyper
