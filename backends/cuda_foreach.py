@@ -17,7 +17,7 @@ kernels:
 
 Parameters the kernels cannot take (another dtype than float32/float64, arrays of different
 dtypes, arrays that are not C-contiguous, empty ones) go to the per-tensor kernel passed as
-``fallback``. Like :mod:`loomx.backends.cuda_lstm`, the module is written against a
+``fallback``. Like :mod:`loomx.backends.cuda_recurrent`, the module is written against a
 ``build(code, name) -> launch(grid, block, args, shared_mem)`` compiler, so that the tests run
 the CUDA source in their CPU emulation.
 """

@@ -121,7 +121,7 @@ def _cupy_module(code: str):
     rejects it or the driver cannot load it."""
     import cupy
 
-    from .cuda_lstm import CUDA_PRELUDE
+    from .cuda_recurrent import CUDA_PRELUDE
 
     try:
         module = cupy.RawModule(code=CUDA_PRELUDE + code, options=("-std=c++14",))
@@ -152,15 +152,16 @@ def _multiprocessors(device_id: int) -> int:
     return int(cupy.cuda.Device(device_id).attributes["MultiProcessorCount"])
 
 
-def _lstm_sequence_kernels() -> dict:
-    """The whole-sequence LSTM kernels (``backends/cuda_lstm.py``) on CuPy arrays."""
+def _sequence_kernels() -> dict:
+    """The whole-sequence RNN, LSTM and GRU kernels (``backends/cuda_recurrent.py``) on CuPy
+    arrays."""
     import cupy
 
-    from .cuda_lstm import LSTMSequence
+    from .cuda_recurrent import RecurrentSequence
 
-    seq = LSTMSequence(cupy, _cupy_build,
-                       lambda: _multiprocessors(cupy.cuda.Device().id),
-                       device=lambda a: a.device)
+    seq = RecurrentSequence(cupy, _cupy_build,
+                            lambda: _multiprocessors(cupy.cuda.Device().id),
+                            device=lambda a: a.device)
     return {"recurrent_sequence_forward": seq.forward,
             "recurrent_sequence_backward": seq.backward}
 
@@ -197,5 +198,5 @@ def make_cupy_backend(name: str = "cupy", index: int | None = None) -> CupyBacke
                                     lambda view, part: cupy.add(view, part, out=view)),
                                 "window_matmul": window_matmul,
                                 "window_matmul_backward": window_matmul_backward,
-                                **cupy_kernels(), **_lstm_sequence_kernels(),
+                                **cupy_kernels(), **_sequence_kernels(),
                                 **_foreach_kernels(sgd_update, adam_update)})

@@ -26,8 +26,9 @@ that reference (tests/test_kernels.py).
 - ``lstm_cell_forward`` / ``lstm_cell_backward``: one LSTM step's gate arithmetic in one pass
   each (the hidden-state product stays a matrix product);
 
-The convolutions' ``window_matmul`` kernels live in ``cupy_windows.py``, the whole-sequence LSTM
-kernels in ``cuda_lstm.py``.
+The convolutions' ``window_matmul`` kernels live in ``cupy_windows.py``, the whole-sequence
+recurrent kernels in ``cuda_recurrent.py`` and the multi-tensor optimizer updates in
+``cuda_foreach.py``.
 
 float32 and float64 run natively. For other float dtypes (float16) the activation, row, Adam
 and LSTM kernels compute in float32 and cast back; SGD and the SwiGLU gate run the reference's

@@ -1,7 +1,7 @@
 """Run CUDA kernel source on the CPU: every CUDA thread a real thread, ``__syncthreads`` a barrier.
 
 For kernels written with block-stride loops and dynamic shared memory (``SHARED_MEMORY(T)``),
-such as :mod:`loomx.backends.cuda_lstm`, without a GPU. The source is compiled by the host's
+such as :mod:`loomx.backends.cuda_recurrent`, without a GPU. The source is compiled by the host's
 C++ compiler with a prelude that maps the CUDA built-ins onto C++ threads: ``threadIdx`` is
 thread-local, ``__syncthreads`` is a barrier over the block's threads, blocks run one after
 another, and shared memory is filled with NaN bytes before each block.
@@ -15,8 +15,8 @@ not: everything device-specific (``__restrict__`` loads, flush-to-zero, compiler
 register pressure, speed).
 
 ``build(code, name)`` returns ``launch(grid, block, args, shared_mem)`` over numpy arrays and
-``np.int32`` scalars, the interface ``LSTMSequence`` expects of a device compiler. Compiled
-libraries are cached by source hash in a temporary directory.
+numpy scalars, the interface the CuPy backend's kernel modules expect of a device compiler.
+Compiled libraries are cached by source hash in a temporary directory.
 """
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ def build(code: str, name: str):
 
 def nvcc_compiles(source: str, folder) -> str:
     """Compile ``source`` with nvcc for an H100 (sm_90) with CuPy's options; return ptxas's
-    report (asserting success)."""
+    report, asserting success and at most 16 bytes of register spills per kernel."""
     src = os.path.join(folder, "kernel.cu")
     with open(src, "w") as f:
         f.write(source)
@@ -225,6 +225,6 @@ def nvcc_compiles(source: str, folder) -> str:
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "error" not in done.stderr.lower()
-    spills = [line for line in done.stderr.splitlines() if "spill" in line]
-    assert spills and all(" 0 bytes spill" in line for line in spills), done.stderr
+    spilled = [int(n) for n in re.findall(r"(\d+) bytes spill stores", done.stderr)]
+    assert spilled and max(spilled) <= 16, done.stderr  # a word or two at most
     return done.stderr
