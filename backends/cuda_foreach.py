@@ -24,6 +24,7 @@ the CUDA source in their CPU emulation.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -115,31 +116,46 @@ class Foreach:
         update: the update.
         build: ``build(code, name) -> launch(grid, block, args, shared_mem)``, or ``None``
             when it cannot compile (every parameter then goes to ``fallback``).
-        fallback: ``fallback(*arrays_of_one_parameter)``, the per-tensor update.
         threads, chunk: the block geometry (the tests' emulation uses small blocks).
+        device: ``device(array)`` -> a context manager making the array's device current.
     """
 
     def __init__(self, update: Update, build: Callable[[str, str], Any],
-                 threads: int = THREADS, chunk: int = CHUNK):
+                 threads: int = THREADS, chunk: int = CHUNK,
+                 device: Callable[[Any], Any] = lambda a: contextlib.nullcontext()):
         self.update, self.build = update, build
-        self.threads, self.chunk = threads, chunk
+        self.threads, self.chunk, self.device = threads, chunk, device
 
     def run(self, lists: Sequence[Sequence[Any]], scalars: Callable[[Any], tuple],
             fallback: Callable[..., Any]) -> None:
         """Update parameter ``i`` from ``lists[k][i]``; ``scalars(dtype)`` gives the kernel's
-        scalar arguments for one dtype."""
+        scalar arguments for one dtype.
+
+        One launch takes arrays of one dtype on one device. An array given twice (a weight
+        two layers share) is launched once and its later entries go to ``fallback`` after
+        the launches, one by one: two blocks of one launch must not update the same memory.
+        """
         groups: dict[Any, list[tuple[Any, ...]]] = {}
+        seen: set[int] = set()
+        later = []
         for arrays in zip(*lists, strict=True):
             dtype = arrays[0].dtype
-            if (np.dtype(dtype) in _CTYPES and arrays[0].size
+            if id(arrays[0]) in seen:
+                later.append(arrays)
+            elif (np.dtype(dtype) in _CTYPES and arrays[0].size
                     and all(a.dtype == dtype and a.flags.c_contiguous for a in arrays)):
-                groups.setdefault(np.dtype(dtype), []).append(arrays)
+                key = (np.dtype(dtype), str(getattr(arrays[0], "device", "")))
+                groups.setdefault(key, []).append(arrays)
             else:
                 fallback(*arrays)
-        for dtype, params in groups.items():
+            seen.add(id(arrays[0]))
+        for (dtype, _), params in groups.items():
             most = self.update.max_tensors
-            for at in range(0, len(params), most):
-                self._launch(dtype, params[at:at + most], scalars(dtype), fallback)
+            with self.device(params[0][0]):
+                for at in range(0, len(params), most):
+                    self._launch(dtype, params[at:at + most], scalars(dtype), fallback)
+        for arrays in later:
+            fallback(*arrays)
 
     def _launch(self, dtype: Any, params: list[tuple[Any, ...]], scalars: tuple,
                 fallback: Callable[..., Any]) -> None:
@@ -158,11 +174,13 @@ class Foreach:
 
 
 class SGDMany:
-    """``sgd_update_many`` with ``fallback(w, g, lr=, weight_decay=)`` per tensor."""
+    """``sgd_update_many`` with ``fallback(w, g, lr=, weight_decay=)`` per tensor; ``device``
+    as :class:`Foreach`'s."""
 
     def __init__(self, build: Callable[[str, str], Any], fallback: Callable[..., Any],
-                 threads: int = THREADS, chunk: int = CHUNK):
-        self.foreach = Foreach(SGD, build, threads, chunk)
+                 threads: int = THREADS, chunk: int = CHUNK,
+                 device: Callable[[Any], Any] = lambda a: contextlib.nullcontext()):
+        self.foreach = Foreach(SGD, build, threads, chunk, device)
         self.fallback = fallback
 
     def __call__(self, ws: list, gs: list, *, lr: float, weight_decay: float = 0.0) -> None:
@@ -175,11 +193,13 @@ class SGDMany:
 
 
 class AdamMany:
-    """``adam_update_many`` with ``fallback(w, g, m, v, lr=, ...)`` per tensor."""
+    """``adam_update_many`` with ``fallback(w, g, m, v, lr=, ...)`` per tensor; ``device``
+    as :class:`Foreach`'s."""
 
     def __init__(self, build: Callable[[str, str], Any], fallback: Callable[..., Any],
-                 threads: int = THREADS, chunk: int = CHUNK):
-        self.foreach = Foreach(ADAM, build, threads, chunk)
+                 threads: int = THREADS, chunk: int = CHUNK,
+                 device: Callable[[Any], Any] = lambda a: contextlib.nullcontext()):
+        self.foreach = Foreach(ADAM, build, threads, chunk, device)
         self.fallback = fallback
 
     def __call__(self, ws: list, gs: list, ms: list, vs: list, *, lr: float, beta1: float,

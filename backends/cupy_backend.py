@@ -171,8 +171,11 @@ def _foreach_kernels(sgd_update, adam_update) -> dict:
     the per-tensor kernels for the parameters those cannot take."""
     from .cuda_foreach import AdamMany, SGDMany
 
-    return {"sgd_update_many": SGDMany(_cupy_build, sgd_update),
-            "adam_update_many": AdamMany(_cupy_build, adam_update)}
+    def device(a):
+        return a.device
+
+    return {"sgd_update_many": SGDMany(_cupy_build, sgd_update, device=device),
+            "adam_update_many": AdamMany(_cupy_build, adam_update, device=device)}
 
 
 def make_cupy_backend(name: str = "cupy", index: int | None = None) -> CupyBackend:

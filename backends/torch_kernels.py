@@ -184,7 +184,10 @@ def _adam_update_many(ws, gs, ms, vs, *, lr, beta1, beta2, eps, weight_decay, st
     groups: dict[tuple, list[tuple]] = {}
     for quad in zip(ws, gs, ms, vs, strict=True):
         w = quad[0]
-        if all(t.is_contiguous() and t.dtype == w.dtype for t in quad):
+        # the same strides too: before PyTorch 2.5 the fused kernel compared the strides of
+        # unit axes as well
+        if all(t.is_contiguous() and t.dtype == w.dtype and t.stride() == w.stride()
+               for t in quad):
             groups.setdefault((w.dtype, w.device), []).append(quad)
         else:
             _adam_update(*quad, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
@@ -210,6 +213,8 @@ def _sgd_update(w, g, *, lr, weight_decay=0.0):
 def _sgd_update_many(ws, gs, *, lr, weight_decay=0.0):
     """``sgd_update_many``: :func:`_sgd_update` over every pair in one ``foreach`` call
     (on CUDA, PyTorch's multi-tensor kernels: a few launches for the whole network)."""
+    if not ws:
+        return
     if weight_decay:
         gs = torch._foreach_add(gs, ws, alpha=float(weight_decay))
     torch._foreach_add_(ws, gs, alpha=-float(lr))

@@ -119,6 +119,26 @@ def test_pairs_it_cannot_take_go_to_the_fallback(emulated):
                      (np.float32, (5,))]
 
 
+def test_an_array_given_twice_is_updated_twice_in_turn(emulated):
+    """A weight two layers share: one launch must not update it from two blocks at once, so
+    its second entry goes to the per-tensor update after the launch."""
+    calls = []
+
+    def fallback(w, g, **kw):
+        calls.append(w.shape)
+        return _reference(w, g, **kw)
+
+    many = SGDMany(emulated, fallback, threads=32, chunk=64)
+    shared, other = _arrays([(70,), (5,)], np.float32, 10)
+    g1, g2, g3 = _arrays([(70,), (5,), (70,)], np.float32, 11)
+    want_shared = _reference(_reference(shared.copy(), g1, lr=0.1), g3, lr=0.1)
+    want_other = _reference(other.copy(), g2, lr=0.1)
+    many([shared, other, shared], [g1, g2, g3], lr=0.1)
+    np.testing.assert_array_equal(shared, want_shared)
+    np.testing.assert_array_equal(other, want_other)
+    assert calls == [(70,)]
+
+
 def test_a_source_that_does_not_compile_falls_back():
     calls = []
     many = SGDMany(lambda code, name: None, lambda w, g, **kw: calls.append(w.shape))

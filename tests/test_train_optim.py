@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from loomx.backends import get_backend
 
 from loomx.errors import ConfigError, FormatError
 from loomx.grid import Network
@@ -187,3 +188,41 @@ def test_schedule_errors_and_defaults():
                          total_steps=110)
     assert sched(5) == 1.0 and sched(10) == 2.0 and sched(110) == 0.0
     assert math.isclose(sched(60), 1.0)
+
+
+@pytest.mark.parametrize("make", [lambda net: SGD(net, lr=0.1, weight_decay=0.01),
+                                  lambda net: AdamW(net, lr=0.01)], ids=["sgd", "adamw"])
+def test_multi_tensor_step_equals_per_parameter_steps_with_a_shared_weight(make):
+    """A weight two layers share (a tied embedding and head) is updated once per entry, in
+    turn, by the multi-tensor kernels as by the per-parameter path; and gradients of another
+    dtype than their weight take the per-parameter path (which promotes)."""
+    torch_backend = get_backend("torch")
+    results = []
+    for backend in (torch_backend, torch_backend.without_kernels(
+            "sgd_update_many", "adam_update_many")):
+        first, second = Dense(4), Dense(4)
+        first.build((4,), backend, rng=0)
+        second.build((4,), backend, rng=1)
+        second.params["weight"] = first.params["weight"]
+        net = [first, second]
+        refs = [r for layer in net for r in layer.parameters(prefix=f"{id(layer)}.")]
+        opt = make(refs)
+        rng = np.random.default_rng(5)
+        for _ in range(2):
+            for r in refs:
+                g = backend.from_host(rng.standard_normal(tuple(r.value.shape)))
+                r.grad = backend.xp.astype(g, backend.xp.float64) if "bias" in r.name else g
+            opt.step()
+        results.append([backend.to_host(r.value) for r in refs])
+    for fast, slow in zip(*results):
+        np.testing.assert_allclose(fast, slow, rtol=1e-6, atol=1e-7)
+
+
+def test_plain_sgd_with_only_mixed_dtype_gradients():
+    backend = get_backend("torch")
+    layer = Dense(3)
+    layer.build((2,), backend, rng=0)
+    for r in layer.parameters():
+        r.grad = backend.xp.ones(tuple(r.value.shape), dtype=backend.xp.float64)
+    SGD(layer, lr=0.1).step()
+    assert all(r.value.dtype == backend.xp.float64 for r in layer.parameters())

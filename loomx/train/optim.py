@@ -82,15 +82,25 @@ class Optimizer:
 
         Where the backend has a multi-tensor kernel for this optimizer (``_many_kernel``),
         every parameter whose gradient has its dtype is updated in place by one call (one or
-        a few launches on a GPU instead of one per parameter); the rest, and every parameter
-        elsewhere, by ``_update``, which promotes mixed dtypes as the reference does."""
+        a few launches on a GPU instead of one per parameter). The rest go through
+        ``_update`` one by one, after it: every parameter elsewhere, gradients of another
+        dtype (``_update`` promotes as the reference does), and the second and later entries
+        of an array that several layers share (a tied embedding and output head), which the
+        reference also updates once per entry, in turn."""
         self.step_count += 1
         many = self._many_kernel()
+        together: list[ParamRef] = []
         if many is not None:
-            same = [r for r in self.params if r.grad.dtype == r.value.dtype]
-            self._update_many(many, same)
+            arrays: set[int] = set()
+            for r in self.params:
+                if r.grad.dtype == r.value.dtype and id(r.value) not in arrays:
+                    arrays.add(id(r.value))
+                    together.append(r)
+            if together:
+                self._update_many(many, together)
+        done = {id(r) for r in together}
         for r in self.params:
-            if many is None or r.grad.dtype != r.value.dtype:
+            if id(r) not in done:
                 r.value = self._update(r.value, r.grad, self.state[r.name])
 
     def _update(self, w: Array, g: Array, state: dict[str, Array]) -> Array:
