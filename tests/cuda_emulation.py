@@ -167,15 +167,18 @@ def _library(code: str) -> ctypes.CDLL:
     folder = os.path.join(tempfile.gettempdir(), "loomx-cuda-emulation")
     os.makedirs(folder, exist_ok=True)
     lib = os.path.join(folder, f"{digest}.so")
-    if not os.path.exists(lib):
-        src = os.path.join(folder, f"{digest}.cpp")
+    if not os.path.exists(lib):  # per-process file names: test workers may race here
+        src = os.path.join(folder, f"{digest}.{os.getpid()}.cpp")
         with open(src, "w") as f:
             f.write(source)
         tmp = f"{lib}.{os.getpid()}.tmp"
-        subprocess.run([compiler(), "-std=c++17", "-O1", "-g", "-shared", "-fPIC", "-pthread",
-                        "-Wall", "-Wno-unknown-pragmas", "-Werror", src, "-o", tmp],
-                       check=True, capture_output=True, text=True)
-        os.replace(tmp, lib)
+        try:
+            subprocess.run([compiler(), "-std=c++17", "-O1", "-g", "-shared", "-fPIC",
+                            "-pthread", "-Wall", "-Wno-unknown-pragmas", "-Werror", src, "-o",
+                            tmp], check=True, capture_output=True, text=True)
+            os.replace(tmp, lib)
+        finally:
+            os.remove(src)
     return ctypes.CDLL(lib)
 
 
