@@ -190,32 +190,35 @@ def test_schedule_errors_and_defaults():
     assert math.isclose(sched(60), 1.0)
 
 
-@pytest.mark.parametrize("make", [lambda net: SGD(net, lr=0.1, weight_decay=0.01),
-                                  lambda net: AdamW(net, lr=0.01)], ids=["sgd", "adamw"])
-def test_multi_tensor_step_equals_per_parameter_steps_with_a_shared_weight(make):
-    """A weight two layers share (a tied embedding and head) is updated once per entry, in
-    turn, by the multi-tensor kernels as by the per-parameter path; and gradients of another
-    dtype than their weight take the per-parameter path (which promotes)."""
-    torch_backend = get_backend("torch")
-    results = []
-    for backend in (torch_backend, torch_backend.without_kernels(
-            "sgd_update_many", "adam_update_many")):
-        first, second = Dense(4), Dense(4)
-        first.build((4,), backend, rng=0)
-        second.build((4,), backend, rng=1)
-        second.params["weight"] = first.params["weight"]
-        net = [first, second]
-        refs = [r for layer in net for r in layer.parameters(prefix=f"{id(layer)}.")]
-        opt = make(refs)
-        rng = np.random.default_rng(5)
-        for _ in range(2):
-            for r in refs:
-                g = backend.from_host(rng.standard_normal(tuple(r.value.shape)))
-                r.grad = backend.xp.astype(g, backend.xp.float64) if "bias" in r.name else g
-            opt.step()
-        results.append([backend.to_host(r.value) for r in refs])
-    for fast, slow in zip(*results):
-        np.testing.assert_allclose(fast, slow, rtol=1e-6, atol=1e-7)
+@pytest.mark.parametrize("name", ["sgd", "sgd_momentum", "adamw", "rmsprop"])
+def test_a_tied_weight_is_one_parameter_as_in_torch(backend, name):
+    """A weight two layers hold (a tied embedding and head) is one parameter: updated once
+    from the sum of both entries' gradients, exactly as ``torch.optim`` updates one tensor
+    used twice, and still one array afterwards (also where the update makes a new array);
+    its state is kept once."""
+    cls, opts, tcls, topts = OPTIMIZERS[name]
+    first, second = Dense(4), Dense(4)
+    first.build((4,), backend, rng=0)
+    second.build((4,), backend, rng=1)
+    second.params["weight"] = first.params["weight"]
+    refs = [*first.parameters(prefix="first."), *second.parameters(prefix="second.")]
+    opt = cls(refs, **opts)
+    weight = torch.tensor(backend.to_host(first.params["weight"]), dtype=torch.float64,
+                          requires_grad=True)
+    topt = tcls([weight], **topts)
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        g1, g2 = rng.standard_normal((2, 4, 4))
+        for layer, g in ((first, g1), (second, g2)):
+            layer.zero_grad()
+            layer.grads["weight"] = backend.from_host(g)
+        opt.step()
+        weight.grad = torch.tensor(g1 + g2)
+        topt.step()
+    assert first.params["weight"] is second.params["weight"]
+    assert_close(first.params["weight"], weight.detach().numpy(), backend, rtol=1e-5,
+                 atol=1e-6)
+    assert "second.weight" not in opt.state_dict()["buffers"]
 
 
 def test_plain_sgd_with_only_mixed_dtype_gradients():

@@ -52,6 +52,15 @@ class Optimizer:
         if len(set(names)) != len(names):
             raise ConfigError("parameter names are not unique; optimizer state cannot be keyed")
         self.params = refs
+        # entries that hold one array (a tied embedding and output head) are one parameter, as
+        # in PyTorch: the first entry keeps its state, and the others follow its value
+        first: dict[int, ParamRef] = {}
+        self._tied: dict[str, list[ParamRef]] = {}
+        for r in refs:
+            owner = first.setdefault(id(r.value), r)
+            if owner is not r:
+                self._tied.setdefault(owner.name, []).append(r)
+        self._distinct = list(first.values())
         self.backend = refs[0].layer.backend
         unknown = set(hyper) - set(self.defaults)
         if unknown:
@@ -64,7 +73,7 @@ class Optimizer:
             raise ConfigError(f"learning rate must be non-negative, got {self.lr}")
         self._check_hyper()
         self.step_count = 0
-        self.state: dict[str, dict[str, Array]] = {r.name: {} for r in refs}
+        self.state: dict[str, dict[str, Array]] = {r.name: {} for r in self._distinct}
 
     default_lr = 1e-3
 
@@ -80,28 +89,39 @@ class Optimizer:
     def step(self) -> None:
         """Apply one update to every parameter from its accumulated gradient.
 
+        An array that several layers hold (a tied embedding and output head) is one
+        parameter, as in PyTorch: it is updated once, from the sum of its entries'
+        gradients, and every entry then holds the result (also where the update makes a new
+        array), so the tie lasts.
+
         Where the backend has a multi-tensor kernel for this optimizer (``_many_kernel``),
         every parameter whose gradient has its dtype is updated in place by one call (one or
-        a few launches on a GPU instead of one per parameter). The rest go through
-        ``_update`` one by one, after it: every parameter elsewhere, gradients of another
-        dtype (``_update`` promotes as the reference does), and the second and later entries
-        of an array that several layers share (a tied embedding and output head), which the
-        reference also updates once per entry, in turn."""
+        a few launches on a GPU instead of one per parameter). The others, and every
+        parameter elsewhere, go through ``_update`` one by one (it promotes mixed dtypes as
+        the reference does)."""
         self.step_count += 1
+        grads = [self._grad(r) for r in self._distinct]
         many = self._many_kernel()
-        together: list[ParamRef] = []
-        if many is not None:
-            arrays: set[int] = set()
-            for r in self.params:
-                if r.grad.dtype == r.value.dtype and id(r.value) not in arrays:
-                    arrays.add(id(r.value))
-                    together.append(r)
-            if together:
-                self._update_many(many, together)
-        done = {id(r) for r in together}
-        for r in self.params:
-            if id(r) not in done:
-                r.value = self._update(r.value, r.grad, self.state[r.name])
+        together = ([i for i, (r, g) in enumerate(zip(self._distinct, grads))
+                     if g.dtype == r.value.dtype] if many is not None else [])
+        if together:
+            self._update_many(many, [self._distinct[i] for i in together],
+                              [grads[i] for i in together])
+        done = set(together)
+        for i, (r, g) in enumerate(zip(self._distinct, grads)):
+            if i not in done:
+                r.value = self._update(r.value, g, self.state[r.name])
+        for r in self._distinct:
+            for other in self._tied.get(r.name, ()):
+                other.value = r.value
+
+    def _grad(self, r: ParamRef) -> Array:
+        """The gradient of parameter ``r``: summed over the entries tied to it."""
+        g = r.grad
+        for other in self._tied.get(r.name, ()):
+            g = g + other.grad
+        return g
+
 
     def _update(self, w: Array, g: Array, state: dict[str, Array]) -> Array:
         raise NotImplementedError
@@ -110,8 +130,8 @@ class Optimizer:
         """The backend's multi-tensor kernel for the current settings, or ``None``."""
         return None
 
-    def _update_many(self, many: Any, refs: list[ParamRef]) -> None:
-        """Update ``refs`` in place through ``many`` (see :meth:`step`)."""
+    def _update_many(self, many: Any, refs: list[ParamRef], grads: list[Array]) -> None:
+        """Update ``refs`` in place from ``grads`` through ``many`` (see :meth:`step`)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ state
@@ -176,9 +196,8 @@ class SGD(Optimizer):
         # plain SGD only (momentum buffers stay on the per-parameter path)
         return None if self.hyper["momentum"] else self.backend.kernel("sgd_update_many")
 
-    def _update_many(self, many: Any, refs: list[ParamRef]) -> None:
-        many([r.value for r in refs], [r.grad for r in refs], lr=self.lr,
-             weight_decay=self.hyper["weight_decay"])
+    def _update_many(self, many: Any, refs: list[ParamRef], grads: list[Array]) -> None:
+        many([r.value for r in refs], grads, lr=self.lr, weight_decay=self.hyper["weight_decay"])
 
     def _update(self, w, g, state):
         h = self.hyper
@@ -214,14 +233,14 @@ class Adam(Optimizer):
     def _many_kernel(self) -> Any:
         return None if self.hyper["amsgrad"] else self.backend.kernel("adam_update_many")
 
-    def _update_many(self, many: Any, refs: list[ParamRef]) -> None:
+    def _update_many(self, many: Any, refs: list[ParamRef], grads: list[Array]) -> None:
         states = [self.state[r.name] for r in refs]
         for r, state in zip(refs, states):
             for key in ("exp_avg", "exp_avg_sq"):
                 if state.get(key) is None:
                     state[key] = self.backend.xp.zeros_like(r.value)
         h = self.hyper
-        many([r.value for r in refs], [r.grad for r in refs],
+        many([r.value for r in refs], grads,
              [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], lr=self.lr,
              beta1=h["beta1"], beta2=h["beta2"], eps=h["eps"], weight_decay=h["weight_decay"],
              step=self.step_count, decoupled=self.decoupled)
