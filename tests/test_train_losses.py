@@ -133,6 +133,36 @@ def test_clip_grad_norm_matches_torch(backend, max_norm):
     assert after <= max_norm * (1 + 1e-5) or max_norm > ref_norm
 
 
+def test_clipping_a_tied_weight_clips_its_summed_gradient(backend):
+    """A weight two layers hold is one parameter, as ``torch.nn.utils`` sees one tensor used
+    twice: its gradients add up before the norm and before clipping by value."""
+    first, second = Dense(3), Dense(3)
+    first.build((3,), backend, rng=0)
+    second.build((3,), backend, rng=1)
+    second.params["weight"] = first.params["weight"]
+    rng = np.random.default_rng(6)
+    g1, g2, b1, b2 = (rng.standard_normal(s) * 2 for s in ((3, 3), (3, 3), (3,), (3,)))
+    refs = [*first.parameters(prefix="a."), *second.parameters(prefix="b.")]
+
+    def fill():
+        first.grads.update(weight=backend.from_host(g1), bias=backend.from_host(b1))
+        second.grads.update(weight=backend.from_host(g2), bias=backend.from_host(b2))
+
+    fill()
+    ps = [torch.tensor(g) for g in (g1 + g2, b1, b2)]
+    want = torch.sqrt(sum((p * p).sum() for p in ps)).item()
+    norm = clip_grad_norm(refs, 0.5)
+    assert_close(norm, np.asarray(want, dtype=np.float32), backend, rtol=1e-5)
+    scale = 0.5 / (want + 1e-6)
+    summed = backend.to_host(first.grads["weight"]) + backend.to_host(second.grads["weight"])
+    np.testing.assert_allclose(summed, (g1 + g2) * scale, rtol=1e-5, atol=1e-6)
+    fill()
+    clip_grad_value(refs, 0.7)
+    assert_close(first.grads["weight"], np.clip(g1 + g2, -0.7, 0.7), backend, atol=1e-6)
+    assert_close(second.grads["weight"], np.zeros((3, 3)), backend)
+    assert_close(second.grads["bias"], np.clip(b2, -0.7, 0.7), backend, atol=1e-6)
+
+
 def test_clip_grad_value(backend):
     layer, ref = _net_with_grads(backend)
     clip_grad_value(layer, 0.7)

@@ -4,6 +4,10 @@
   gradient is scaled by ``min(1, max_norm / (n + 1e-6))`` (``torch.nn.utils.clip_grad_norm_``).
   The scale is a 0-d device array, so the norm never has to reach the host.
 - ``clip_grad_value(params, clip_value)``: every gradient entry clipped to ``[-c, c]``.
+
+A weight that several layers hold (a tied embedding and head) is one parameter, as for the
+optimizers: its gradient is the sum of its entries' gradients. The norm counts that sum once,
+and clipping by value clips the sum (kept in the first entry; the others then hold zeros).
 """
 
 from __future__ import annotations
@@ -21,13 +25,30 @@ def _refs(params: Layer | Iterable[ParamRef]) -> list[ParamRef]:
     return list(params.parameters() if isinstance(params, Layer) else params)
 
 
+def _tied(refs: list[ParamRef]) -> list[list[ParamRef]]:
+    """``refs`` grouped by the array they hold, in order of first appearance."""
+    groups: dict[int, list[ParamRef]] = {}
+    for r in refs:
+        groups.setdefault(id(r.value), []).append(r)
+    return list(groups.values())
+
+
+def _summed(group: list[ParamRef]) -> Array:
+    g = group[0].grad
+    for r in group[1:]:
+        g = g + r.grad
+    return g
+
+
 def global_grad_norm(params: Layer | Iterable[ParamRef]) -> Array:
-    """The L2 norm of all gradients together, a 0-d device array."""
+    """The L2 norm of all gradients together (a tied weight's summed once), a 0-d device
+    array."""
     refs = _refs(params)
     xp = refs[0].layer.backend.xp
     total = None
-    for r in refs:
-        s = xp.sum(r.grad * r.grad)
+    for group in _tied(refs):
+        g = _summed(group)
+        s = xp.sum(g * g)
         total = s if total is None else total + s
     return xp.sqrt(total)
 
@@ -52,6 +73,8 @@ def clip_grad_value(params: Layer | Iterable[ParamRef], clip_value: float) -> No
     """Clip every gradient entry to ``[-clip_value, clip_value]``."""
     if clip_value <= 0:
         raise ConfigError(f"clip_value must be positive, got {clip_value}")
-    for r in _refs(params):
-        xp = r.layer.backend.xp
-        r.grad = xp.clip(r.grad, -clip_value, clip_value)
+    for group in _tied(_refs(params)):
+        xp = group[0].layer.backend.xp
+        group[0].grad = xp.clip(_summed(group), -clip_value, clip_value)
+        for r in group[1:]:
+            r.grad = xp.zeros_like(r.grad)
