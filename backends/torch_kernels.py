@@ -18,6 +18,7 @@ kernel launch on CUDA and one loop on the CPU. Same contracts as the CuPy kernel
   backward); RMSNorm keeps the reference path, because ATen's fused RMSNorm has no CPU
   backward and its CPU forward is itself a composition of operations;
 - ``adam_update``: PyTorch's fused Adam / AdamW step on one parameter, in place;
+- ``linear``: ``F.linear`` (one ``addmm`` with the bias), for ``Dense``;
 - ``sgd_update``: plain SGD in place (``sub_`` with ``alpha``), and ``sgd_update_many`` for
   every parameter in one ``torch._foreach_add_``; ``adam_update_many``: the fused Adam over
   every parameter in one call;
@@ -210,6 +211,14 @@ def _sgd_update(w, g, *, lr, weight_decay=0.0):
     return w.sub_(g, alpha=float(lr))
 
 
+def _linear(x, weight, bias=None):
+    """``linear``: ``x [..., in] @ weight [out, in]ᵀ + bias`` as PyTorch's own ``F.linear``
+    (one ``addmm`` with the bias for 2-d inputs), or ``None`` for mixed dtypes."""
+    if x.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        return None
+    return F.linear(x, weight, bias)
+
+
 def _sgd_update_many(ws, gs, *, lr, weight_decay=0.0):
     """``sgd_update_many``: :func:`_sgd_update` over every pair in one ``foreach`` call
     (on CUDA, PyTorch's multi-tensor kernels: a few launches for the whole network)."""
@@ -276,7 +285,7 @@ def reduction_kernels(device=None) -> dict[str, Callable]:
                "layer_norm_backward": _layer_norm_backward,
                "lstm_cell_forward": _lstm_cell_forward,
                "lstm_cell_backward": _lstm_cell_backward, "sgd_update": _sgd_update,
-               "sgd_update_many": _sgd_update_many}
+               "sgd_update_many": _sgd_update_many, "linear": _linear}
     if _fused_adam_runs(str(device) if device is not None else "cpu"):
         kernels["adam_update"] = _adam_update
         kernels["adam_update_many"] = _adam_update_many

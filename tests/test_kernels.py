@@ -342,6 +342,31 @@ def check_recurrent_sequence(backend, kernel, name):
                 assert_close(got, backend.to_host(want), backend, rtol=1e-4, atol=1e-5)
 
 
+def check_linear(backend, kernel, name):
+    """2-d and stacked inputs, with and without bias, against the reference ``linear``; mixed
+    dtypes are declined; and a Dense layer through it against one without kernels."""
+    from loomx.layers.dense import linear
+
+    xp = backend.xp
+    w, b = _rand(backend, (5, 7), 31), _rand(backend, (5,), 32)
+    for shape in ((6, 7), (2, 3, 7), (0, 7)):
+        x = _rand(backend, shape, 33)
+        for bias in (b, None):
+            want = linear(xp, x, w, bias)
+            assert_close(kernel(x, w, bias), backend.to_host(want), backend, rtol=1e-5,
+                         atol=1e-6)
+    assert kernel(xp.astype(_rand(backend, (2, 7), 34), xp.float64), w, b) is None
+    assert kernel(_rand(backend, (2, 7), 34), w, xp.astype(b, xp.float64)) is None
+    outs = []
+    for be in (backend, reference_backend(backend)):
+        layer = Dense(5, activation="relu")
+        layer.build((7,), be, rng=0)
+        y, ctx = layer.forward(_rand(be, (4, 7), 35), True)
+        outs.append((y, layer.backward(_rand(be, (4, 5), 36), ctx), layer.grads["bias"]))
+    for fast, slow in zip(*outs):
+        assert_close(fast, backend.to_host(slow), backend, rtol=1e-5, atol=1e-6)
+
+
 def check_sum_rows(backend, kernel, name):
     a = _rand(backend, (513, 7), 30)
     assert_close(kernel(a), backend.to_host(backend.xp.sum(a, axis=0)), backend, rtol=1e-5,
@@ -663,6 +688,7 @@ KERNEL_CHECKS = {
     "silu_gate_forward": check_silu_gate_forward,
     "silu_gate_backward": check_silu_gate_backward,
     "sum_rows": check_sum_rows,
+    "linear": check_linear,
     "softmax_cross_entropy": check_softmax_cross_entropy,
     "rope": check_rope,
     "window_gather": check_window_gather,

@@ -128,8 +128,14 @@ class Dense(Layer):
 
     def forward(self, x: Array, train: bool = False) -> tuple[Array, tuple]:
         self.check_input(x)
-        z, y = bias_activation(self.backend, self._act, linear(self.xp, x, self.params["weight"]),
-                               self.params.get("bias"), owned=True)
+        weight, bias = self.params["weight"], self.params.get("bias")
+        fused = self.backend.kernel("linear")
+        product = None if fused is None else fused(x, weight, bias)
+        if product is None:
+            product = linear(self.xp, x, weight)
+        else:  # the kernel added the bias
+            bias = None
+        z, y = bias_activation(self.backend, self._act, product, bias, owned=True)
         return y, (x, z, y)
 
     def backward(self, dy: Array, ctx: tuple, need_input_grad: bool = True) -> Array | None:
