@@ -26,7 +26,7 @@ from typing import Any
 from ..backends import RandomSource
 from ..errors import ConfigError, LoomxError, ShapeError
 from .base import Array, Layer, Shape, register_layer
-from .dense import linear, linear_backward, sum_rows
+from .dense import backend_linear, linear_backward, sum_rows
 from .init import init_weight
 from .norm import rms_input_grad, rms_inverse
 from .rope import ROPE_STYLES, RopeCache, apply_rope, check_rope_scaling, rotary_dims
@@ -228,7 +228,8 @@ class MultiHeadAttention(Layer):
 
     def _project(self, x2: Array, p: str, heads: int, b: int, t: int) -> Array:
         """``x2 [B·T, D]`` → ``[B, heads, T, hd]``."""
-        y = linear(self.xp, x2, self.params[f"{p}_weight"], self.params.get(f"{p}_bias"))
+        y = backend_linear(self.backend, x2, self.params[f"{p}_weight"],
+                           self.params.get(f"{p}_bias"))
         return self._split_heads(y, b, t, heads)
 
     def _project_back(self, g: Array, p: str, x2: Array,
@@ -332,7 +333,8 @@ class MultiHeadAttention(Layer):
         a = xp.matmul(xp.reshape(p, (b, kv, g * t, tk)), v)
         merged = xp.reshape(xp.permute_dims(xp.reshape(a, (b, h, t, hd)), (0, 2, 1, 3)),
                             (b * t, h * hd))
-        y = linear(xp, merged, self.params["o_weight"], self.params.get("o_bias"))
+        y = backend_linear(self.backend, merged, self.params["o_weight"],
+                           self.params.get("o_bias"))
         ctx = AttentionContext(x2=x2, shape=(b, t, d), q_raw=q_raw, k_raw=k_raw, q_r=q_r,
                                k_r=k_r, qg=qg, k=k, v=v, p=p, merged=merged, cos=cos, sin=sin,
                                cached=cache is not None)

@@ -43,6 +43,14 @@ def linear(xp, x: Array, weight: Array, bias: Array | None = None) -> Array:
     return z + bias
 
 
+def backend_linear(backend, x: Array, weight: Array, bias: Array | None = None) -> Array:
+    """:func:`linear` through the backend's ``linear`` kernel where it has one (PyTorch's
+    ``F.linear``: one call instead of a transpose, a product and a bias add)."""
+    fused = backend.kernel("linear")
+    z = None if fused is None else fused(x, weight, bias)
+    return linear(backend.xp, x, weight, bias) if z is None else z
+
+
 def sum_rows(backend, a: Array) -> Array:
     """Sum of ``a [R, N]`` over its rows → ``[N]`` (through the backend's ``sum_rows`` kernel,
     a matrix-vector product with ones on numpy, where it has one)."""

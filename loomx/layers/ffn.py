@@ -11,7 +11,7 @@ from ..backends import RandomSource
 from ..errors import ConfigError
 from .activations import get_activation, sigmoid
 from .base import Array, Layer, Shape, register_layer
-from .dense import linear, linear_backward
+from .dense import backend_linear, linear_backward
 from .init import init_weight
 
 
@@ -60,8 +60,8 @@ class _Block(Layer):
 
     def _linear(self, x: Array, prefix: str) -> Array:
         """``x @ W.T (+ b)`` with parameters ``{prefix}_weight`` / ``{prefix}_bias``."""
-        return linear(self.xp, x, self.params[f"{prefix}_weight"],
-                      self.params.get(f"{prefix}_bias"))
+        return backend_linear(self.backend, x, self.params[f"{prefix}_weight"],
+                              self.params.get(f"{prefix}_bias"))
 
     def _linear_backward(self, x: Array, dz: Array, prefix: str) -> Array:
         """Accumulate the gradients of ``{prefix}_*`` and return ``dx``."""
