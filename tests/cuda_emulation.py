@@ -3,8 +3,10 @@
 For kernels written with block-stride loops and dynamic shared memory (``SHARED_MEMORY(T)``),
 such as :mod:`loomx.backends.cuda_recurrent`, without a GPU. The source is compiled by the host's
 C++ compiler with a prelude that maps the CUDA built-ins onto C++ threads: ``threadIdx`` is
-thread-local, ``__syncthreads`` is a barrier over the block's threads, blocks run one after
-another, and shared memory is filled with NaN bytes before each block.
+thread-local, ``__syncthreads`` is a barrier over the block's threads, ``__shfl_down_sync`` an
+exchange through a barrier over the warp's lanes, blocks run one after another (so static
+``__shared__`` arrays are plain statics), and shared memory is filled with NaN bytes before
+each block. Template kernels are named with their argument, as CuPy's ``name_expressions``.
 
 What it catches: indexing errors and wrong arithmetic (wrong values), reads of shared memory
 that no thread wrote or past what the launch asked for (NaN in the results; a guard region
@@ -38,10 +40,11 @@ PRELUDE = r"""
 #include <cmath>
 #include <condition_variable>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
-using std::min; using std::max; using std::sqrt; using std::exp; using std::tanh;
+using std::min; using std::max; using std::sqrt; using std::exp; using std::log; using std::tanh;
 struct emu_dim3 { unsigned x, y, z; };
 static thread_local emu_dim3 threadIdx;
 static emu_dim3 blockIdx, blockDim, gridDim;
@@ -67,10 +70,27 @@ struct emu_barrier_t {
 };
 static emu_barrier_t* emu_barrier = nullptr;
 static unsigned char* emu_shared = nullptr;
+// a warp: its own barrier over its lanes, and a slot per lane for shuffles
+struct emu_warp_t {
+    emu_barrier_t bar;
+    alignas(16) unsigned char slots[32 * 16];
+};
+static emu_warp_t* emu_warps = nullptr;
+template <class T> static T __shfl_down_sync(unsigned, T v, int delta) {
+    const int lane = threadIdx.x & 31;
+    emu_warp_t& w = emu_warps[threadIdx.x >> 5];
+    T* slot = reinterpret_cast<T*>(w.slots);
+    slot[lane] = v;
+    w.bar.wait();
+    const T r = lane + delta < w.bar.count ? slot[lane + delta] : v;
+    w.bar.wait();
+    return r;
+}
 #define __global__
 #define __device__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#define __shared__ static  /* blocks run one after another */
 #define __syncthreads() emu_barrier->wait()
 #define SHARED_MEMORY(T) T* const smem = reinterpret_cast<T*>(emu_shared)
 
@@ -88,13 +108,19 @@ template <class F> static int emu_run(int grid, int block, long long shared, F b
         emu_barrier_t bar;
         bar.count = block;
         emu_barrier = &bar;
+        const int nwarps = (block + 31) / 32;
+        std::unique_ptr<emu_warp_t[]> warps(new emu_warp_t[nwarps]);
+        for (int w = 0; w < nwarps; ++w) warps[w].bar.count = std::min(32, block - 32 * w);
+        emu_warps = warps.get();
         std::vector<std::thread> threads;
         for (int i = 0; i < block; ++i) {
             const int t = b % 2 ? block - 1 - i : i;  // odd blocks start their threads last first
             threads.emplace_back([&, t] { threadIdx = {(unsigned)t, 0, 0}; body(); });
         }
         for (auto& th : threads) th.join();
-        if (bar.broken) return 1;
+        bool broken = bar.broken;
+        for (int w = 0; w < nwarps; ++w) broken = broken || warps[w].bar.broken;
+        if (broken) return 1;
         for (long long i = shared; i < shared + guard; ++i)
             if (memory[i] != 0xff) return 2;
     }
@@ -105,6 +131,8 @@ template <class F> static int emu_run(int grid, int block, long long shared, F b
 
 #: What precedes a kernel's name: ``__global__ void`` and optional launch bounds.
 _KERNEL = r"__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?"
+#: A template kernel's head, up to its name.
+_TEMPLATE = r"template\s*<\s*typename\s+(\w+)\s*>\s*" + _KERNEL
 
 
 def compiler() -> str | None:
@@ -130,38 +158,71 @@ _SCALARS = {"int": (ctypes.c_int, np.int32), "long long": (ctypes.c_longlong, np
             "float": (ctypes.c_float, np.float32), "double": (ctypes.c_double, np.float64)}
 
 
+def _parts(name: str) -> tuple[str, str | None]:
+    """``"softmax_fwd<float>"`` -> ``("softmax_fwd", "float")``; a plain name -> ``(name,
+    None)``."""
+    found = re.fullmatch(r"(\w+)\s*<\s*(\w+)\s*>", name)
+    return (found.group(1), found.group(2)) if found else (name, None)
+
+
+def _declared(code: str, name: str) -> tuple[str, dict[str, str]]:
+    """The parameter list of kernel ``name`` (``"base<type>"`` for an instantiation of a
+    template kernel), and the type names to substitute in it."""
+    base, targ = _parts(name)
+    if targ is None:
+        found = re.search(_KERNEL + re.escape(base) + r"\s*\(([^)]*)\)", code)
+        if found is None:
+            raise ValueError(f"no kernel {name!r} in the source")
+        return found.group(1), {}
+    found = re.search(_TEMPLATE + re.escape(base) + r"\s*\(([^)]*)\)", code)
+    if found is None:
+        raise ValueError(f"no template kernel {base!r} in the source")
+    return found.group(2), {found.group(1): targ}
+
+
 def _signature(code: str, name: str) -> list[tuple[str, str]]:
     """``[(type, name)]`` of the kernel's parameters, ``type`` ``"ptr"`` or a key of
-    ``_SCALARS`` (``T`` resolved through the source's ``typedef ... T;``)."""
-    found = re.search(_KERNEL + re.escape(name) + r"\s*\(([^)]*)\)", code)
-    if found is None:
-        raise ValueError(f"no kernel {name!r} in the source")
+    ``_SCALARS`` (``T`` resolved through the source's ``typedef ... T;`` or the template
+    argument)."""
+    declared, types = _declared(code, name)
     typedef = re.search(r"typedef\s+(float|double)\s+T\s*;", code)
+    if typedef is not None:
+        types.setdefault("T", typedef.group(1))
     params = []
-    for part in found.group(1).split(","):
+    for part in declared.split(","):
         words = part.replace("*", " * ").split()
         if "*" in words:
             params.append(("ptr", words[-1]))
             continue
-        kind = " ".join(w for w in words[:-1] if w != "const")
-        if kind == "T" and typedef is not None:
-            kind = typedef.group(1)
+        kind = " ".join(types.get(w, w) for w in words[:-1] if w != "const")
         if kind not in _SCALARS:
             raise ValueError(f"{name}: parameter type {kind!r} is not emulated")
         params.append((kind, words[-1]))
     return params
 
 
+def _symbol(name: str) -> str:
+    base, targ = _parts(name)
+    return f"emu_{base}" if targ is None else f"emu_{base}__{targ}"
+
+
 @functools.cache
-def _library(code: str) -> ctypes.CDLL:
-    names = re.findall(_KERNEL + r"(\w+)\s*\(", code)
+def _library(code: str, instances: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """The compiled source with a launcher for every plain kernel and for each template
+    instantiation in ``instances``."""
+    templates = {m.group(2) for m in re.finditer(_TEMPLATE + r"(\w+)\s*\(", code)}
+    names = [n for n in re.findall(_KERNEL + r"(\w+)\s*\(", code) if n not in templates]
     wrappers = []
-    for name in names:
-        declared = re.search(_KERNEL + name + r"\s*\(([^)]*)\)", code).group(1)
+    for name in (*names, *instances):
+        declared, types = _declared(code, name)
+        for old, new in types.items():
+            declared = re.sub(r"\b" + old + r"\b", new, declared)
+        base, targ = _parts(name)
         call = ", ".join(p for _, p in _signature(code, name))
-        wrappers.append(f'extern "C" int emu_{name}(int grid, int block, long long shared, '
+        callee = base if targ is None else f"{base}<{targ}>"
+        wrappers.append(f'extern "C" int {_symbol(name)}(int grid, int block, long long shared, '
                         f'{declared}) {{ return emu_run(grid, block, shared, [&] {{ '
-                        f'{name}({call}); }}); }}')
+                        f'{callee}({call}); }}); }}')
     source = PRELUDE + code + "\n" + "\n".join(wrappers) + "\n"
     digest = hashlib.sha1(source.encode()).hexdigest()[:16]
     folder = os.path.join(tempfile.gettempdir(), "loomx-cuda-emulation")
@@ -182,11 +243,17 @@ def _library(code: str) -> ctypes.CDLL:
     return ctypes.CDLL(lib)
 
 
-def build(code: str, name: str):
+def build(code: str, name: str, instances: tuple[str, ...] = ()):
     """``launch(grid, block, args, shared_mem)`` running kernel ``name`` of ``code``: pointer
     arguments are C-contiguous numpy arrays, scalars numpy scalars of the parameter's exact
-    type (``np.int32`` for ``int``, ``np.int64`` for ``long long``, ...), as CuPy wants."""
-    fn = getattr(_library(code), f"emu_{name}")
+    type (``np.int32`` for ``int``, ``np.int64`` for ``long long``, ...), as CuPy wants.
+
+    A template kernel is named with its argument (``"softmax_fwd<float>"``), like CuPy's
+    ``name_expressions``; ``instances`` lists every instantiation the source will be asked
+    for, so that one compiled library serves them all."""
+    if _parts(name)[1] is not None and name not in instances:
+        instances = (*instances, name)
+    fn = getattr(_library(code, tuple(instances)), _symbol(name))
     kinds = [kind for kind, _ in _signature(code, name)]
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong,
