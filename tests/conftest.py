@@ -8,6 +8,9 @@ Every numeric test takes the ``backend`` fixture, parametrised over:
 - ``strict_nosync``: the same with boolean indexing and data-dependent shapes disabled, plus a
   guard that makes ``float()/bool()/int()`` on a device array raise (a hidden GPU→host sync);
 - ``torch``: PyTorch CPU through array-api-compat;
+- ``cupy_on_cpu``: numpy carrying every kernel the CuPy backend registers, their CUDA run on
+  the CPU (``tests/cupy_emulation.py``, ``tests/cuda_emulation.py``); skipped without a C++
+  compiler;
 - ``cupy``: CUDA through CuPy, marked ``gpu`` and skipped with the reason when unusable.
 
 ``LOOMX_TEST_BACKENDS`` replaces the matrix (comma-separated specs); ``torch:cuda`` there runs
@@ -26,7 +29,7 @@ import numpy as np
 import pytest
 from loomx.backends import get_backend
 
-MATRIX = ["numpy", "strict", "strict_nosync", "torch", "cupy"]
+MATRIX = ["numpy", "strict", "strict_nosync", "torch", "cupy_on_cpu", "cupy"]
 if os.environ.get("LOOMX_TEST_BACKENDS"):
     MATRIX = os.environ["LOOMX_TEST_BACKENDS"].split(",")
 
@@ -63,6 +66,8 @@ def no_sync_guard():
 
 
 def _make(spec: str, dtype: str):
+    if spec == "cupy_on_cpu":
+        raise AssertionError("made by _backend_fixture")
     if spec.startswith("cupy"):
         from loomx.backends.cupy_backend import cupy_status
 
@@ -82,13 +87,22 @@ def _make(spec: str, dtype: str):
 
 def _params(dtype: str):
     return [pytest.param((s, dtype), id=s,
-                         marks=[pytest.mark.gpu] if s.startswith("cupy") or "cuda" in s
-                         else [])
+                         marks=[pytest.mark.gpu] if (s.startswith("cupy") or "cuda" in s)
+                         and s != "cupy_on_cpu" else [])
             for s in MATRIX]
 
 
 def _backend_fixture(request):
     spec, dtype = request.param
+    if spec == "cupy_on_cpu":  # the CuPy backend's kernels, run on the CPU
+        from tests import cuda_emulation, cupy_emulation
+
+        why = cuda_emulation.unavailable()
+        if why:
+            pytest.skip(why)
+        with cupy_emulation.backend_on_cpu(dtype) as backend:
+            yield backend
+        return
     backend = _make(spec, dtype)
     if spec == "strict_nosync":
         with no_sync_guard():

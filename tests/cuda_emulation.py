@@ -11,8 +11,9 @@ each block. Template kernels are named with their argument, as CuPy's ``name_exp
 What it catches: indexing errors and wrong arithmetic (wrong values), reads of shared memory
 that no thread wrote or past what the launch asked for (NaN in the results; a guard region
 follows the requested bytes), writes past it (an error), missing barriers (the threads
-really race, and odd blocks start their threads in reverse order, so the results are wrong in
-most runs, not all), and a barrier inside divergent code (an error after 5 s). What it does
+really race, so the results are wrong in most runs, not all), and a barrier inside divergent
+code (an error after 5 s). The threads of a launch are made once and run their thread of
+every block in turn. What it does
 not: everything device-specific (``__restrict__`` loads, flush-to-zero, compiler limits,
 register pressure, speed).
 
@@ -31,6 +32,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 
 import numpy as np
 
@@ -47,7 +49,8 @@ PRELUDE = r"""
 using std::min; using std::max; using std::sqrt; using std::exp; using std::log; using std::tanh;
 struct emu_dim3 { unsigned x, y, z; };
 static thread_local emu_dim3 threadIdx;
-static emu_dim3 blockIdx, blockDim, gridDim;
+static thread_local emu_dim3 blockIdx;
+static emu_dim3 blockDim, gridDim;
 // __syncthreads: a barrier over the block's threads that gives up (and marks the launch
 // failed) when some thread never arrives, as when a kernel syncs inside divergent code
 struct emu_barrier_t {
@@ -95,36 +98,46 @@ template <class T> static T __shfl_down_sync(unsigned, T v, int delta) {
 #define SHARED_MEMORY(T) T* const smem = reinterpret_cast<T*>(emu_shared)
 
 // returns 0, 1 (a barrier some thread never reached) or 2 (a write past the shared memory
-// the launch asked for, into a guard region after it)
+// the launch asked for, into a guard region after it). One thread per CUDA thread of a block,
+// made once per launch, runs that thread of every block in turn; between blocks, thread 0
+// checks the guard region and fills the shared memory with NaN bytes again.
+static std::mutex emu_launch;  // one launch at a time: the emulation's state is global
 template <class F> static int emu_run(int grid, int block, long long shared, F body) {
+    std::lock_guard<std::mutex> one_at_a_time(emu_launch);
     const long long guard = 256;
     std::vector<unsigned char> memory(shared + guard);
+    std::memset(memory.data(), 0xff, memory.size());  // NaN in every float type
     emu_shared = memory.data();
     gridDim = {(unsigned)grid, 1, 1};
     blockDim = {(unsigned)block, 1, 1};
-    for (int b = 0; b < grid; ++b) {
-        std::memset(memory.data(), 0xff, memory.size());  // NaN in every float type
-        blockIdx = {(unsigned)b, 0, 0};
-        emu_barrier_t bar;
-        bar.count = block;
-        emu_barrier = &bar;
-        const int nwarps = (block + 31) / 32;
-        std::unique_ptr<emu_warp_t[]> warps(new emu_warp_t[nwarps]);
-        for (int w = 0; w < nwarps; ++w) warps[w].bar.count = std::min(32, block - 32 * w);
-        emu_warps = warps.get();
-        std::vector<std::thread> threads;
-        for (int i = 0; i < block; ++i) {
-            const int t = b % 2 ? block - 1 - i : i;  // odd blocks start their threads last first
-            threads.emplace_back([&, t] { threadIdx = {(unsigned)t, 0, 0}; body(); });
+    emu_barrier_t bar, between;
+    bar.count = between.count = block;
+    emu_barrier = &bar;
+    const int nwarps = (block + 31) / 32;
+    std::unique_ptr<emu_warp_t[]> warps(new emu_warp_t[nwarps]);
+    for (int w = 0; w < nwarps; ++w) warps[w].bar.count = std::min(32, block - 32 * w);
+    emu_warps = warps.get();
+    bool overrun = false;
+    auto thread = [&](int t) {
+        threadIdx = {(unsigned)t, 0, 0};
+        for (int b = 0; b < grid; ++b) {
+            blockIdx = {(unsigned)b, 0, 0};
+            between.wait();
+            body();
+            between.wait();
+            if (t == 0) {
+                for (long long i = shared; i < shared + guard; ++i)
+                    if (memory[i] != 0xff) overrun = true;
+                std::memset(memory.data(), 0xff, memory.size());
+            }
         }
-        for (auto& th : threads) th.join();
-        bool broken = bar.broken;
-        for (int w = 0; w < nwarps; ++w) broken = broken || warps[w].bar.broken;
-        if (broken) return 1;
-        for (long long i = shared; i < shared + guard; ++i)
-            if (memory[i] != 0xff) return 2;
-    }
-    return 0;
+    };
+    std::vector<std::thread> threads;
+    for (int t = 0; t < block; ++t) threads.emplace_back(thread, t);
+    for (auto& th : threads) th.join();
+    bool broken = bar.broken || between.broken;
+    for (int w = 0; w < nwarps; ++w) broken = broken || warps[w].bar.broken;
+    return broken ? 1 : overrun ? 2 : 0;
 }
 """
 
@@ -206,10 +219,18 @@ def _symbol(name: str) -> str:
     return f"emu_{base}" if targ is None else f"emu_{base}__{targ}"
 
 
-@functools.cache
+_COMPILING = threading.Lock()  # threads of one process (BatchParallel's shards) share a build
+
+
 def _library(code: str, instances: tuple[str, ...] = ()) -> ctypes.CDLL:
     """The compiled source with a launcher for every plain kernel and for each template
-    instantiation in ``instances``."""
+    instantiation in ``instances`` (built once per process and kept on disk)."""
+    with _COMPILING:
+        return _build_library(code, instances)
+
+
+@functools.cache
+def _build_library(code: str, instances: tuple[str, ...]) -> ctypes.CDLL:
     templates = {m.group(2) for m in re.finditer(_TEMPLATE + r"(\w+)\s*\(", code)}
     names = [n for n in re.findall(_KERNEL + r"(\w+)\s*\(", code) if n not in templates]
     wrappers = []

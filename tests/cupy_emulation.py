@@ -15,22 +15,26 @@
 - everything else (``empty``, ``ascontiguousarray``, ``matmul``, ``lib.stride_tricks``...)
   is numpy's.
 
-``cupy_kernels_on_cpu()`` imports loomx's CuPy kernel modules afresh against it and returns
-their kernels by name, so that the kernel checks of ``tests/test_kernels.py`` run on them
-without a GPU. Not covered: device placement and streams (``sum_rows``'s cached vector of
+``cupy_on_cpu()`` imports loomx's CuPy kernel modules afresh against it, and
+``backend_on_cpu()`` makes the test matrix's ``cupy_on_cpu`` backend from them: numpy carrying
+every kernel the CuPy backend registers, so that the whole suite runs them without a GPU.
+Not covered: device placement and streams (``sum_rows``'s cached vector of
 ones per device becomes a plain ``ones``), and anything CuPy compiles differently from g++
-(the nvcc tests cover compilation).
+(the nvcc tests cover compilation). The row kernels run with 64 threads per row instead of
+256 (two warps: the same reductions across warps, fewer emulated threads).
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import importlib
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import types
 from contextlib import contextmanager
 
@@ -70,7 +74,17 @@ def _params(spec: str) -> list[tuple[bool, str, str]]:
     return out
 
 
+_COMPILING = threading.Lock()
+
+
 def _compile(source: str) -> ctypes.CDLL:
+    """The compiled library of ``source`` (built once per process and kept on disk)."""
+    with _COMPILING:
+        return _build(source)
+
+
+@functools.cache
+def _build(source: str) -> ctypes.CDLL:
     digest = hashlib.sha1(source.encode()).hexdigest()[:16]
     folder = os.path.join(tempfile.gettempdir(), "loomx-cuda-emulation")
     os.makedirs(folder, exist_ok=True)
@@ -129,8 +143,8 @@ class ElementwiseKernel:
                     raise TypeError(f"{self.name}: raw outputs must be passed")
                 outs[k] = np.empty(shape, dtype=dtype_of(typ))
         size = int(np.prod(shape))
-        values, decls, body, masks, argtypes = [], [], [], [], []
-        writeback = []
+        values, decls, body, argtypes = [], [], [], []
+        writeback, alive = [], []  # alive: the buffers whose addresses the call takes
         for k, ((raw, typ, name), a) in enumerate(zip(self.ins + self.outs,
                                                        [*args[:nin], *outs])):
             is_out = k >= nin
@@ -146,10 +160,10 @@ class ElementwiseKernel:
                     buf = np.ascontiguousarray(np.broadcast_to(np.asarray(a, dtype=dt), shape))
                 if is_out and buf is not a:
                     writeback.append((a, buf))
+                alive.append(buf)
                 values.append(buf.ctypes.data)
                 argtypes.append(ctypes.c_void_p)
                 const = "" if is_out else "const "
-                masks.append("p")
                 if raw:
                     decls.append(f"{const}{ctype}* {name}")
                 else:
@@ -159,7 +173,6 @@ class ElementwiseKernel:
             else:
                 values.append(np.asarray(a, dtype=dt).item())
                 argtypes.append(_CTYPES[np.dtype(dt)][1])
-                masks.append("s")
                 decls.append(f"const {ctype} {name}")
         typedefs = "".join(f"typedef {_CTYPES[np.dtype(d)][0]} {t};\n" for t, d in types_.items())
         source = (_ELEMENTWISE_PRELUDE + typedefs + self.preamble + "\n"
@@ -170,6 +183,7 @@ class ElementwiseKernel:
         fn.argtypes = [ctypes.c_longlong, *argtypes]
         fn.restype = None
         fn(size, *values)
+        del alive
         for dst, src in writeback:
             np.copyto(dst, src, casting="unsafe")
         return outs[0] if nout == 1 else tuple(outs)
@@ -226,6 +240,9 @@ def cupy_on_cpu():
             np.ones(a.shape[0], a.dtype) @ a if a.dtype in (np.float32, np.float64)
             else np.sum(a, axis=0))
         kernels._original_sum_rows = original
+        # two warps per row block instead of eight: the same code paths (a reduction across
+        # warps), a quarter of the emulated threads to synchronise
+        kernels._ROW_THREADS = 64
         yield kernels, windows
     finally:
         for name, module in saved.items():
@@ -233,3 +250,29 @@ def cupy_on_cpu():
                 sys.modules.pop(name, None)
             else:
                 sys.modules[name] = module
+
+
+@contextmanager
+def backend_on_cpu(dtype: str = "float32"):
+    """A numpy backend carrying every kernel the CuPy backend registers, run on the CPU (the
+    stand-in for CuPy's own kernels, the thread emulation for the whole-sequence and
+    multi-tensor ones); valid inside the block."""
+    import dataclasses
+
+    from loomx.backends import get_backend
+    from loomx.backends.cuda_foreach import AdamMany, SGDMany
+    from loomx.backends.cuda_recurrent import RecurrentSequence
+
+    build = cuda_emulation.build
+    with cupy_on_cpu() as (kernels, windows):
+        table = dict(kernels.cupy_kernels())
+        table["window_matmul"] = windows.window_matmul
+        table["window_matmul_backward"] = windows.window_matmul_backward
+        sequence = RecurrentSequence(np, build, lambda: 4)
+        table["recurrent_sequence_forward"] = sequence.forward
+        table["recurrent_sequence_backward"] = sequence.backward
+        table["sgd_update_many"] = SGDMany(build, kernels.sgd_update, threads=64, chunk=256)
+        table["adam_update_many"] = AdamMany(build, kernels.adam_update, threads=64,
+                                             chunk=256)
+        base = get_backend("numpy", dtype)
+        yield dataclasses.replace(base, name="cupy_on_cpu", kernels=table)
