@@ -173,15 +173,23 @@ class Foreach:
         launch(blocks, self.threads, (*args, np.int32(blocks), *scalars), 0)
 
 
-class SGDMany:
-    """``sgd_update_many`` with ``fallback(w, g, lr=, weight_decay=)`` per tensor; ``device``
-    as :class:`Foreach`'s."""
+class _Many:
+    """A multi-tensor kernel of :attr:`update` with ``fallback``, the per-tensor kernel, for
+    what it cannot take; the other arguments as :class:`Foreach`'s."""
+
+    update: Update
 
     def __init__(self, build: Callable[[str, str], Any], fallback: Callable[..., Any],
                  threads: int = THREADS, chunk: int = CHUNK,
                  device: Callable[[Any], Any] = lambda a: contextlib.nullcontext()):
-        self.foreach = Foreach(SGD, build, threads, chunk, device)
+        self.foreach = Foreach(self.update, build, threads, chunk, device)
         self.fallback = fallback
+
+
+class SGDMany(_Many):
+    """``sgd_update_many``, with ``fallback(w, g, lr=, weight_decay=)``."""
+
+    update = SGD
 
     def __call__(self, ws: list, gs: list, *, lr: float, weight_decay: float = 0.0) -> None:
         def scalars(dtype):
@@ -192,15 +200,10 @@ class SGDMany:
             w, g, lr=lr, weight_decay=weight_decay))
 
 
-class AdamMany:
-    """``adam_update_many`` with ``fallback(w, g, m, v, lr=, ...)`` per tensor; ``device``
-    as :class:`Foreach`'s."""
+class AdamMany(_Many):
+    """``adam_update_many``, with ``fallback(w, g, m, v, lr=, ...)``."""
 
-    def __init__(self, build: Callable[[str, str], Any], fallback: Callable[..., Any],
-                 threads: int = THREADS, chunk: int = CHUNK,
-                 device: Callable[[Any], Any] = lambda a: contextlib.nullcontext()):
-        self.foreach = Foreach(ADAM, build, threads, chunk, device)
-        self.fallback = fallback
+    update = ADAM
 
     def __call__(self, ws: list, gs: list, ms: list, vs: list, *, lr: float, beta1: float,
                  beta2: float, eps: float, weight_decay: float, step: int,
