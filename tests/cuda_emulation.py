@@ -245,19 +245,26 @@ def _build_library(code: str, instances: tuple[str, ...]) -> ctypes.CDLL:
                         f'{declared}) {{ return emu_run(grid, block, shared, [&] {{ '
                         f'{callee}({call}); }}); }}')
     source = PRELUDE + code + "\n" + "\n".join(wrappers) + "\n"
-    digest = hashlib.sha1(source.encode()).hexdigest()[:16]
+    return compile_library(source, ["-O1", "-g", "-pthread", "-Wno-unknown-pragmas"])
+
+
+def compile_library(source: str, flags: list[str]) -> ctypes.CDLL:
+    """``source`` compiled by the host's C++ compiler into a shared library, kept on disk by
+    the hash of the source and the flags (per-process temporary files: test workers may race
+    here), and loaded."""
+    digest = hashlib.sha1((source + " ".join(flags)).encode()).hexdigest()[:16]
     folder = os.path.join(tempfile.gettempdir(), "loomx-cuda-emulation")
     os.makedirs(folder, exist_ok=True)
     lib = os.path.join(folder, f"{digest}.so")
-    if not os.path.exists(lib):  # per-process file names: test workers may race here
+    if not os.path.exists(lib):
         src = os.path.join(folder, f"{digest}.{os.getpid()}.cpp")
         with open(src, "w") as f:
             f.write(source)
         tmp = f"{lib}.{os.getpid()}.tmp"
         try:
-            subprocess.run([compiler(), "-std=c++17", "-O1", "-g", "-shared", "-fPIC",
-                            "-pthread", "-Wall", "-Wno-unknown-pragmas", "-Werror", src, "-o",
-                            tmp], check=True, capture_output=True, text=True)
+            subprocess.run([compiler(), "-std=c++17", "-shared", "-fPIC", "-Wall", "-Werror",
+                            *flags, src, "-o", tmp], check=True, capture_output=True,
+                           text=True)
             os.replace(tmp, lib)
         finally:
             os.remove(src)

@@ -28,12 +28,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import importlib
-import os
-import subprocess
 import sys
-import tempfile
 import threading
 import types
 from contextlib import contextmanager
@@ -85,23 +81,7 @@ def _compile(source: str) -> ctypes.CDLL:
 
 @functools.cache
 def _build(source: str) -> ctypes.CDLL:
-    digest = hashlib.sha1(source.encode()).hexdigest()[:16]
-    folder = os.path.join(tempfile.gettempdir(), "loomx-cuda-emulation")
-    os.makedirs(folder, exist_ok=True)
-    lib = os.path.join(folder, f"ew_{digest}.so")
-    if not os.path.exists(lib):
-        src = os.path.join(folder, f"ew_{digest}.{os.getpid()}.cpp")
-        with open(src, "w") as f:
-            f.write(source)
-        tmp = f"{lib}.{os.getpid()}.tmp"
-        try:
-            subprocess.run([cuda_emulation.compiler(), "-std=c++17", "-O0", "-shared", "-fPIC",
-                            "-Wall", "-Wno-unused-variable", "-Werror", src, "-o", tmp],
-                           check=True, capture_output=True, text=True)
-            os.replace(tmp, lib)
-        finally:
-            os.remove(src)
-    return ctypes.CDLL(lib)
+    return cuda_emulation.compile_library(source, ["-O0", "-Wno-unused-variable"])
 
 
 class ElementwiseKernel:
