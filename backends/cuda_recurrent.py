@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -340,7 +341,9 @@ class RecurrentSequence:
         build: ``build(code, name) -> launch(grid, block, args, shared_mem)``.
         multiprocessors: ``() -> int``, the current device's multiprocessor count.
         device: ``device(array)`` -> a context manager making the array's device current.
-        rows, threads: force the plan (tests).
+        rows, threads: force the plan (tests). ``rows`` defaults to the environment variable
+            ``LOOMX_CUDA_RNN_ROWS`` when it is set (1, 2, 4 or 8: for measuring the choice of
+            rows per block on a device; unset, the plan fills the device once).
     """
 
     def __init__(self, xp: Any, build: Callable[[str, str], Launch | None],
@@ -349,6 +352,10 @@ class RecurrentSequence:
                  rows: int | None = None, threads: int | None = None):
         self.xp, self.build, self.multiprocessors = xp, build, multiprocessors
         self.device = device
+        if rows is None and os.environ.get("LOOMX_CUDA_RNN_ROWS"):
+            rows = int(os.environ["LOOMX_CUDA_RNN_ROWS"])
+            if rows not in (1, 2, 4, 8):
+                raise ValueError(f"LOOMX_CUDA_RNN_ROWS must be 1, 2, 4 or 8, got {rows}")
         self.rows, self.threads = rows, threads
         self._failed: set[str] = set()
 

@@ -239,3 +239,16 @@ def test_kernels_compile_for_a_gpu(tmp_path, dtype):
         plan = plan_for(128, 512, np.dtype(dtype).itemsize, 132, MODES[mode][1])
         cuda_emulation.nvcc_compiles(CUDA_PRELUDE + kernel_code(mode, dtype, 128, plan),
                                      str(tmp_path))
+
+
+def test_rows_per_block_can_be_set_for_measuring(monkeypatch, emulated):
+    monkeypatch.setenv("LOOMX_CUDA_RNN_ROWS", "8")
+    seq = RecurrentSequence(np, emulated, lambda: 132)
+    assert seq.rows == 8
+    x, states, params = _case("lstm", 3, 2, 2, 8, np.float64, "ih")
+    y, _, _ = seq.forward("lstm", x, states, params, False)
+    np.testing.assert_allclose(y, _torch_reference("lstm", x, states, params, None,
+                                                   np.ones((3, 8)))[0][0], rtol=1e-12)
+    monkeypatch.setenv("LOOMX_CUDA_RNN_ROWS", "3")
+    with pytest.raises(ValueError, match="LOOMX_CUDA_RNN_ROWS"):
+        RecurrentSequence(np, emulated, lambda: 132)
