@@ -152,30 +152,43 @@ def _multiprocessors(device_id: int) -> int:
     return int(cupy.cuda.Device(device_id).attributes["MultiProcessorCount"])
 
 
-def _sequence_kernels() -> dict:
-    """The whole-sequence RNN, LSTM and GRU kernels (``backends/cuda_recurrent.py``) on CuPy
-    arrays."""
+def _add_into(view, part):
     import cupy
 
-    from .cuda_recurrent import RecurrentSequence
-
-    seq = RecurrentSequence(cupy, _cupy_build,
-                            lambda: _multiprocessors(cupy.cuda.Device().id),
-                            device=lambda a: a.device)
-    return {"recurrent_sequence_forward": seq.forward,
-            "recurrent_sequence_backward": seq.backward}
+    cupy.add(view, part, out=view)
 
 
-def _foreach_kernels(sgd_update, adam_update) -> dict:
-    """SGD and Adam over many parameters in one launch (``backends/cuda_foreach.py``), with
-    the per-tensor kernels for the parameters those cannot take."""
+def cupy_kernel_table(build=None, multiprocessors=None, device=None) -> dict:
+    """Every kernel the CuPy backend registers, by name.
+
+    ``build(code, name)``, ``multiprocessors()`` and ``device(array)`` serve the kernels
+    compiled from CUDA source (``backends/cuda_recurrent.py``, ``backends/cuda_foreach.py``):
+    by default CuPy's ``RawModule``, the current device's multiprocessor count and the
+    array's device. The tests pass their CPU emulation instead, so that the table they run
+    on the CPU is this one.
+    """
+    import cupy
+
     from .cuda_foreach import AdamMany, SGDMany
+    from .cuda_recurrent import RecurrentSequence
+    from .cupy_kernels import adam_update, cupy_kernels, sgd_update
+    from .cupy_windows import window_matmul, window_matmul_backward
 
-    def device(a):
-        return a.device
-
-    return {"sgd_update_many": SGDMany(_cupy_build, sgd_update, device=device),
-            "adam_update_many": AdamMany(_cupy_build, adam_update, device=device)}
+    build = build or _cupy_build
+    multiprocessors = multiprocessors or (lambda: _multiprocessors(cupy.cuda.Device().id))
+    device = device or (lambda a: a.device)
+    sequence = RecurrentSequence(cupy, build, multiprocessors, device=device)
+    return {"window_gather": _cupy_window_gather,
+            "window_scatter_add": window_scatter_add_with(_add_into),
+            "window_matmul": window_matmul, "window_matmul_backward": window_matmul_backward,
+            **cupy_kernels(),
+            # whole RNN/LSTM/GRU sequences, one launch each way
+            "recurrent_sequence_forward": sequence.forward,
+            "recurrent_sequence_backward": sequence.backward,
+            # optimizer steps over many parameters in one launch, with the per-tensor
+            # kernels for the parameters those cannot take
+            "sgd_update_many": SGDMany(build, sgd_update, device=device),
+            "adam_update_many": AdamMany(build, adam_update, device=device)}
 
 
 def make_cupy_backend(name: str = "cupy", index: int | None = None) -> CupyBackend:
@@ -192,14 +205,5 @@ def make_cupy_backend(name: str = "cupy", index: int | None = None) -> CupyBacke
     i = index or 0
     if i >= count:
         raise BackendUnavailableError(f"cupy:{i} requested but only {count} CUDA device(s) exist.")
-    from .cupy_kernels import adam_update, cupy_kernels, sgd_update
-    from .cupy_windows import window_matmul, window_matmul_backward
-
     return CupyBackend(name=name, xp=xp, device=cupy.cuda.Device(i), library="cupy",
-                       kernels={"window_gather": _cupy_window_gather,
-                                "window_scatter_add": window_scatter_add_with(
-                                    lambda view, part: cupy.add(view, part, out=view)),
-                                "window_matmul": window_matmul,
-                                "window_matmul_backward": window_matmul_backward,
-                                **cupy_kernels(), **_sequence_kernels(),
-                                **_foreach_kernels(sgd_update, adam_update)})
+                       kernels=cupy_kernel_table())

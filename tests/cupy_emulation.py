@@ -26,6 +26,7 @@ ones per device becomes a plain ``ones``), and anything CuPy compiles differentl
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import importlib
@@ -240,19 +241,11 @@ def backend_on_cpu(dtype: str = "float32"):
     import dataclasses
 
     from loomx.backends import get_backend
-    from loomx.backends.cuda_foreach import AdamMany, SGDMany
-    from loomx.backends.cuda_recurrent import RecurrentSequence
 
-    build = cuda_emulation.build
-    with cupy_on_cpu() as (kernels, windows):
-        table = dict(kernels.cupy_kernels())
-        table["window_matmul"] = windows.window_matmul
-        table["window_matmul_backward"] = windows.window_matmul_backward
-        sequence = RecurrentSequence(np, build, lambda: 4)
-        table["recurrent_sequence_forward"] = sequence.forward
-        table["recurrent_sequence_backward"] = sequence.backward
-        table["sgd_update_many"] = SGDMany(build, kernels.sgd_update, threads=64, chunk=256)
-        table["adam_update_many"] = AdamMany(build, kernels.adam_update, threads=64,
-                                             chunk=256)
+    with cupy_on_cpu():
+        from loomx.backends.cupy_backend import cupy_kernel_table
+
+        table = cupy_kernel_table(build=cuda_emulation.build, multiprocessors=lambda: 4,
+                                  device=lambda a: contextlib.nullcontext())
         base = get_backend("numpy", dtype)
         yield dataclasses.replace(base, name="cupy_on_cpu", kernels=table)
