@@ -219,17 +219,24 @@ __device__ T block_max(T v, T* red) {
 
 #define ROW_LOOP(i) for (long long i = threadIdx.x; i < n; i += blockDim.x)
 
+// the row's maximum m and sum of exp(x - m) (softmax and cross-entropy)
+template <typename T>
+__device__ void max_sum_exp(const T* xr, long long n, T* red, T& m, T& s) {
+    m = xr[0];
+    ROW_LOOP(i) m = max(m, xr[i]);
+    m = block_max(m, red);
+    s = (T)0;
+    ROW_LOOP(i) s += exp(xr[i] - m);
+    s = block_sum(s, red);
+}
+
 template <typename T>
 __global__ void softmax_fwd(const T* x, T* y, long long n, int log_out) {
     __shared__ T red[32];
     const T* xr = x + (long long)blockIdx.x * n;
     T* yr = y + (long long)blockIdx.x * n;
-    T m = xr[0];
-    ROW_LOOP(i) m = max(m, xr[i]);
-    m = block_max(m, red);
-    T s = (T)0;
-    ROW_LOOP(i) s += exp(xr[i] - m);
-    s = block_sum(s, red);
+    T m, s;
+    max_sum_exp(xr, n, red, m, s);
     if (log_out) {
         const T shift = m + log(s);
         ROW_LOOP(i) yr[i] = xr[i] - shift;
@@ -321,12 +328,8 @@ __global__ void softmax_xent(const T* x, const T* t, T* grad, T* loss, long long
     __shared__ T red[32];
     const long long off = (long long)blockIdx.x * n;
     const T* xr = x + off; const T* tr = t + off; T* gr = grad + off;
-    T m = xr[0];
-    ROW_LOOP(i) m = max(m, xr[i]);
-    m = block_max(m, red);
-    T s = (T)0;
-    ROW_LOOP(i) s += exp(xr[i] - m);
-    s = block_sum(s, red);
+    T m, s;
+    max_sum_exp(xr, n, red, m, s);
     const T ls = log(s);
     T ts = (T)0, tl = (T)0;
     ROW_LOOP(i) { ts += tr[i]; tl += tr[i] * ((xr[i] - m) - ls); }
