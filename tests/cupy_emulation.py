@@ -208,6 +208,9 @@ def cupy_on_cpu():
     """Within the block, ``import cupy`` gives the stand-in, and loomx's CuPy kernel modules
     are fresh imports against it (their compiled-kernel caches apart from the real ones);
     yields ``(cupy_kernels module, cupy_windows module)``. Everything is put back after."""
+    from loomx.backends.cupy_backend import cupy_status
+
+    cupy_status()  # cached from the real CuPy (or its absence), never from the stand-in
     saved = {name: sys.modules.get(name) for name in ("cupy", *_MODULES)}
     sys.modules["cupy"] = fake_cupy()
     for name in _MODULES:
