@@ -69,6 +69,19 @@ KERNELS = r"""
 
 __device__ __forceinline__ T loomx_sigmoid(T z) { return (T)1 / ((T)1 + EXP_(-z)); }
 
+// the block's rows of the shared [R][H] state h (and, for the LSTM, c) into [B, H] arrays
+__device__ __forceinline__ void store_rows(T* __restrict__ gh, T* __restrict__ gc,
+                                           const T* h, const T* c, int row0, int rows) {
+    for (int idx = threadIdx.x; idx < R * H; idx += NT) {
+        const int r = idx / H;
+        if (r < rows) {
+            const long long at = (long long)(row0 + r) * H + idx % H;
+            gh[at] = h[idx];
+            if (MODE == 0) gc[at] = c[idx];
+        }
+    }
+}
+
 // xw [B, S, G]: x·W_ihᵀ; bx [G] (has_bx): the input-side bias (LSTM, RNN: both biases);
 // bh [G] (has_bh): the hidden-side bias (GRU); wt [H, G]: W_hhᵀ; h0, c0, hT, cT [B, H];
 // y [B, S, H]. With save: saved [B, S, SAVED] (LSTM: i, f, g, o; GRU: r, z, n, and the
@@ -148,14 +161,7 @@ extern "C" __global__ void __launch_bounds__(NT) rnn_seq_fwd(
         }
         __syncthreads();
     }
-    for (int idx = threadIdx.x; idx < R * H; idx += NT) {
-        const int r = idx / H;
-        if (r < rows) {
-            const long long at = (long long)(row0 + r) * H + idx % H;
-            hT[at] = hs[idx];
-            if (MODE == 0) cT[at] = cst[idx];
-        }
-    }
+    store_rows(hT, cT, hs, cst, row0, rows);
 }
 
 // saved, cs, c0 as saved by the forward; h0 and y its initial and hidden states; w [G, H]:
@@ -253,14 +259,7 @@ extern "C" __global__ void __launch_bounds__(NT) rnn_seq_bwd(
         }
         __syncthreads();
     }
-    for (int idx = threadIdx.x; idx < R * H; idx += NT) {
-        const int r = idx / H;
-        if (r < rows) {
-            const long long at = (long long)(row0 + r) * H + idx % H;
-            dh0[at] = dh[idx];
-            if (MODE == 0) dc0[at] = dc[idx];
-        }
-    }
+    store_rows(dh0, dc0, dh, dc, row0, rows);
 }
 """
 

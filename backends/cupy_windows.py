@@ -34,15 +34,17 @@ from .base import check_window_reach
 #: Most bytes of windows gathered at once; larger batches run in several chunks.
 CHUNK_BYTES = 256 << 20
 
-_DECODE_WINDOW = """
-I r = (I)i;
-const I ch = r % C; r /= C;
-const I k3 = r % K3; r /= K3;
-const I k2 = r % K2; r /= K2;
-const I k1 = r % K1; r /= K1;
-const I o3 = r % O3; r /= O3;
-const I o2 = r % O2; r /= O2;
-const I o1 = r % O1; r /= O1;
+def _unravel(*axes: str) -> str:
+    """CUDA lines splitting the flat index ``i`` over ``axes`` (``"ch:C"``: variable ``ch``
+    of extent ``C``), innermost first; ``r`` is left holding the image index."""
+    lines = ["I r = (I)i;"]
+    for axis in axes:
+        name, extent = axis.split(":")
+        lines.append(f"const I {name} = r % {extent}; r /= {extent};")
+    return "\n".join(lines) + "\n"
+
+
+_DECODE_WINDOW = _unravel("ch:C", "k3:K3", "k2:K2", "k1:K1", "o3:O3", "o2:O2", "o1:O1") + """\
 const I h1 = o1 * s1 + k1 * d1 - p1;
 const I h2 = o2 * s2 + k2 * d2 - p2;
 const I h3 = o3 * s3 + k3 * d3 - p3;
@@ -50,12 +52,7 @@ const bool inside = h1 >= 0 && h1 < S1 && h2 >= 0 && h2 < S2 && h3 >= 0 && h3 < 
 cols = inside ? x[(((r * S1 + h1) * S2 + h2) * S3 + h3) * C + ch] : (T)0;
 """
 
-_SCATTER_WINDOWS = """
-I r = (I)i;
-const I ch = r % C; r /= C;
-const I h3 = r % S3; r /= S3;
-const I h2 = r % S2; r /= S2;
-const I h1 = r % S1; r /= S1;
+_SCATTER_WINDOWS = _unravel("ch:C", "h3:S3", "h2:S2", "h1:S1") + """\
 T acc = (T)0;
 for (I k1 = 0; k1 < K1; ++k1) {
     const I t1 = h1 + p1 - k1 * d1;

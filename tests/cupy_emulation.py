@@ -218,12 +218,13 @@ def cupy_on_cpu():
     try:
         kernels = importlib.import_module(_MODULES[0])
         windows = importlib.import_module(_MODULES[1])
-        # sum_rows keeps a vector of ones per device; numpy arrays have no device id
-        original = kernels.sum_rows
-        kernels.sum_rows = lambda a: np.sum(a, axis=0) if a.ndim != 2 else (
-            np.ones(a.shape[0], a.dtype) @ a if a.dtype in (np.float32, np.float64)
-            else np.sum(a, axis=0))
-        kernels._original_sum_rows = original
+        # sum_rows keeps a vector of ones per device id, which numpy arrays do not have
+        def sum_rows(a):
+            if a.ndim == 2 and kernels._native(a):
+                return np.ones(a.shape[0], a.dtype) @ a
+            return np.sum(a, axis=0)
+
+        kernels.sum_rows = sum_rows
         # two warps per row block instead of eight: the same code paths (a reduction across
         # warps), a quarter of the emulated threads to synchronise
         kernels._ROW_THREADS = 64
