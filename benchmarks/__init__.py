@@ -2,6 +2,6 @@
 
 Modules: ``runner`` (command line, one process per thread count), ``worker`` (times the cases
 at one thread count), ``workloads`` (the cases), ``loomx_side`` / ``torch_side`` /
-``plain_numpy`` (the three implementations), ``timing``, ``machine`` and ``report``. See
+``plain`` (the three implementations), ``timing``, ``machine`` and ``report``. See
 README.md.
 """

@@ -18,6 +18,9 @@ from .timing import Op, time_alternating
 
 TORCH = "torch"
 PLAIN = "numpy (plain)"
+#: loomx's numpy backend without any of its kernels: the layers' array-API reference code, the
+#: part of the overhead line that isolates the abstraction (timed where a case has ``plain``)
+BARE = "numpy (loomx reference path)"
 
 
 def contender_name(spec: str) -> str:
@@ -87,6 +90,12 @@ def _loomx_builder(case: Case, spec: str, threads: int):
     return build
 
 
+def _bare_numpy():
+    from loomx.backends import get_backend
+
+    return get_backend("numpy").without_kernels()
+
+
 def _build(case: Case, specs: list[str], device, with_plain: bool,
            threads: int = 1) -> tuple[dict, dict]:
     ops: dict[str, Op] = {}
@@ -95,6 +104,8 @@ def _build(case: Case, specs: list[str], device, with_plain: bool,
     builders.append((TORCH, lambda: case.torch(device)))
     if with_plain and case.plain is not None:
         builders.append((PLAIN, case.plain))
+        if "numpy" in specs:
+            builders.append((BARE, lambda: case.loomx(_bare_numpy())))
     for name, build in builders:
         try:
             op = build()
@@ -203,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
 
     how = _limit_threads(args.threads)
     from .machine import machine_info
-    from .plain_numpy import sgemm_gflops
+    from .plain import sgemm_gflops
     from .workloads import all_cases
 
     specs = [s for s in args.backends.split(",") if s]
@@ -214,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     if _reference_device(specs).type == "cuda":
-        from .plain_numpy import cuda_sgemm_gflops
+        from .plain import cuda_sgemm_gflops
 
         size, source = 4096, "PyTorch CUDA"
 

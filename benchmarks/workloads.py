@@ -12,7 +12,7 @@ import numpy as np
 
 from . import loomx_side as lx
 from .cases import Case, loomx_attr, loomx_layer
-from .plain_numpy import mlp_step_op
+from .plain import block_step_op, cnn_step_op, lstm_step_op, mlp_step_op
 
 
 def _rng(seed: int) -> np.random.Generator:
@@ -94,7 +94,8 @@ def cnn_case(quick: bool, scale: int = 1) -> Case:
         return train_step_op(model, _t(x, device), _t(y, device), "ce", device)
 
     return Case("b_cnn", f"b. CNN conv32-conv64/s2-fc10 on {side}², bs {batch}, train step",
-                "main", batch, "samples", flops, 1.2, loomx, torch)
+                "main", batch, "samples", flops, 1.2, loomx, torch,
+                plain=lambda: cnn_step_op(x, y))
 
 
 # ---------------------------------------------------------------------------- c. LSTM
@@ -119,7 +120,8 @@ def lstm_case(quick: bool, scale: int = 1) -> Case:
                              "ce", device)
 
     return Case("c_lstm", f"c. LSTM in {inputs}, hidden {hidden}, T {steps}, bs {batch}, "
-                "train step", "main", batch, "samples", flops, 1.2, loomx, torch)
+                "train step", "main", batch, "samples", flops, 1.2, loomx, torch,
+                plain=lambda: lstm_step_op(x, y, hidden))
 
 
 # ---------------------------------------------------------------------------- d. transformer
@@ -151,7 +153,8 @@ def transformer_case(quick: bool, scale: int = 1) -> Case:
 
     return Case("d_transformer", f"d. Transformer block d {d}, {heads} heads, T {seq}, "
                 f"bs {batch}, SwiGLU {ffn}, train step", "main", batch * seq, "tokens",
-                3 * _block_flops(batch, seq, d, ffn), 1.2, loomx, torch)
+                3 * _block_flops(batch, seq, d, ffn), 1.2, loomx, torch,
+                plain=lambda: block_step_op(x, target, heads, ffn))
 
 
 # ---------------------------------------------------------------------------- e. decoder
