@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loomx.errors import FormatError
+from loomx.errors import ConfigError, FormatError
 from loomx.io.safetensors import (
     SafetensorsFile,
     ShardedSafetensors,
@@ -235,6 +235,101 @@ def test_file_shrinking_after_open_is_detected(tmp_path):
         fh.truncate(os.path.getsize(p) - 4)
     with pytest.raises(FormatError, match="'b'.*past the end"):
         f.host("b")
+
+
+def test_replacing_the_path_after_open_does_not_mix_header_and_data(tmp_path):
+    p = tmp_path / "t.safetensors"
+    save_safetensors({"w": np.arange(4, dtype=np.float32)}, p)
+    f = SafetensorsFile(p)
+    save_safetensors({"w": np.arange(4, dtype=np.int32) + 100}, tmp_path / "new.safetensors")
+    os.replace(tmp_path / "new.safetensors", p)  # same size, other dtype and values
+    np.testing.assert_array_equal(f.host("w"), np.arange(4, dtype=np.float32))
+    f.close()  # reading again after close must not map the replacement with the old header
+    with pytest.raises(FormatError, match="changed after it was opened"):
+        f.host("w")
+
+
+def test_reading_after_close_maps_the_same_file_again(tmp_path):
+    p = tmp_path / "t.safetensors"
+    save_safetensors({"w": np.arange(4, dtype=np.float32)}, p)
+    f = SafetensorsFile(p)
+    f.close()
+    np.testing.assert_array_equal(f.host("w"), np.arange(4, dtype=np.float32))
+
+
+def test_save_keeps_zero_d_shapes_and_every_dtype(tmp_path):
+    arrays = {"scalar": np.float32(3.5), "zero_d_int": np.array(7, np.int64),
+              "bf16": np.arange(3).astype(ml_dtypes.bfloat16),
+              "big_endian": np.arange(3, dtype=">f4"),
+              "strided": np.arange(12, dtype=np.float32).reshape(3, 4)[:, ::2],
+              "empty": np.zeros((0, 3), np.float16)}
+    save_safetensors(arrays, tmp_path / "rt.safetensors")
+    f = SafetensorsFile(tmp_path / "rt.safetensors")
+    for name, a in arrays.items():
+        a = np.asarray(a)
+        assert f.host(name).shape == a.shape, name
+        np.testing.assert_array_equal(f.host(name).astype(np.float64), a.astype(np.float64))
+    assert f.host("scalar").shape == ()
+
+
+def test_failed_save_leaves_the_existing_file_intact(tmp_path):
+    p = tmp_path / "keep.safetensors"
+    save_safetensors({"w": np.arange(4, dtype=np.float32)}, p)
+    before = p.read_bytes()
+
+    class Boom:  # an array-like whose data cannot be produced
+        shape, dtype = (2,), np.dtype(np.float32)
+
+        def __array__(self, dtype=None, copy=None):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        save_safetensors({"a": np.ones(3, np.float32), "b": Boom()}, p)
+    with pytest.raises(FormatError, match="'c'"):
+        save_safetensors({"c": np.array(["x"])}, p)
+    assert p.read_bytes() == before
+    assert os.listdir(tmp_path) == ["keep.safetensors"]
+
+
+def test_failure_while_streaming_removes_the_temporary_file(tmp_path, monkeypatch):
+    import loomx.io.safetensors as sf
+
+    p = tmp_path / "keep.safetensors"
+    save_safetensors({"w": np.arange(4, dtype=np.float32)}, p)
+    before = p.read_bytes()
+    calls = []
+
+    def failing(fh, arr):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("no space left on device")
+        fh.write(np.ascontiguousarray(arr).tobytes())
+
+    monkeypatch.setattr(sf, "write_array", failing)
+    with pytest.raises(OSError, match="no space"):
+        save_safetensors({"a": np.ones(3, np.float32), "b": np.ones(5, np.float32)}, p)
+    assert p.read_bytes() == before
+    assert os.listdir(tmp_path) == ["keep.safetensors"]
+
+
+def test_saved_files_get_normal_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        p = tmp_path / "m.safetensors"
+        save_safetensors({"w": np.ones(2, np.float32)}, p)
+        assert os.stat(p).st_mode & 0o777 == 0o644
+        os.chmod(p, 0o640)
+        save_safetensors({"w": np.zeros(2, np.float32)}, p)
+        assert os.stat(p).st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("metadata", [{"n": 1}, {"a": None}, {1: "x"}, ["x"]])
+def test_save_rejects_metadata_the_reader_would_reject(tmp_path, metadata):
+    with pytest.raises(ConfigError, match="metadata"):
+        save_safetensors({"w": np.ones(2, np.float32)}, tmp_path / "m.safetensors", metadata)
+    assert not (tmp_path / "m.safetensors").exists()
 
 
 # ---------------------------------------------------------------------- fuzzing

@@ -10,7 +10,7 @@ import pytest
 
 import loomx
 from loomx.cli import main
-from loomx.errors import FormatError
+from loomx.errors import ConfigError, FormatError
 from loomx.io.safetensors import open_safetensors, save_safetensors
 
 pytest.importorskip("torch")
@@ -199,3 +199,67 @@ def test_cli_sniff_prints_the_report(capsys):
     assert data["hparams"]["hidden_size"] == {"value": 32, "source": "shapes", "note": ""}
     assert main(["sniff", str(folder / "missing.safetensors")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+def _toy_copy(tmp_path, cfg_update=None, tensors_update=None, gen=None):
+    from loomx.models.toy import write_toy_llama
+
+    folder = write_toy_llama(tmp_path / "toy")
+    if cfg_update:
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg.update(cfg_update)
+        (folder / "config.json").write_text(json.dumps(cfg))
+    if tensors_update:
+        f = open_safetensors(folder / "model.safetensors")
+        tensors = {n: np.array(f.host(n)) for n in f.names()}
+        f.close()
+        tensors.update(tensors_update)
+        save_safetensors(tensors, folder / "model.safetensors")
+    if gen is not None:
+        (folder / "generation_config.json").write_text(json.dumps(gen))
+    return folder
+
+
+@pytest.mark.parametrize("case, kw, error, match", [
+    ("zero heads", dict(cfg_update={"num_attention_heads": 0}), ConfigError,
+     "num_attention_heads.*positive"),
+    ("text heads", dict(cfg_update={"num_key_value_heads": "two"}), ConfigError,
+     "num_key_value_heads.*integer"),
+    ("generation_config list", dict(gen=[1, 2]), FormatError, "generation_config.*object"),
+    ("1-d embedding", dict(tensors_update={"model.embed_tokens.weight":
+                                           np.zeros(128, np.float32)}),
+     FormatError, r"embed_tokens.*\[vocab, hidden\]"),
+    ("text rope_theta", dict(cfg_update={"rope_theta": "1e4x"}), ConfigError,
+     "rope_theta.*number"),
+])
+def test_bad_checkpoints_raise_loomx_errors(tmp_path, capsys, case, kw, error, match):
+    folder = _toy_copy(tmp_path, **kw)
+    with pytest.raises(error, match=match):
+        loomx.sniff(folder)
+    assert main(["sniff", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error:" in err
+
+
+_RNG = np.random.default_rng(0)
+
+
+@pytest.mark.parametrize("name, shape", [
+    ("model.layers.1.mlp.gate_proj.weight", (96, 64)),
+    ("model.layers.1.self_attn.k_proj.weight", (48, 64)),
+    ("model.layers.1.input_layernorm.weight", (60,)),
+    ("lm_head.weight", (100, 64)),
+])
+def test_load_model_checks_every_tensor_shape(tmp_path, name, shape):
+    folder = _toy_copy(tmp_path, tensors_update={
+        name: (_RNG.normal(size=shape) * 0.02).astype(np.float32)})
+    want = {"gate_proj": [128, 64], "k_proj": [32, 64], "input_layernorm": [64],
+            "lm_head": [128, 64]}[next(k for k in ("gate_proj", "k_proj", "input_layernorm",
+                                                     "lm_head") if k in name)]
+    with pytest.raises(FormatError) as info:
+        loomx.load_model(folder, backend="numpy")
+    msg = str(info.value)
+    assert name in msg and str(list(shape)) in msg and str(want) in msg

@@ -17,6 +17,7 @@ adds:
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Any
@@ -63,6 +64,9 @@ _CONFIG_KEYS = {
     "context_length": "max_position_embeddings",
     "vocab_size": "vocab_size",
 }
+
+#: (architecture prefix, activation): GGUF has no activation key; others get the sniffer's default
+_ARCH_ACTIVATIONS = (("gemma", "gelu_pytorch_tanh"),)
 
 
 def hf_name(name: str) -> str:
@@ -115,6 +119,8 @@ class GGUFFile:
                 continue
             self.metadata[key] = _field_value(field)
         self.architecture = str(self.metadata.get("general.architecture", ""))
+        #: things in the file that loomx cannot honour (filled by :meth:`config`)
+        self.warnings: list[str] = []
         self._tensors = {}
         for t in self._reader.tensors:
             self._tensors[hf_name(t.name)] = t
@@ -144,22 +150,89 @@ class GGUFFile:
         return self._get(name).name
 
     def config(self) -> dict[str, Any]:
-        """GGUF metadata translated to ``config.json`` keys (only keys that are present)."""
+        """GGUF metadata translated to ``config.json`` keys (only keys that are present).
+
+        GGUF has no activation key: ``hidden_act`` follows the architecture (``gemma*``:
+        ``gelu_pytorch_tanh``, as Gemma's own config says; others are left to the sniffer's
+        default). ``{arch}.rope.scaling.*`` becomes ``rope_scaling`` (``linear`` and ``yarn``
+        with their parameters; other types are passed on by name and reported as unsupported).
+        What cannot be honoured is listed in :attr:`warnings`.
+        """
         arch = self.architecture
+        md = self.metadata
+        self.warnings = []
         cfg: dict[str, Any] = {"model_type": arch}
         for key, hf in _CONFIG_KEYS.items():
-            v = self.metadata.get(f"{arch}.{key}")
+            v = md.get(f"{arch}.{key}")
             if v is not None:
                 cfg[hf] = v
         if "vocab_size" not in cfg and "tokenizer.ggml.tokens" in self._reader.fields:
             cfg["vocab_size"] = len(self._reader.fields["tokenizer.ggml.tokens"].data)
         for key, hf in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                         ("padding_token_id", "pad_token_id")):
-            v = self.metadata.get(f"tokenizer.ggml.{key}")
+            v = md.get(f"tokenizer.ggml.{key}")
             if v is not None:
                 cfg[hf] = int(v)
         cfg["tie_word_embeddings"] = "lm_head.weight" not in self._tensors
+        act = next((a for prefix, a in _ARCH_ACTIVATIONS if arch.startswith(prefix)), None)
+        if act is not None:
+            cfg["hidden_act"] = act
+        rot = md.get(f"{arch}.rope.dimension_count")
+        heads = cfg.get("num_attention_heads")
+        hd = cfg.get("head_dim") or (cfg["hidden_size"] // heads
+                                      if heads and cfg.get("hidden_size") else None)
+        if isinstance(rot, (int, np.integer)) and hd and 0 < int(rot) < int(hd):
+            cfg["partial_rotary_factor"] = int(rot) / int(hd)
+        scaling = self._rope_scaling()
+        if scaling is not None:
+            cfg["rope_scaling"] = scaling
+        if "rope_freqs.weight" in self._tensors:
+            self.warnings.append(
+                "GGUF tensor 'rope_freqs.weight' (per-dimension RoPE frequency factors, which "
+                "llama.cpp writes for Llama 3.1-style rope scaling) is not applied: positions "
+                "past the original context length differ from llama.cpp; load the original "
+                "checkpoint with its config.json for exact long-context results")
         return cfg
+
+    def _rope_scaling(self) -> dict[str, Any] | None:
+        """``{arch}.rope.scaling.*`` (or the older ``rope.scale_linear``) as ``rope_scaling``."""
+        md, pre = self.metadata, f"{self.architecture}.rope."
+        kind = md.get(pre + "scaling.type")
+        factor = md.get(pre + "scaling.factor")
+        if kind is None and md.get(pre + "scale_linear") not in (None, 1.0):
+            kind, factor = "linear", md.get(pre + "scale_linear")
+        if kind is None or str(kind) == "none":
+            return None
+        kind = str(kind)
+        out: dict[str, Any] = {"type": kind}
+        if factor is not None:
+            out["factor"] = float(factor)
+        if kind == "yarn":
+            orig = md.get(pre + "scaling.original_context_length")
+            if orig is not None:
+                out["original_max_position_embeddings"] = int(orig)
+            for key, hf in (("scaling.yarn_beta_fast", "beta_fast"),
+                            ("scaling.yarn_beta_slow", "beta_slow")):
+                if md.get(pre + key) is not None:
+                    out[hf] = float(md[pre + key])
+            extra = [k for k in ("scaling.attn_factor", "scaling.yarn_attn_factor",
+                                 "scaling.yarn_ext_factor", "scaling.yarn_log_multiplier")
+                     if md.get(pre + k) is not None]
+            if extra:
+                self.warnings.append(
+                    f"yarn parameters {', '.join(pre + k for k in extra)} are not applied (the "
+                    "attention factor is the default 0.1·ln(factor) + 1)")
+        return out
+
+    def _heads(self, key: str = "attention.head_count") -> int:
+        """``{arch}.attention.head_count`` (or another key) as an int; FormatError if absent."""
+        full = f"{self.architecture}.{key}"
+        v = self.metadata.get(full)
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or int(v) <= 0:
+            raise FormatError(f"{self.path}: GGUF metadata key {full!r} is "
+                              f"{'missing' if v is None else f'not a positive integer ({v!r})'}"
+                              "; it is needed to read this file's attention weights")
+        return int(v)
 
     # ------------------------------------------------------------------ data
     def host(self, name: str) -> np.ndarray:
@@ -185,14 +258,19 @@ class GGUFFile:
     def _unpermute(self, name: str, arr: np.ndarray) -> np.ndarray:
         if self.architecture not in PERMUTED_ARCHS:
             return arr
-        arch = self.architecture
-        if name.endswith("self_attn.q_proj.weight") or name.endswith("self_attn.q_proj.bias"):
-            return unpermute_rope_rows(arr, int(self.metadata[f"{arch}.attention.head_count"]))
-        if name.endswith("self_attn.k_proj.weight") or name.endswith("self_attn.k_proj.bias"):
-            heads = self.metadata.get(f"{arch}.attention.head_count_kv",
-                                      self.metadata[f"{arch}.attention.head_count"])
-            return unpermute_rope_rows(arr, int(heads))
-        return arr
+        if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
+            heads = self._heads()
+        elif name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
+            full = f"{self.architecture}.attention.head_count_kv"
+            heads = self._heads("attention.head_count_kv" if self.metadata.get(full) is not None
+                                else "attention.head_count")
+        else:
+            return arr
+        try:
+            return unpermute_rope_rows(arr, heads)
+        except FormatError as exc:
+            raise FormatError(f"{self.path}: tensor {self.source_name(name)!r} "
+                              f"({name}, shape {list(arr.shape)}): {exc}") from None
 
     def load(self, name: str, backend: Any = None, dtype: Any = None):
         """Tensor ``name`` placed on ``backend`` in ``dtype`` (default: its float dtype)."""
@@ -228,39 +306,60 @@ class GGUFFile:
     def to_safetensors(self, out_dir: str | os.PathLike) -> str:
         """Write the dequantised weights as a Hugging Face folder; returns its path.
 
-        Creates ``model.safetensors`` (float32, tensors written one at a time, so memory stays at
-        one tensor), ``config.json`` (from the GGUF metadata, llama-family keys) and, for
-        byte-level BPE vocabularies, ``tokenizer.json``.
+        Creates ``model.safetensors`` (float32, streamed one tensor at a time, so memory stays
+        at one tensor), ``config.json`` (from the GGUF metadata) and, for byte-level BPE
+        vocabularies, ``tokenizer.json``. Gemma norm weights are stored as ``γ`` again
+        (llama.cpp stores ``1 + γ``), so the folder loads like the original checkpoint.
+        Every file is written to a temporary name and moved into place when complete: a
+        failure (for example a tensor that cannot be decoded) leaves existing files intact.
         """
         import json
 
+        from .loomx_format import atomic_write, atomic_write_bytes
+        from .safetensors import write_array
+
         out = os.fspath(out_dir)
-        os.makedirs(out, exist_ok=True)
+        cfg = self.config()
+        arch = cfg.get("model_type") or "llama"
+        if "head_dim" not in cfg:
+            if "hidden_size" not in cfg:
+                raise FormatError(f"{self.path}: GGUF metadata key "
+                                  f"'{self.architecture}.embedding_length' is missing")
+            cfg["head_dim"] = cfg["hidden_size"] // self._heads()
+        cfg["architectures"] = [f"{arch.capitalize()}ForCausalLM"]
+        cfg.setdefault("hidden_act", "silu")
         names = self.names()
         header, offset = {}, 0
         for name in names:
             shape = self.shape(name)
-            nbytes = 4 * int(np.prod(shape, dtype=np.int64))
+            nbytes = 4 * math.prod(shape)
             header[name] = {"dtype": "F32", "shape": list(shape),
                             "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)
-        with open(os.path.join(out, "model.safetensors"), "wb") as fh:
+        gemma = self.architecture.startswith("gemma")
+
+        def write(fh) -> None:
             fh.write(len(raw).to_bytes(8, "little"))
             fh.write(raw)
             for name in names:
-                fh.write(np.ascontiguousarray(self.host(name), dtype="<f4").tobytes())
-        cfg = self.config()
-        arch = cfg.get("model_type", "llama")
-        cfg.setdefault("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
-        cfg.update(architectures=[f"{arch.capitalize()}ForCausalLM"], hidden_act="silu")
-        with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as fh:
-            json.dump(cfg, fh, indent=2)
+                arr = np.asarray(self.host(name), dtype="<f4")
+                if gemma and name.endswith("norm.weight"):
+                    arr = arr - np.float32(1.0)
+                write_array(fh, arr)
+
+        os.makedirs(out, exist_ok=True)
+        atomic_write(os.path.join(out, "model.safetensors"), write)
+        atomic_write_bytes(os.path.join(out, "config.json"),
+                           json.dumps(cfg, indent=2).encode("utf-8"))
         try:
-            self.tokenizer().save(os.path.join(out, "tokenizer.json"))
+            tok = self.tokenizer()
         except FormatError:
-            pass
+            tok = None
+        if tok is not None:
+            atomic_write_bytes(os.path.join(out, "tokenizer.json"),
+                               tok.to_str().encode("utf-8"))
         return out
 
     def close(self) -> None:

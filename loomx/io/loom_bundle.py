@@ -151,7 +151,7 @@ def read_text(text_or_path: str | os.PathLike) -> str:
 def parse_json(text: str, what: str) -> dict:
     try:
         doc = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:
         raise FormatError(f"{what} is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise FormatError(f"{what} must be a JSON object, got {type(doc).__name__}")
@@ -191,9 +191,17 @@ def parse_bundle(text: str) -> list[dict]:
         mid = m.get("id", m["cfg"].get("id", str(k)))
         weights = decode_weights(m, f"model {mid!r}")
         layers = m["cfg"].get("layers")
-        if not isinstance(layers, list) or len(layers) != len(weights["layers"]):
-            raise FormatError(f"model {mid!r}: {len(layers or [])} layer definitions but "
+        if not isinstance(layers, list):
+            raise FormatError(f"model {mid!r}: cfg 'layers' must be a list of layer "
+                              f"definitions, got {type(layers).__name__}")
+        if len(layers) != len(weights["layers"]):
+            raise FormatError(f"model {mid!r}: {len(layers)} layer definitions but "
                               f"{len(weights['layers'])} weight entries")
+        for i, (c, w) in enumerate(zip(layers, weights["layers"])):
+            for what, entry in (("layer definition", c), ("weight entry", w)):
+                if not isinstance(entry, dict):
+                    raise FormatError(f"model {mid!r}: {what} {i} must be an object, got "
+                                      f"{type(entry).__name__} {str(entry)[:40]!r}")
         out.append({"id": mid, "cfg": m["cfg"], "weights": weights})
     return out
 
@@ -225,6 +233,9 @@ def _vec(w: dict, key: str, n: int, where: str, default: float | None = None) ->
         if default is None:
             raise FormatError(f"{where}: weight {key!r} is missing")
         return np.full(n, default, dtype=np.float32)
+    if not isinstance(v, np.ndarray):  # numeric lists were converted when the file was read
+        raise FormatError(f"{where}: weight {key!r} must be a list of numbers, got "
+                          f"{str(v)[:60]}")
     v = np.asarray(v, dtype=np.float32).ravel()
     if v.size != n:
         raise FormatError(f"{where}: weight {key!r} has {v.size} values, expected {n}")

@@ -16,10 +16,13 @@ memory instead of reading it.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
+import secrets
 import struct
-import tempfile
+from collections.abc import Callable
+from typing import BinaryIO
 
 import numpy as np
 
@@ -43,14 +46,42 @@ def np_dtype(name: str) -> np.dtype:
     return np.dtype(name)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
+def _new_file_mode(path: str) -> int:
+    """Permission bits for ``path``: the existing file's, else what ``open()`` would give."""
+    try:
+        return os.stat(path).st_mode & 0o777
+    except OSError:
+        return -1
+
+
+def _open_temp(folder: str) -> tuple[int, str]:
+    """Create a fresh temporary file in ``folder`` with mode ``0o666`` less the umask."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = os.path.join(folder, f".tmp-{secrets.token_hex(8)}.part")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a temporary file in {folder}")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Run ``write(fh)`` on a temporary file next to ``path``, fsync it, then rename it.
+
+    The temporary file gets the permission bits of the file it replaces (a new file gets
+    ``0o666`` less the umask, as ``open()`` would give). If ``write`` raises, the temporary
+    file is removed and an existing file at ``path`` is left untouched.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=folder)
+    mode = _new_file_mode(path)
+    fd, tmp = _open_temp(folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if mode >= 0 and hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), mode)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -70,19 +101,31 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda f: f.write(data))
+
+
 def write_loomx(path: str | os.PathLike, tensors: dict[str, np.ndarray], config: dict) -> None:
-    """Save host arrays and the network ``config`` as one safetensors file, atomically."""
-    from safetensors.numpy import save
+    """Save host arrays and the network ``config`` as one safetensors file, atomically.
+
+    Arrays keep their shapes (0-d included); data is streamed to a temporary file and moved
+    into place, so a failure leaves an existing file at ``path`` intact.
+    """
+    from .safetensors import save_safetensors
 
     metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
                 "config": json.dumps(config, sort_keys=True)}
-    contiguous = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    atomic_write_bytes(path, save(contiguous, metadata=metadata))
+    save_safetensors(tensors, path, metadata=metadata)
 
 
 def _fail(path: str, what: str) -> FormatError:
     return FormatError(f"{path}: {what}; the file is not a valid loomx model (re-save it with "
                        "loomx.save, or check that the download/copy is complete)")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def read_header(path: str, blob: bytes | mmap.mmap) -> tuple[dict, dict, int]:
@@ -95,26 +138,28 @@ def read_header(path: str, blob: bytes | mmap.mmap) -> tuple[dict, dict, int]:
         raise _fail(path, f"header length {n} does not fit a file of {size} bytes")
     try:
         header = json.loads(bytes(blob[8:8 + n]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise _fail(path, f"header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):
         raise _fail(path, "header is not a JSON object")
     metadata = header.pop("__metadata__", {}) or {}
+    if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise _fail(path, "'__metadata__' must map strings to strings")
     data_start, data_len = 8 + n, size - 8 - n
     spans = []
     for name, e in header.items():
         if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
-            raise _fail(path, f"tensor {name!r} has a malformed entry {e!r}")
-        if e["dtype"] not in _DTYPES:
-            raise _fail(path, f"tensor {name!r} has unknown dtype {e['dtype']!r}")
+            raise _fail(path, f"tensor {name!r} has a malformed entry {str(e)[:200]}")
+        if not isinstance(e["dtype"], str) or e["dtype"] not in _DTYPES:
+            raise _fail(path, f"tensor {name!r} has unknown dtype {str(e['dtype'])[:50]}")
         shape, offs = e["shape"], e["data_offsets"]
-        if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
+        if (not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape)
                 or not isinstance(offs, list) or len(offs) != 2
-                or not all(isinstance(o, int) for o in offs)):
+                or not all(_is_int(o) for o in offs)):
             raise _fail(path, f"tensor {name!r} has a bad shape or offsets")
         begin, end = offs
-        count = int(np.prod(shape)) if shape else 1
-        want = count * np_dtype(_DTYPES[e["dtype"]]).itemsize
+        want = math.prod(shape) * np_dtype(_DTYPES[e["dtype"]]).itemsize
         if not 0 <= begin <= end <= data_len or end - begin != want:
             raise _fail(path, f"tensor {name!r} ({e['dtype']} {shape}) claims bytes "
                               f"[{begin}, {end}) but needs {want} bytes within {data_len}")
@@ -147,10 +192,16 @@ def read_loomx(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
     if metadata.get("format_version") != FORMAT_VERSION:
         raise _fail(path, f"format version {metadata.get('format_version')!r} is not "
                           f"supported (this loomx reads version {FORMAT_VERSION})")
+    raw = metadata.get("config")
+    if not isinstance(raw, str):
+        raise _fail(path, "the config metadata is missing")
     try:
-        config = json.loads(metadata["config"])
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise _fail(path, f"the config metadata is missing or not JSON ({exc})") from None
+        config = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise _fail(path, f"the config metadata is not JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise _fail(path, f"the config metadata must be a JSON object, got "
+                          f"{type(config).__name__}")
     tensors = {}
     for name, e in header.items():
         begin, end = e["data_offsets"]

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FormatError
+from ..errors import ConfigError, FormatError
 
 #: Largest header accepted (the reference implementation uses the same cap).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -163,8 +163,9 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
         try:
-            size = os.path.getsize(self.path)
             with open(self.path, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                size = st.st_size
                 head = fh.read(8)
                 if len(head) < 8:
                     raise FormatError(f"{self.path}: file is {size} bytes, too short for a "
@@ -174,12 +175,18 @@ class SafetensorsFile:
                     raise FormatError(f"{self.path}: header length {n} runs past the end of "
                                       f"the {size}-byte file (truncated or not safetensors)")
                 raw = fh.read(n)
+                if len(raw) != n:
+                    raise FormatError(f"{self.path}: the file shrank while its header was read")
+                # The map comes from the same open file as the header, so replacing the path
+                # afterwards cannot pair this header with another file's bytes.
+                self._map: mmap.mmap | None = mmap.mmap(fh.fileno(), 0,
+                                                        access=mmap.ACCESS_READ)
         except OSError as exc:
             raise FormatError(f"{self.path}: cannot read file ({exc})") from None
+        self._identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         self._data_start = 8 + n
         self.data_size = size - self._data_start
         self.tensors, self.metadata = parse_header(raw, self.data_size, self.path)
-        self._map: mmap.mmap | None = None
 
     # ------------------------------------------------------------------ inspection
     def names(self) -> list[str]:
@@ -202,23 +209,28 @@ class SafetensorsFile:
         return self.info(name).dtype
 
     # ------------------------------------------------------------------ data
-    def _buffer(self) -> mmap.mmap | bytes:
-        if self._map is None:
-            with open(self.path, "rb") as fh:
-                if os.fstat(fh.fileno()).st_size == 0:
-                    return b""
-                self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    def _buffer(self) -> mmap.mmap:
+        if self._map is None:  # closed: map again, but only the very file that was opened
+            try:
+                with open(self.path, "rb") as fh:
+                    st = os.fstat(fh.fileno())
+                    if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self._identity:
+                        raise FormatError(f"{self.path}: the file changed after it was opened "
+                                          "(replaced or rewritten); open it again")
+                    self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            except OSError as exc:
+                raise FormatError(f"{self.path}: cannot read file ({exc})") from None
         return self._map
 
     def host(self, name: str) -> np.ndarray:
         """A read-only numpy view of tensor ``name`` in its stored dtype (no copy)."""
         t = self.info(name)
-        if os.path.getsize(self.path) < self._data_start + t.end:
+        buf = self._buffer()
+        if buf.size() < self._data_start + t.end:
             raise FormatError(f"{self.path}: tensor {name!r} lies past the end of the file, "
                               "which shrank after it was opened")
         dt = _DTYPES[t.dtype]()
-        arr = np.frombuffer(self._buffer(), dtype=dt, count=t.numel,
-                            offset=self._data_start + t.begin)
+        arr = np.frombuffer(buf, dtype=dt, count=t.numel, offset=self._data_start + t.begin)
         return arr.reshape(t.shape)
 
     def load(self, name: str, backend: Any = None, dtype: Any = None):
@@ -233,7 +245,11 @@ class SafetensorsFile:
         return place(self.host(name), be, dtype)
 
     def close(self) -> None:
-        """Drop the memory map (views taken earlier keep it alive until they are freed)."""
+        """Drop the memory map (views taken earlier keep it alive until they are freed).
+
+        Reading after ``close`` maps the file again if it is still the file that was opened,
+        and raises :class:`FormatError` if the path now holds another file.
+        """
         self._map = None
 
     def __repr__(self) -> str:
@@ -353,17 +369,43 @@ def open_safetensors(path: str | os.PathLike) -> SafetensorsFile | ShardedSafete
     return SafetensorsFile(p)
 
 
+def _check_metadata(metadata: Any, path: Any) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise ConfigError(f"{path}: metadata must be a dict of strings, got "
+                          f"{type(metadata).__name__}")
+    for k, v in metadata.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise ConfigError(f"{path}: metadata must map strings to strings (safetensors "
+                              f"allows nothing else), got {k!r}: {type(v).__name__}; "
+                              "encode other values, e.g. with json.dumps")
+    return dict(metadata)
+
+
 def save_safetensors(tensors: dict[str, np.ndarray], path: str | os.PathLike,
                      metadata: dict[str, str] | None = None) -> None:
-    """Write host arrays as a safetensors file (used for converted checkpoints)."""
+    """Write host arrays as a safetensors file, atomically.
+
+    Arrays keep their shapes (0-d included) and dtypes (any of :data:`SUPPORTED_DTYPES`; stored
+    little-endian). ``metadata`` must map strings to strings (:class:`ConfigError` otherwise).
+    The data is streamed, one tensor at a time, to a temporary file in the destination folder
+    that replaces ``path`` only once complete: a failure leaves an existing file intact.
+    """
+    from .loomx_format import atomic_write
+
+    meta = _check_metadata(metadata, path)
     tags = {_DTYPES[k]().name: k for k in _DTYPES}
     header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = dict(metadata)
+    if meta:
+        header["__metadata__"] = meta
     offset = 0
     arrays = []
     for name, arr in tensors.items():
-        arr = np.ascontiguousarray(arr)
+        if not isinstance(name, str) or name == "__metadata__":
+            raise ConfigError(f"{path}: tensor names must be strings other than "
+                              f"'__metadata__', got {name!r}")
+        arr = np.asarray(arr, order="C")  # keeps 0-d arrays 0-d
         tag = tags.get(arr.dtype.name)
         if tag is None:
             raise FormatError(f"{path}: cannot store tensor {name!r} of dtype {arr.dtype}")
@@ -373,8 +415,19 @@ def save_safetensors(tensors: dict[str, np.ndarray], path: str | os.PathLike,
         arrays.append(arr)
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as fh:
+
+    def write(fh) -> None:
         fh.write(len(raw).to_bytes(8, "little"))
         fh.write(raw)
         for arr in arrays:
-            fh.write(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+            write_array(fh, arr)
+
+    atomic_write(path, write)
+
+
+def write_array(fh: Any, arr: np.ndarray) -> None:
+    """Write ``arr``'s elements little-endian in C order (no copy when it already is)."""
+    arr = np.asarray(arr, order="C")
+    arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+    if arr.size:
+        fh.write(arr.reshape(-1).view(np.uint8).data)

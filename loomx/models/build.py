@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..backends import Backend, RandomSource, get_backend
-from ..errors import ConfigError, ShapeError
+from ..errors import ConfigError, FormatError, ShapeError
 from ..layers.attention import KVCache, MultiHeadAttention
 from ..layers.base import Layer
 from ..layers.dense import Dense
@@ -274,48 +274,65 @@ class _Loader:
     def get(self, stem: str, kind: str = "weight") -> Array:
         return self.src.load(f"{stem}.{kind}", self.be, self.be.float_dtype)
 
+    def put(self, layer: Layer, pname: str, value: Array, tensor: str) -> None:
+        """``layer.params[pname] = value`` once ``value`` has the shape the layer was built with.
+
+        ``tensor`` names the checkpoint tensor ``value`` came from (for the error message).
+        """
+        want = layer.params.get(pname)
+        if want is not None and tuple(value.shape) != tuple(want.shape):
+            raise FormatError(
+                f"{self.r.path}: tensor {tensor!r} has shape {list(value.shape)}, but the "
+                f"architecture sniffed from the checkpoint needs {list(want.shape)} for "
+                f"{type(layer).__name__} parameter {pname!r}; the file is inconsistent "
+                "(or its config.json does not describe it)")
+        layer.params[pname] = value
+
     def linear(self, stem: str, kind: str = "weight") -> Array:
         w = self.get(stem, kind)
         if kind == "weight" and self.conv1d and w.ndim == 2:
             w = self.xp.matrix_transpose(w)
         return w
 
-    def qkv(self, blk: dict, kind: str) -> dict[str, Array]:
+    def qkv(self, blk: dict, kind: str) -> dict[str, tuple[Array, str]]:
+        """``{"q"|"k"|"v": (array, name of the checkpoint tensor it came from)}``."""
         r, xp = self.r, self.xp
         qw, kvw = r["q_width"], r["kv_width"]
         layout = r["qkv_layout"]
         if layout == "separate":
-            return {p: self.get(blk[p], kind) for p in "qkv"}
+            return {p: (self.get(blk[p], kind), f"{blk[p]}.{kind}") for p in "qkv"}
         stem = blk["qkv"] if "qkv" in blk else blk["qkv_interleaved"]
+        name = f"{stem}.{kind}"
         w = self.linear(stem, kind)
         if layout == "interleaved":
             h, hd = r["num_heads"], r["head_dim"]
             rest = tuple(w.shape[1:])
+            if w.ndim < 1 or w.shape[0] != 3 * h * hd:
+                raise FormatError(f"{r.path}: tensor {name!r} has shape {list(w.shape)}, but "
+                                  f"{h} heads x 3 x head_dim {hd} need {3 * h * hd} rows")
             g = xp.reshape(w, (h, 3, hd, *rest))
-            return {p: xp.reshape(g[:, i, ...], (h * hd, *rest)) for i, p in enumerate("qkv")}
-        return {"q": w[:qw, ...], "k": w[qw:qw + kvw, ...], "v": w[qw + kvw:, ...]}
-
-
-def _norm(report: SniffReport, backend: Backend, weight: Array, bias: Array | None) -> Layer:
-    d = (int(weight.shape[0]),)
-    if report["norm"] == "layer":
-        layer = _built(LayerNorm(eps=float(report["norm_eps"]), bias=bias is not None), d,
-                       backend)
-        layer.params["weight"] = weight
-        if bias is not None:
-            layer.params["bias"] = bias
-        return layer
-    layer = _built(RMSNorm(eps=float(report["norm_eps"]),
-                           unit_offset=bool(report["norm_unit_offset"])), d, backend)
-    layer.params["weight"] = weight
-    return layer
+            return {p: (xp.reshape(g[:, i, ...], (h * hd, *rest)), name)
+                    for i, p in enumerate("qkv")}
+        return {"q": (w[:qw, ...], name), "k": (w[qw:qw + kvw, ...], name),
+                "v": (w[qw + kvw:, ...], name)}
 
 
 def _norm_from(ld: _Loader, stem: str | None) -> Layer | None:
+    """The norm stored under ``stem`` (over the hidden size ``d``), or None without one."""
     if stem is None:
         return None
+    report, backend = ld.r, ld.be
+    d = (int(report["hidden_size"]),)
     has_bias = f"{stem}.bias" in ld.src
-    return _norm(ld.r, ld.be, ld.get(stem), ld.get(stem, "bias") if has_bias else None)
+    if report["norm"] == "layer":
+        layer = _built(LayerNorm(eps=float(report["norm_eps"]), bias=has_bias), d, backend)
+    else:
+        layer = _built(RMSNorm(eps=float(report["norm_eps"]),
+                               unit_offset=bool(report["norm_unit_offset"])), d, backend)
+    ld.put(layer, "weight", ld.get(stem), f"{stem}.weight")
+    if has_bias and report["norm"] == "layer":
+        ld.put(layer, "bias", ld.get(stem, "bias"), f"{stem}.bias")
+    return layer
 
 
 def _attention(ld: _Loader, blk: dict, bias_roles: set) -> MultiHeadAttention:
@@ -331,17 +348,17 @@ def _attention(ld: _Loader, blk: dict, bias_roles: set) -> MultiHeadAttention:
         rope_scaling=r.get("rope_scaling") if rope else None, qk_norm=r["qk_norm"],
         qk_norm_eps=float(r.get("qk_norm_eps", 1e-6)))
     _built(attn, (1, d), ld.be)
-    for p, w in ld.qkv(blk, "weight").items():
-        attn.params[f"{p}_weight"] = w
+    for p, (w, name) in ld.qkv(blk, "weight").items():
+        ld.put(attn, f"{p}_weight", w, name)
     if r["q_bias"]:
-        for p, b in ld.qkv(blk, "bias").items():
-            attn.params[f"{p}_bias"] = b
-    attn.params["o_weight"] = ld.linear(blk["o"])
+        for p, (b, name) in ld.qkv(blk, "bias").items():
+            ld.put(attn, f"{p}_bias", b, name)
+    ld.put(attn, "o_weight", ld.linear(blk["o"]), f"{blk['o']}.weight")
     if r["o_bias"]:
-        attn.params["o_bias"] = ld.get(blk["o"], "bias")
+        ld.put(attn, "o_bias", ld.get(blk["o"], "bias"), f"{blk['o']}.bias")
     if r["qk_norm"]:
-        attn.params["q_norm"] = ld.get(blk["q_norm"])
-        attn.params["k_norm"] = ld.get(blk["k_norm"])
+        ld.put(attn, "q_norm", ld.get(blk["q_norm"]), f"{blk['q_norm']}.weight")
+        ld.put(attn, "k_norm", ld.get(blk["k_norm"]), f"{blk['k_norm']}.weight")
     return attn
 
 
@@ -359,13 +376,23 @@ def _moe(ld: _Loader, blk: dict, experts: dict[int, dict[str, str]]) -> MoE:
                        normalize_topk=bool(r["normalize_topk"]),
                        shared_hidden_features=shared or None), (d,), ld.be)
     for role in ("gate", "up", "down"):
-        layer.params[f"{role}_weight"] = xp.stack(
-            [ld.linear(experts[i][role]) for i in range(e)], axis=0)
-    layer.params["router_weight"] = ld.linear(blk["router"])
+        want = tuple(layer.params[f"{role}_weight"].shape[1:])
+        mats = []
+        for i in range(e):
+            w = ld.linear(experts[i][role])
+            if tuple(w.shape) != want:
+                raise FormatError(f"{r.path}: tensor {experts[i][role] + '.weight'!r} has shape "
+                                  f"{list(w.shape)}, but every expert's {role} matrix needs "
+                                  f"{list(want)}")
+            mats.append(w)
+        layer.params[f"{role}_weight"] = xp.stack(mats, axis=0)
+    ld.put(layer, "router_weight", ld.linear(blk["router"]), f"{blk['router']}.weight")
     if shared:
         for role in ("gate", "up", "down"):
-            layer.params[f"shared_expert_{role}_weight"] = ld.linear(blk[f"shared_{role}"])
-        layer.params["shared_gate_weight"] = ld.linear(blk["shared_router"])
+            stem = blk[f"shared_{role}"]
+            ld.put(layer, f"shared_expert_{role}_weight", ld.linear(stem), f"{stem}.weight")
+        stem = blk["shared_router"]
+        ld.put(layer, "shared_gate_weight", ld.linear(stem), f"{stem}.weight")
     return layer
 
 
@@ -377,29 +404,32 @@ def _mlp(ld: _Loader, blk: dict, bias: bool, experts: dict[int, dict[str, str]])
         return _moe(ld, blk, experts)
     if not r["gated_mlp"]:
         layer = _built(MLPBlock(m, activation=act, bias=bias), (d,), ld.be)
-        layer.params["up_weight"] = ld.linear(blk["up"])
-        layer.params["down_weight"] = ld.linear(blk["down"])
-        if bias:
-            layer.params["up_bias"] = ld.get(blk["up"], "bias")
-            layer.params["down_bias"] = ld.get(blk["down"], "bias")
+        for role in ("up", "down"):
+            ld.put(layer, f"{role}_weight", ld.linear(blk[role]), f"{blk[role]}.weight")
+            if bias:
+                ld.put(layer, f"{role}_bias", ld.get(blk[role], "bias"), f"{blk[role]}.bias")
         return layer
-    if "gate_up" in blk:
-        w = ld.get(blk["gate_up"])
-        gate, up = w[:m, ...], w[m:, ...]
-        gb = ub = None
-        if bias:
-            bb = ld.get(blk["gate_up"], "bias")
-            gb, ub = bb[:m], bb[m:]
-    else:
-        gate, up = ld.linear(blk["gate"]), ld.linear(blk["up"])
-        gb = ld.get(blk["gate"], "bias") if bias else None
-        ub = ld.get(blk["up"], "bias") if bias else None
-    down = ld.linear(blk["down"])
-    db = ld.get(blk["down"], "bias") if bias else None
     layer = _built(SwiGLU(m, bias=bias, activation=act), (d,), ld.be)
-    layer.params.update(gate_weight=gate, up_weight=up, down_weight=down)
+    if "gate_up" in blk:
+        stem = blk["gate_up"]
+        w = ld.get(stem)
+        if w.shape[0] != 2 * m:
+            raise FormatError(f"{ld.r.path}: tensor {stem + '.weight'!r} has shape "
+                              f"{list(w.shape)}, but [gate|up] needs {2 * m} rows")
+        ld.put(layer, "gate_weight", w[:m, ...], f"{stem}.weight")
+        ld.put(layer, "up_weight", w[m:, ...], f"{stem}.weight")
+        if bias:
+            bb = ld.get(stem, "bias")
+            ld.put(layer, "gate_bias", bb[:m], f"{stem}.bias")
+            ld.put(layer, "up_bias", bb[m:], f"{stem}.bias")
+    else:
+        for role in ("gate", "up"):
+            ld.put(layer, f"{role}_weight", ld.linear(blk[role]), f"{blk[role]}.weight")
+            if bias:
+                ld.put(layer, f"{role}_bias", ld.get(blk[role], "bias"), f"{blk[role]}.bias")
+    ld.put(layer, "down_weight", ld.linear(blk["down"]), f"{blk['down']}.weight")
     if bias:
-        layer.params.update(gate_bias=gb, up_bias=ub, down_bias=db)
+        ld.put(layer, "down_bias", ld.get(blk["down"], "bias"), f"{blk['down']}.bias")
     return layer
 
 
@@ -415,13 +445,14 @@ def build_model(report: SniffReport, backend: Backend | str | None = None,
     ld = _Loader(r, be)
     d = int(r["hidden_size"])
     model.embed = _built(Embedding(r["vocab_size"], d), (1,), be)
-    model.embed.params["weight"] = ld.get(g["embed"])
+    ld.put(model.embed, "weight", ld.get(g["embed"]), f"{g['embed']}.weight")
     if "positions" in g:
         model.positions = _built(Embedding(r["max_positions"], d), (1,), be)
-        model.positions.params["weight"] = ld.get(g["positions"])
+        ld.put(model.positions, "weight", ld.get(g["positions"]), f"{g['positions']}.weight")
     if "token_types" in g:
         model.token_types = _built(Embedding(r["token_types"], d), (1,), be)
-        model.token_types.params["weight"] = ld.get(g["token_types"])
+        ld.put(model.token_types, "weight", ld.get(g["token_types"]),
+               f"{g['token_types']}.weight")
     model.embed_norm = _norm_from(ld, g.get("embed_norm"))
     for i, blk in enumerate(r.blocks):
         biases = r.biases[i]
@@ -440,10 +471,12 @@ def build_model(report: SniffReport, backend: Backend | str | None = None,
     model.final_norm = _norm_from(ld, g.get("final_norm"))
     if r["kind"] == "decoder":
         head = _built(Dense(r["vocab_size"], bias=bool(r["head_bias"])), (d,), be)
-        head.params["weight"] = (model.embed.params["weight"] if r["tied_head"]
-                                 else ld.get(g["head"]))
+        if r["tied_head"]:
+            head.params["weight"] = model.embed.params["weight"]
+        else:
+            ld.put(head, "weight", ld.get(g["head"]), f"{g['head']}.weight")
         if r["head_bias"]:
-            head.params["bias"] = ld.get(g["head"], "bias")
+            ld.put(head, "bias", ld.get(g["head"], "bias"), f"{g['head']}.bias")
         model.head = head
     return model
 

@@ -206,7 +206,7 @@ def open_checkpoint(path: str | Path) -> tuple[Any, str, dict, str | None, str |
     if cfg_path.is_file():
         try:
             config = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise FormatError(f"{cfg_path}: not valid JSON ({exc})") from None
         if not isinstance(config, dict):
             raise FormatError(f"{cfg_path}: must hold a JSON object")
@@ -215,11 +215,13 @@ def open_checkpoint(path: str | Path) -> tuple[Any, str, dict, str | None, str |
         if gen.is_file():
             try:
                 gcfg = json.loads(gen.read_text(encoding="utf-8"))
-                for k in ("eos_token_id", "bos_token_id", "pad_token_id"):
-                    if gcfg.get(k) is not None:
-                        config.setdefault(k, gcfg[k])
-            except (ValueError, UnicodeDecodeError):
-                pass
+            except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+                raise FormatError(f"{gen}: not valid JSON ({exc})") from None
+            if not isinstance(gcfg, dict):
+                raise FormatError(f"{gen}: must hold a JSON object, got {type(gcfg).__name__}")
+            for k in ("eos_token_id", "bos_token_id", "pad_token_id"):
+                if gcfg.get(k) is not None:
+                    config.setdefault(k, gcfg[k])
     tok = folder / "tokenizer.json"
     return src, "safetensors", config, csource, str(tok) if tok.is_file() else None
 
@@ -314,6 +316,31 @@ def _cfg(config: dict, *keys: str) -> Any:
     return None
 
 
+def _cfg_num(config: dict, keys: tuple[str, ...], kind: type = int) -> Any:
+    """The first of ``keys`` present, converted by :func:`_number` (None when absent)."""
+    for k in keys:
+        if config.get(k) is not None:
+            return _number(config[k], k, kind)
+    return None
+
+
+def _number(value: Any, key: str, kind: type = int, positive: bool = True) -> Any:
+    """``value`` of config key ``key`` as ``kind`` (int or float); ConfigError if it is not."""
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TypeError
+        out = kind(value)
+        if kind is int and out != float(value):
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"config {key!r} must be a{'n integer' if kind is int else ' number'}"
+                          f", got {value!r}") from None
+    if not math.isfinite(out) or (positive and out <= 0):
+        raise ConfigError(f"config {key!r} must be {'positive' if positive else 'finite'}, "
+                          f"got {value!r}")
+    return out
+
+
 def _rope_params(config: dict) -> dict:
     """Merge old (``rope_theta``, ``rope_scaling``) and new (``rope_parameters``) key forms."""
     out: dict[str, Any] = {}
@@ -359,12 +386,18 @@ def sniff(path: str | Path, config: dict | str | Path | None = None) -> SniffRep
                 config = json.loads(Path(config).read_text(encoding="utf-8"))
             except (OSError, ValueError) as exc:
                 raise FormatError(f"{config}: cannot read config ({exc})") from None
+        if not isinstance(config, dict):
+            raise FormatError(f"{config}: the config must be a JSON object")
         cfg, csource = dict(config), "config"
     report = SniffReport(path=str(path), format=fmt, config=cfg, tokenizer=tokenizer,
                          source=src)
     names = src.names()
     _group(names, report)
-    _Sniffer(report, src, cfg, csource or "default").run()
+    report.warnings.extend(getattr(src, "warnings", None) or [])
+    try:
+        _Sniffer(report, src, cfg, csource or "default").run()
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     return report
 
 
@@ -397,7 +430,11 @@ class _Sniffer:
                               "'model.layers.0.…'); this does not look like a transformer")
         self.set("model_type", _cfg(self.cfg, "model_type") or "",
                  self.cs if _cfg(self.cfg, "model_type") else "default")
-        vocab, hidden = self.shape(g["embed"])
+        emb = self.shape(g["embed"])
+        if len(emb) != 2 or 0 in emb:
+            raise FormatError(f"{r.path}: the token embedding {g['embed']}.weight must be a "
+                              f"[vocab, hidden] matrix, got shape {list(emb)}")
+        vocab, hidden = emb
         self.set("vocab_size", vocab, "shapes")
         self.set("hidden_size", hidden, "shapes")
         self.set("num_layers", len(r.blocks), "shapes")
@@ -444,8 +481,8 @@ class _Sniffer:
         self.set("kv_width", kv_width, "shapes")
         qk_norm = "q_norm" in b
         self.set("qk_norm", qk_norm, "shapes")
-        heads = _cfg(self.cfg, "num_attention_heads", "n_head", "num_heads")
-        hd = _cfg(self.cfg, "head_dim")
+        heads = _cfg_num(self.cfg, ("num_attention_heads", "n_head", "num_heads"))
+        hd = _cfg_num(self.cfg, ("head_dim",))
         if qk_norm and self.shape(b["q_norm"])[0] < q_width:
             head_dim = self.set("head_dim", self.shape(b["q_norm"])[0], "shapes",
                                 "length of the per-head q_norm")
@@ -464,14 +501,14 @@ class _Sniffer:
         else:
             self.set("num_heads", q_width // head_dim, self.h["head_dim"].source,
                      "q width / head_dim")
-        kv = _cfg(self.cfg, "num_key_value_heads", "n_head_kv", "num_kv_heads")
+        kv = _cfg_num(self.cfg, ("num_key_value_heads", "n_head_kv", "num_kv_heads"))
         if kv is not None:
             self.set("num_kv_heads", int(kv), self.cs)
         else:
             self.set("num_kv_heads", kv_width // head_dim, self.h["head_dim"].source,
                      "kv width / head_dim")
         heads, kv = self.r["num_heads"], self.r["num_kv_heads"]
-        if heads * head_dim != q_width or kv * head_dim != kv_width:
+        if head_dim <= 0 or heads * head_dim != q_width or kv * head_dim != kv_width:
             raise FormatError(
                 f"{r.path}: attention widths disagree with the head layout: q width {q_width}, "
                 f"kv width {kv_width}, but {self.r['num_heads']} heads / "
@@ -539,8 +576,12 @@ class _Sniffer:
         self.from_cfg("norm_eps", keys, 1e-6 if norm == "rms" else 1e-5)
         mt = str(self.r["model_type"])
         gemma = mt.startswith("gemma")
-        self.set("norm_unit_offset", gemma, self.cs if gemma else "default",
-                 "Gemma (1+γ) RMSNorm" if gemma else "")
+        if gemma and r.format == "gguf":
+            self.set("norm_unit_offset", False, "gguf",
+                     "Gemma norms: llama.cpp stores 1+γ in the file")
+        else:
+            self.set("norm_unit_offset", gemma, self.cs if gemma else "default",
+                     "Gemma (1+γ) RMSNorm" if gemma else "")
         hidden = self.r["hidden_size"]
         self.set("embed_scale", math.sqrt(hidden) if gemma else 1.0,
                  self.cs if gemma else "default", "Gemma scales embeddings by sqrt(d)"
@@ -561,15 +602,19 @@ class _Sniffer:
         rope = _rope_params(self.cfg)
         self.set("positions", "rope", "shapes", "no position table in the file")
         if maxpos is not None:
-            self.set("max_positions", int(maxpos), self.cs)
+            maxpos = _number(maxpos, "max_position_embeddings")
+            self.set("max_positions", maxpos, self.cs)
         else:
             self.set("max_positions", 2048, "default")
         if "rope_theta" in rope:
-            self.set("rope_theta", float(rope["rope_theta"]), self.cs)
+            self.set("rope_theta", _number(rope["rope_theta"], "rope_theta", float), self.cs)
         else:
             self.set("rope_theta", 10000.0, "default")
         if rope.get("partial_rotary_factor") is not None:
-            self.set("rope_fraction", float(rope["partial_rotary_factor"]), self.cs)
+            frac = _number(rope["partial_rotary_factor"], "partial_rotary_factor", float)
+            if frac > 1:
+                raise ConfigError(f"config 'partial_rotary_factor' must be in (0, 1], got {frac}")
+            self.set("rope_fraction", frac, self.cs)
         else:
             self.set("rope_fraction", 1.0, "default")
         self._rope_scaling(rope, maxpos)
