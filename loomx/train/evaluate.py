@@ -23,10 +23,13 @@ class Evaluation:
 
     Attributes:
         loss: mean loss over all samples (``None`` when no loss applies).
-        accuracy: fraction of samples whose argmax matches the label (classification only).
+        accuracy: fraction of samples whose predicted label matches the label (integer labels
+            only; the argmax for ``[B, C]`` outputs, a threshold for one output, see
+            :func:`predicted_labels`).
         deviation: Loom's deviation metrics (buckets, 0–100 score, per-sample results).
-        confusion: ``[C, C]`` host array, rows = true class, columns = predicted (classification
-            only).
+        confusion: ``[C, C]`` host array, rows = true class, columns = predicted (integer
+            labels only; ``[2, 2]`` for a one-output binary classifier, none for a one-output
+            regression with MSE).
         samples: number of samples evaluated.
     """
 
@@ -48,14 +51,35 @@ class Evaluation:
         return out
 
 
-def default_loss(y: DataSource) -> Loss:
-    """Cross-entropy from logits for integer labels, MSE for float targets."""
-    return get_loss("cross_entropy" if y.is_integer else "mse")
+def default_loss(y: DataSource, n_out: int | None = None) -> Loss:
+    """Cross-entropy from logits for integer labels (binary cross-entropy from logits when the
+    network has one output, ``n_out == 1``), MSE for float targets."""
+    if not y.is_integer:
+        return get_loss("mse")
+    return get_loss("bce_logits" if n_out == 1 else "cross_entropy")
+
+
+def predicted_labels(xp, out: Array, loss: Loss, dtype) -> Array:
+    """The label predicted for each row of ``out [B, C]``, ``[B]`` in ``dtype``.
+
+    ``C > 1``: the argmax class. ``C == 1`` (integer labels are the targets themselves): the
+    threshold the loss implies, ``out > 0`` for logits, ``out > 0.5`` for probabilities, and
+    the nearest integer for plain values (MSE).
+    """
+    if out.shape[1] > 1:
+        return xp.argmax(out, axis=1)
+    o = out[:, 0]
+    if loss.output_kind == "logits":
+        return xp.astype(o > 0.0, dtype)
+    if loss.output_kind == "probabilities":
+        return xp.astype(o > 0.5, dtype)
+    return xp.astype(xp.round(o), dtype)
 
 
 def loss_and_correct(net, x: DataSource, y: DataSource, loss: Loss,
                      batch_size: int) -> tuple[float, int | None]:
-    """Mean loss and the number of correct argmax predictions (``None`` for float targets)."""
+    """Mean loss and the number of correct predictions (see :func:`predicted_labels`;
+    ``None`` for float targets)."""
     xp = net.backend.xp
     loss_sum = None
     correct = None
@@ -65,7 +89,7 @@ def loss_and_correct(net, x: DataSource, y: DataSource, loss: Loss,
         value, _ = loss(out, yb)
         loss_sum = value * len(idx) if loss_sum is None else loss_sum + value * len(idx)
         if y.is_integer:
-            hits = xp.sum(xp.astype(xp.argmax(out, axis=1) == yb, xp.int64))
+            hits = xp.sum(xp.astype(predicted_labels(xp, out, loss, yb.dtype) == yb, xp.int64))
             correct = hits if correct is None else correct + hits
     host = net.backend.to_host
     mean_loss = float(host(loss_sum).tolist()) / len(x)
@@ -80,7 +104,10 @@ def evaluate(net, x: Any, y: Any, *, loss: str | Loss | None = None, batch_size:
         net: a built network (or any layer).
         x: ``[N, *input_shape]`` host or device array.
         y: integer labels ``[N]`` or float targets ``[N, *output_shape]``.
-        loss: loss name or object (default: cross-entropy for labels, MSE for float targets).
+        loss: loss name or object (default: cross-entropy from logits for labels, binary
+            cross-entropy from logits for labels on a one-output network, MSE for float
+            targets). It also sets how a one-output network's prediction is read (see
+            :func:`predicted_labels`).
         batch_size: samples per forward pass.
         deviation: also compute Loom's deviation metrics (one value per sample: the argmax
             class for ``[B, C]`` outputs, the output itself for one-output networks; for float
@@ -94,10 +121,13 @@ def evaluate(net, x: Any, y: Any, *, loss: str | Loss | None = None, batch_size:
     b = net.backend
     xp = b.xp
     xs, ys = DataSource(x, b, "x"), DataSource(y, b, "y")
-    validate_pair(net, xs, ys)
-    loss_obj = default_loss(ys) if loss is None else get_loss(loss)
-    classify = ys.is_integer
     n_out = int(net.output_shape[-1])
+    loss_obj = default_loss(ys, n_out) if loss is None else get_loss(loss)
+    validate_pair(net, xs, ys, loss_obj)
+    classify = ys.is_integer
+    # a one-output binary classifier (labels 0/1) gets a 2 × 2 confusion matrix
+    n_classes = n_out if n_out > 1 else (
+        2 if loss_obj.output_kind in ("logits", "probabilities") else 0)
     loss_sum = correct = confusion = None
     expected_parts: list[Array] = []
     actual_parts: list[Array] = []
@@ -107,14 +137,13 @@ def evaluate(net, x: Any, y: Any, *, loss: str | Loss | None = None, batch_size:
         value, _ = loss_obj(out, yb)
         loss_sum = value * len(idx) if loss_sum is None else loss_sum + value * len(idx)
         if classify:
-            pred = xp.argmax(out, axis=1) if n_out > 1 else xp.astype(
-                xp.round(out[:, 0]), yb.dtype)
+            pred = predicted_labels(xp, out, loss_obj, yb.dtype)
             hits = xp.sum(xp.astype(pred == yb, xp.int64))
             correct = hits if correct is None else correct + hits
-            if n_out > 1:
-                cm = xp.matmul(xp.matrix_transpose(one_hot(xp, yb, n_out, b.float_dtype,
+            if n_classes:
+                cm = xp.matmul(xp.matrix_transpose(one_hot(xp, yb, n_classes, b.float_dtype,
                                                             b.device)),
-                               one_hot(xp, pred, n_out, b.float_dtype, b.device))
+                               one_hot(xp, pred, n_classes, b.float_dtype, b.device))
                 confusion = cm if confusion is None else confusion + cm
             actual = xp.astype(xp.argmax(out, axis=1), b.float_dtype) if n_out > 1 \
                 else out[:, 0]

@@ -27,11 +27,11 @@ from typing import Any
 
 from ..backends import RandomSource
 from ..errors import ConfigError, FormatError, LoomxError, TrainingError
-from ..layers.base import Layer
+from ..layers.base import Layer, ParamRef
 from .batching import DataSource, batch_slices, validate_pair
 from .callbacks import Callback, as_callback
 from .clip import clip_grad_norm, clip_grad_value
-from .evaluate import loss_and_correct
+from .evaluate import loss_and_correct, predicted_labels
 from .history import History
 from .losses import Loss, get_loss
 from .optim import Optimizer, get_optimizer
@@ -100,7 +100,7 @@ class _Trainer:
         self.xp = b.xp
         self.loss: Loss = get_loss(loss)
         xs, ys = DataSource(x, b, "x"), DataSource(y, b, "y")
-        validate_pair(net, xs, ys)
+        validate_pair(net, xs, ys, self.loss)
         self.val: tuple[DataSource, DataSource] | None = None
         if validation_split:
             n_val = max(1, int(round(len(xs) * validation_split)))
@@ -115,10 +115,15 @@ class _Trainer:
                 raise ConfigError("validation_data must be a pair (x_val, y_val)")
             xv = DataSource(validation_data[0], b, "validation x")
             yv = DataSource(validation_data[1], b, "validation y")
-            validate_pair(net, xv, yv)
+            validate_pair(net, xv, yv, self.loss)
             self.val = (xv, yv)
         self.xs, self.ys = xs, ys
-        self.count_correct = self.loss.classification and ys.is_integer
+        # accuracy: integer labels with a softmax loss, or 0/1 labels of a one-output binary
+        # classifier (bce_logits, bce)
+        self.n_out = int(net.output_shape[-1])
+        self.count_correct = ys.is_integer and (
+            self.loss.classification
+            or (self.n_out == 1 and self.loss.output_kind in ("logits", "probabilities")))
 
         self.batch_size, self.accumulate = batch_size, accumulate
         self.shuffle, self.seed = bool(shuffle), seed
@@ -137,9 +142,13 @@ class _Trainer:
         self.rng: RandomSource = b.random(seed)
         self.state = FitState(net=net, optimizer=opt, schedule=sched, history=History(),
                               epochs=epochs, steps_per_epoch=steps_per_epoch)
+        self.schedule_given = isinstance(schedule, Schedule)
         self.track_best = early_stopping is not None or restore_best_weights
         self.patience = early_stopping
         self.monitor = monitor or ("val_loss" if self.val is not None else "loss")
+        if self.track_best and self.monitor not in self._epoch_metric_names():
+            raise ConfigError(f"cannot monitor {self.monitor!r}: the epoch metrics of this run "
+                              f"are {sorted(self._epoch_metric_names())}")
         self.maximize = "acc" in self.monitor
         self.min_delta = float(min_delta)
         self.restore_best = bool(restore_best_weights)
@@ -150,6 +159,17 @@ class _Trainer:
             self._restore(checkpoint)
         # forward, loss and backward of each mini-batch, split over `workers` threads when > 1
         self.steps = BatchParallel(net, workers)
+
+    def _epoch_metric_names(self) -> set[str]:
+        """The names :meth:`_end_epoch` reports for this run (what ``monitor`` may name)."""
+        names = {"loss", "lr"}
+        if self.count_correct:
+            names.add("accuracy")
+        if self.val is not None:
+            names.add("val_loss")
+            if self.val[1].is_integer:
+                names.add("val_accuracy")
+        return names
 
     # ------------------------------------------------------------------ accumulators
     def _reset_epoch_sums(self) -> None:
@@ -179,7 +199,14 @@ class _Trainer:
                 cb.on_train_begin(st)
             while st.epoch < st.epochs and not st.stop_training:
                 bar.set_description(f"epoch {st.epoch + 1}/{st.epochs}")
-                self._run_epoch(bar)
+                try:
+                    self._run_epoch(bar)
+                except TrainingError as exc:
+                    if not (self.restore_best and st.best_weights is not None):
+                        raise
+                    self._set_weights(st.best_weights)
+                    raise TrainingError(f"{exc}; the weights of the best epoch "
+                                        f"({st.best_epoch + 1}) were put back") from exc
             if self.restore_best and st.best_weights is not None:
                 self._set_weights(st.best_weights)
             for cb in self.callbacks:
@@ -230,7 +257,8 @@ class _Trainer:
                 self._first_bad = xp.where(bad, step_no, self._first_bad)
                 if self.count_correct:
                     ys = yb if len(shards) == 1 else yb[shard.rows, ...]
-                    hits = xp.sum(xp.astype(xp.argmax(shard.out, axis=1) == ys, xp.int64))
+                    pred = predicted_labels(xp, shard.out, self.loss, ys.dtype)
+                    hits = xp.sum(xp.astype(pred == ys, xp.int64))
                     self.epoch_correct = self._add(self.epoch_correct, hits)
         if self.clip_value is not None:
             clip_grad_value(st.optimizer.params, self.clip_value)
@@ -266,6 +294,8 @@ class _Trainer:
 
     def _end_epoch(self, bar) -> None:
         st = self.state
+        if self.interval_n == 0:
+            self._check_finite()  # _log checks otherwise: no epoch ends with a NaN unseen
         self._log(bar)
         values: dict[str, float] = {"loss": self._host(self.epoch_loss) / self.epoch_n}
         if self.epoch_correct is not None:
@@ -306,8 +336,11 @@ class _Trainer:
         if better:
             st.best_value, st.best_epoch, st.wait = v, st.epoch, 0
             if self.restore_best:
-                st.best_weights = {p.name: self.xp.asarray(p.value, copy=True)
-                                   for p in self.net.parameters()}
+                # one copy per array: tied entries share it, so restoring keeps the tie
+                st.best_weights = {}
+                for group in self._tie_groups():
+                    saved = self.xp.asarray(group[0].value, copy=True)
+                    st.best_weights.update((p.name, saved) for p in group)
         else:
             st.wait += 1
             if self.patience is not None and st.wait >= self.patience:
@@ -316,9 +349,21 @@ class _Trainer:
         st.history.best_epoch, st.history.best_value = st.best_epoch, st.best_value
 
     # ------------------------------------------------------------------ weights
-    def _set_weights(self, weights: dict[str, Array]) -> None:
+    def _tie_groups(self) -> list[list[ParamRef]]:
+        """The network's parameters grouped by the array they hold: entries that share one
+        array (tied weights) form one group, in first-seen order."""
+        groups: dict[int, list[ParamRef]] = {}
         for p in self.net.parameters():
-            p.value = weights[p.name]
+            groups.setdefault(id(p.value), []).append(p)
+        return list(groups.values())
+
+    def _set_weights(self, weights: dict[str, Array]) -> None:
+        """Put ``weights`` (by parameter name) back; every entry of a tied group gets the
+        group's first entry's array, so the tie lasts."""
+        for group in self._tie_groups():
+            value = weights[group[0].name]
+            for p in group:
+                p.value = value
 
     def _layer_rngs(self) -> dict[str, RandomSource]:
         """Random sources held by layers (e.g. dropout masks), by parameter-style path."""
@@ -361,6 +406,7 @@ class _Trainer:
             "epoch_rng_state": st.epoch_rng_state,
             "layer_rngs": {k: r.get_state() for k, r in self._layer_rngs().items()},
             "optimizer": opt_state, "schedule": st.schedule.get_config(),
+            "schedule_state": st.schedule.state_dict(),
             "history": st.history.to_dict(), "settings": self._settings(),
             "best": {"value": st.best_value, "epoch": st.best_epoch, "wait": st.wait},
             "sums": {"epoch_loss": host_or_none(self.epoch_loss),
@@ -380,27 +426,43 @@ class _Trainer:
                               f"{meta.get('settings')}, but this run uses {self._settings()}; "
                               "resume with the same data, batch_size, accumulate, shuffle, "
                               "seed and epochs")
-        params = list(self.net.parameters())
-        for p in params:
-            host = tensors.get(f"weights/{p.name}")
-            if host is None or tuple(host.shape) != tuple(p.value.shape):
-                raise FormatError(f"checkpoint {path} does not match the network: parameter "
-                                  f"{p.name} {list(p.value.shape)} is "
-                                  f"{'missing' if host is None else list(host.shape)} there")
-            p.value = b.from_host(host, dtype=p.value.dtype)
+        groups = self._tie_groups()
+        for group in groups:
+            for p in group:
+                host = tensors.get(f"weights/{p.name}")
+                if host is None or tuple(host.shape) != tuple(p.value.shape):
+                    raise FormatError(f"checkpoint {path} does not match the network: "
+                                      f"parameter {p.name} {list(p.value.shape)} is "
+                                      f"{'missing' if host is None else list(host.shape)} "
+                                      "there")
+        # one array per group: entries tied in this network stay tied
+        best = {k[len("best/"):]: v for k, v in tensors.items() if k.startswith("best/")}
+        best_weights: dict[str, Array] = {}
+        for group in groups:
+            head = group[0]
+            dtype = head.value.dtype
+            value = b.from_host(tensors[f"weights/{head.name}"], dtype=dtype)
+            saved = best.get(head.name)
+            saved = None if saved is None else b.from_host(saved, dtype=dtype)
+            for p in group:
+                p.value = value
+                if saved is not None:
+                    best_weights[p.name] = saved
         opt_state = dict(meta["optimizer"])
-        buffers: dict[str, dict[str, Any]] = {p.name: {} for p in params}
+        # one buffer set per distinct parameter (tied entries share their first entry's)
+        buffers: dict[str, dict[str, Any]] = {name: {} for name in st.optimizer.state}
         for key, host in tensors.items():
             if key.startswith("optim/"):
                 pname, _, buf = key[len("optim/"):].rpartition("/")
                 buffers.setdefault(pname, {})[buf] = host
         opt_state["buffers"] = buffers
         st.optimizer.load_state_dict(opt_state)
-        st.schedule = get_schedule(meta["schedule"])
-        best = {k[len("best/"):]: v for k, v in tensors.items() if k.startswith("best/")}
-        dtypes = {p.name: p.value.dtype for p in params}
-        st.best_weights = {k: b.from_host(v, dtype=dtypes[k]) for k, v in best.items()} \
-            if best else None
+        if self.schedule_given:
+            # the instance passed in (any Schedule subclass) continues from its saved state
+            st.schedule.load_state_dict(meta.get("schedule_state") or {})
+        else:
+            st.schedule = get_schedule(meta["schedule"])
+        st.best_weights = best_weights or None
         st.best_value, st.best_epoch = meta["best"]["value"], meta["best"]["epoch"]
         st.wait = meta["best"]["wait"]
         st.history = History.from_dict(meta["history"])
@@ -452,20 +514,28 @@ def fit(net: Layer, x: Any, y: Any, *, loss: str | Loss = "cross_entropy",
     Args:
         net: a network (built, or built here from ``x.shape[1:]``).
         x: inputs ``[N, *input_shape]``, a host (numpy) array or a device array.
-        y: integer labels ``[N]`` or float targets ``[N, *output_shape]``.
+        y: integer labels ``[N]`` or float targets ``[N, *output_shape]``. For a network with
+            one output, integer labels are the targets themselves (``[N, 1]`` floats): 0/1 for
+            a binary classifier with ``loss="bce_logits"`` (accuracy: logit > 0) or ``"bce"``
+            (probability > 0.5), any integers for a regression with ``"mse"``.
         loss: ``"cross_entropy"`` (logits), ``"cross_entropy_probs"``, ``"mse"``, ``"bce"``,
             ``"bce_logits"`` or a :class:`~loomx.train.losses.Loss`.
         optimizer: ``"adam"``, ``"adamw"``, ``"sgd"``, ``"sgd_momentum"``, ``"nesterov"``,
-            ``"rmsprop"`` or an :class:`~loomx.train.optim.Optimizer` built on ``net``.
+            ``"rmsprop"`` or an :class:`~loomx.train.optim.Optimizer` built on ``net`` (one
+            holding another network's parameters is refused).
         lr: base learning rate (default: the optimizer's).
-        schedule: a schedule name, config dict or object (``lr`` and ``total_steps`` filled in).
+        schedule: a schedule name, config dict or object (``lr`` and ``total_steps`` filled
+            in). A resumed run keeps an object (any :class:`Schedule` subclass) and restores
+            its ``state_dict()``; a name or dict is rebuilt from the checkpoint.
         epochs, batch_size: passes over the data and samples per mini-batch.
         validation_data / validation_split: held-out pair, or the last fraction of ``(x, y)``.
         shuffle, seed: reshuffle every epoch from a generator seeded with ``seed``.
         early_stopping: patience in epochs without improvement of ``monitor`` (default
             ``val_loss``, else ``loss``; names containing ``acc`` are maximised) by
-            more than ``min_delta``.
-        restore_best_weights: at the end, put back the weights of the best monitored epoch.
+            more than ``min_delta``. A ``monitor`` that the run does not report is refused
+            before any step.
+        restore_best_weights: at the end, and when a NaN/Inf loss stops training, put back
+            the weights of the best monitored epoch (tied weights stay tied).
         checkpoint: file written atomically at every epoch end (and every
             ``checkpoint_every`` steps); ``resume=True`` continues from it when it exists.
         callbacks: :class:`~loomx.train.callbacks.Callback` objects or
@@ -475,7 +545,8 @@ def fit(net: Layer, x: Any, y: Any, *, loss: str | Loss = "cross_entropy",
         clip_norm, clip_value: gradient clipping by global norm / by value.
         accumulate: mini-batches per optimizer update (gradient accumulation).
         eval_batch_size: batch size of validation passes.
-        optimizer_options: extra options for a named optimizer (e.g. ``{"momentum": 0.9}``).
+        optimizer_options: extra options for a named optimizer (e.g. ``{"momentum": 0.9}``);
+            refused with an optimizer instance.
         workers: split every mini-batch over this many CPU threads
             (:class:`~loomx.train.parallel.BatchParallel`: the same gradients up to rounding,
             faster for convolutional networks on multi-core CPUs; numpy or PyTorch on the CPU
@@ -487,7 +558,10 @@ def fit(net: Layer, x: Any, y: Any, *, loss: str | Loss = "cross_entropy",
 
     Raises:
         LoomxError: bad data (shapes, sample counts, NaN, label range) before any step.
-        TrainingError: the loss became NaN/Inf (the message names the step).
+        ConfigError: bad settings (a ``monitor`` the run does not report, a foreign optimizer
+            instance...) before any step.
+        TrainingError: the loss became NaN/Inf (the message names the step, and says when
+            the best weights were put back).
     """
     return _Trainer(net, x, y, loss=loss, optimizer=optimizer, lr=lr, schedule=schedule,
                     epochs=epochs, batch_size=batch_size, validation_data=validation_data,

@@ -3,8 +3,9 @@
 Every loss is called as ``loss(output, target) -> (value, grad)``:
 
 - ``output``: the network output, ``[B, C]`` (or ``[B, ...]`` for MSE and BCE);
-- ``target``: integer class labels ``[B]`` (cross-entropy, and MSE/BCE after one-hot encoding)
-  or a float array shaped like ``output``;
+- ``target``: integer class labels ``[B]`` (cross-entropy, and MSE/BCE after one-hot encoding;
+  for an output ``[B, 1]`` the labels are the targets themselves, e.g. 0/1 for a binary
+  classifier with ``bce_logits``) or a float array shaped like ``output``;
 - ``value``: the mean loss as a 0-d device array (no host sync);
 - ``grad``: ``d value / d output``, shaped like ``output``.
 
@@ -49,16 +50,28 @@ def _is_int(xp, a: Array) -> bool:
 
 
 def _dense_target(xp, output: Array, target: Array, device, loss_name: str) -> Array:
-    """Targets as a float array shaped like ``output`` (int labels are one-hot encoded)."""
+    """Targets as a float array shaped like ``output``: int labels ``[B]`` are one-hot encoded
+    for an output ``[B, C]`` with ``C > 1``, and are the targets themselves (``[B, 1]``, e.g.
+    0/1 for a binary classifier) for an output ``[B, 1]``."""
     if _is_int(xp, target):
         if output.ndim != 2 or target.ndim != 1 or target.shape[0] != output.shape[0]:
             raise ShapeError(f"{loss_name}: integer labels must be [B] for an output [B, C]; "
                              f"got labels {list(target.shape)} and output {list(output.shape)}")
+        if output.shape[1] == 1:
+            return xp.reshape(xp.astype(target, output.dtype), (-1, 1))
         return one_hot(xp, target, output.shape[1], output.dtype, device)
     if tuple(target.shape) != tuple(output.shape):
         raise ShapeError(f"{loss_name}: target shape {list(target.shape)} does not match the "
                          f"output shape {list(output.shape)}")
     return xp.astype(target, output.dtype, copy=False)
+
+
+def _check_classes(xp, output: Array, target: Array, loss_name: str) -> None:
+    """A softmax over one output is constant: refuse integer labels for an output ``[B, 1]``."""
+    if output.shape[1] == 1 and _is_int(xp, target):
+        raise ShapeError(f"{loss_name} needs an output [B, C] with C ≥ 2 for integer labels; "
+                         "for a binary classifier with one output use bce_logits (or bce "
+                         "after a sigmoid)")
 
 
 def _count(shape) -> int:
@@ -90,6 +103,7 @@ def cross_entropy(output: Array, target: Array) -> tuple[Array, Array]:
     xp, dev = _namespace_and_device(output)
     if output.ndim != 2:
         raise ShapeError(f"cross_entropy expects logits [B, C], got {list(output.shape)}")
+    _check_classes(xp, output, target, "cross_entropy")
     t = _dense_target(xp, output, target, dev, "cross_entropy")
     fused = kernel_for(output, "softmax_cross_entropy")
     result = None if fused is None else fused(output, t)  # None: a case it does not take
@@ -116,6 +130,7 @@ def cross_entropy_probs(output: Array, target: Array) -> tuple[Array, Array]:
     if output.ndim != 2:
         raise ShapeError(f"cross_entropy_probs expects probabilities [B, C], "
                          f"got {list(output.shape)}")
+    _check_classes(xp, output, target, "cross_entropy_probs")
     t = _dense_target(xp, output, target, dev, "cross_entropy_probs")
     p = xp.clip(output, PROB_EPS, 1.0 - PROB_EPS)
     b = output.shape[0]

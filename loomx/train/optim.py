@@ -329,8 +329,25 @@ OPTIMIZERS: dict[str, type[Optimizer]] = {"sgd": SGD, "adam": Adam, "adamw": Ada
 def get_optimizer(optimizer: str | Optimizer, params: Layer | Iterable[ParamRef],
                   lr: float | None = None, **options) -> Optimizer:
     """An optimizer by name (``sgd``, ``sgd_momentum``, ``nesterov``, ``adam``, ``adamw``,
-    ``rmsprop``) over ``params``, or the given instance (its ``lr`` replaced when given)."""
+    ``rmsprop``) over ``params``, or the given instance (its ``lr`` replaced when given).
+
+    Raises:
+        ConfigError: an instance together with ``options`` (set them when building it), or an
+            instance holding a parameter that is not one of ``params`` (built on another
+            network: it would train nothing here).
+    """
     if isinstance(optimizer, Optimizer):
+        if options:
+            raise ConfigError(f"optimizer options {sorted(options)} cannot be applied to an "
+                              f"optimizer instance ({type(optimizer).__name__}); pass them "
+                              "when building it")
+        refs = params.parameters() if isinstance(params, Layer) else params
+        own = {(id(r.layer), r.key) for r in refs}
+        foreign = [r.name for r in optimizer.params if (id(r.layer), r.key) not in own]
+        if foreign:
+            raise ConfigError(f"the {type(optimizer).__name__} instance holds parameters that "
+                              f"are not this network's (e.g. {foreign[:3]}): build it on the "
+                              "network being trained")
         if lr is not None:
             optimizer.lr = optimizer.initial_lr = float(lr)
         return optimizer

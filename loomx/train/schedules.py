@@ -1,7 +1,9 @@
 """Loom's learning-rate schedules as stateless callables ``step → lr``.
 
 ``step`` counts optimizer updates from 0. Every schedule has ``get_config()`` and is rebuilt by
-:func:`get_schedule` from that dict (checkpoints store it).
+:func:`get_schedule` from that dict (checkpoints store it). A resumed ``fit`` given a schedule
+object (a subclass of :class:`Schedule` included) keeps that object and hands it what its
+``state_dict()`` saved (nothing, for the built-in schedules).
 
 ==========================  =======================================================
 name                        lr(step)
@@ -37,6 +39,15 @@ class Schedule:
 
     def __call__(self, step: int) -> float:
         raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """State beyond the config that a resumed run needs (none for the built-in schedules,
+        which depend on the step alone); ``fit`` checkpoints store it. JSON-serialisable."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` output (``fit`` calls it on the schedule passed to a
+        resumed run)."""
 
     def get_config(self) -> dict:
         cfg = {"name": self.name}
@@ -215,7 +226,12 @@ def get_schedule(spec: Schedule | dict | str | None, lr: float | None = None,
         cfg["total_steps"] = total_steps
     if name == "warmup" and isinstance(cfg.get("after"), (dict, str)):
         after = cfg["after"]
-        rest = None if total_steps is None else max(1, total_steps - int(cfg["warmup_steps"]))
+        try:
+            warmup = int(cfg["warmup_steps"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"the warmup schedule needs warmup_steps (an integer > 0), got "
+                              f"{cfg.get('warmup_steps')!r}") from exc
+        rest = None if total_steps is None else max(1, total_steps - warmup)
         cfg["after"] = get_schedule(after, lr=cfg["lr"], total_steps=rest)
     try:
         return cls(**cfg)

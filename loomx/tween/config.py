@@ -12,11 +12,16 @@ configs round-trip, and are no-ops here too. The loomx fields at the end choose 
                        propagation (heuristic inverse + delta rule), reachable here.
 ``method``             ``"tween"`` (the two above) or ``"dtp"`` (difference target propagation).
 ``loss``               ``"sse"`` (Loom: ½‖y − onehot‖² on the output) or ``"softmax_ce"``.
+``gradient_clip``      bound on the propagated descent directions (default 10); ``None`` or
+                       ``inf``: no clip (``None`` is stored as ``inf``).
+``update_clip``        bound on each parameter update element (default 1); ``None`` or ``inf``:
+                       no clip.
 =====================  =======================================================================
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 from ..errors import ConfigError
@@ -79,8 +84,8 @@ class TweenConfig:
     loss: str = "sse"
     depth_scaling: bool = True
     fanout_norm: bool = True
-    gradient_clip: float = 10.0
-    update_clip: float = 1.0
+    gradient_clip: float = 10.0            # None: no clip (stored as inf)
+    update_clip: float = 1.0               # None: no clip (stored as inf)
     dtp_inverse_rate: float = 0.05
     dtp_noise: float = 0.1
     dtp_top_rate: float = 0.5
@@ -92,6 +97,15 @@ class TweenConfig:
             raise ConfigError(f"TweenConfig.loss must be one of {LOSSES}, got {self.loss!r}")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"TweenConfig.momentum must be in [0, 1), got {self.momentum}")
+        for name in ("gradient_clip", "update_clip"):
+            v = getattr(self, name)
+            if v is None:  # no clip: the bound that never binds
+                setattr(self, name, math.inf)
+            elif isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ConfigError(f"TweenConfig.{name} must be a number > 0, or None (or inf) "
+                                  f"for no clip, got {v!r}")
+            else:
+                setattr(self, name, float(v))
         if self.eval_frequency <= 0 or self.prune_patience <= 0:
             raise ConfigError("TweenConfig.eval_frequency and prune_patience must be positive, "
                               f"got {self.eval_frequency} and {self.prune_patience}")

@@ -10,7 +10,11 @@ Differences from Loom, on purpose: only shape-preserving layers (input shape = o
 are disabled, since an identity cannot stand in for a layer that changes the width; disabled
 layers are skipped by the tween backward and updates; every per-layer record (velocities,
 dead-epoch counters, best-state copies) is keyed by the layer itself or its grid slot, so a
-removal cannot shift another layer's state. Any grid shape is accepted (Loom: 1 × 1 only).
+removal cannot shift another layer's state. The best state saved by ``fit`` keeps each layer's
+``disabled`` flag and the layer itself, so restoring it undoes pruning done after it where that
+changes the network (a layer removed while enabled at the best goes back into its slot). Budgets
+come from the telemetry, or with ``telemetry=False`` from a per-epoch device tally. Any grid
+shape is accepted (Loom: 1 × 1 only).
 """
 
 from __future__ import annotations
@@ -22,26 +26,28 @@ def _preserves_shape(layer) -> bool:
 
 
 def remove_layer(trainer, index: int) -> None:
-    """Empty grid slot ``index`` and drop every record the trainer keeps for its layer."""
+    """Empty grid slot ``index`` and drop the trainer's training records for its layer
+    (velocities, dead-epoch counter). The best state keeps its copy: it holds the layer
+    itself, so :meth:`~loomx.tween.trainer.TweenTrainer.restore_best` can put the layer back
+    when it was enabled at the best evaluation."""
     layer = trainer.net.slots[index]
     if layer is None:
         return
     ids = {id(ref.layer) for ref in layer.parameters()} | {id(layer)}
-    for store in (trainer.velocity, trainer.best_state or {}):
-        for key in [k for k in store if k[0] in ids]:
-            del store[key]
+    for key in [k for k in trainer.velocity if k[0] in ids]:
+        del trainer.velocity[key]
     trainer.dead_epochs.pop(index, None)
     trainer.net.slots[index] = None
     trainer.removed.append(index)
 
 
-def prune_epoch(trainer, summary: dict) -> list[str]:
-    """Update dead-epoch counters from an epoch summary; disable or remove layers.
+def prune_epoch(trainer, budgets: dict[int, float]) -> list[str]:
+    """Update dead-epoch counters from the epoch-mean link ``budgets`` (flat slot index →
+    budget, :meth:`~loomx.tween.trainer.TweenTrainer.epoch_budgets`); disable or remove layers.
 
     Returns human-readable messages about what changed (empty when nothing did).
     """
     cfg = trainer.config
-    budgets = dict(zip(summary["layers"], summary["per_layer"]["budget"], strict=False))
     occupied = trainer.net.layers()
     if len(occupied) < 3:
         return []

@@ -11,10 +11,14 @@ algorithm is chosen by :class:`TweenConfig`:
 - ``use_chain_rule=False``: Loom's legacy target propagation (heuristic inverse + delta rule);
 - ``method="dtp"``: difference target propagation (:mod:`loomx.tween.dtp`), gradient-free.
 
-Batches: a step on ``x [B, ...]`` averages per-sample updates (per-sample outer products, per-
-sample clipping), which for ``B = 1`` is Loom's step. :meth:`accumulate` / :meth:`apply_batch`
-reproduce Loom's ``TweenStepAccumulate`` / ``TweenBatchApply`` (faithful: averaged gaps paired
-with the last sample's activations; fixed: the averaged per-sample update).
+Batches: a step on ``x [B, ...]`` takes the update of the batch-mean gradient (the average of
+the per-sample outer products), which for ``B = 1`` is Loom's step. The clips differ by mode:
+the corrected mode (``loom_compat=False``) bounds each sample's propagated direction by
+``±gradient_clip`` and the batch-averaged update by ``±update_clip`` (elementwise), while the
+faithful mode clips each sample's update before averaging, as Loom does per sample.
+:meth:`accumulate` / :meth:`apply_batch` reproduce Loom's ``TweenStepAccumulate`` /
+``TweenBatchApply`` (faithful: averaged gaps paired with the last sample's activations; fixed:
+one step on the accumulated samples).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import ConfigError, ShapeError, TrainingError
+from ..errors import ConfigError, LoomxError, ShapeError, TrainingError
 from . import loom_rules
 from .config import TweenConfig
 from .primitives import (
@@ -105,7 +109,9 @@ class TweenTrainer:
         log_interval: steps between host copies of the telemetry.
         seed: seed for shuffling in :meth:`fit` and for DTP's noise.
         telemetry: record per-layer telemetry every step (False skips it, for speed; the
-            legacy mode still computes the budgets it gates on).
+            legacy mode still computes the budgets it gates on, and with
+            ``config.prune_enabled`` every step still adds its link budgets to a device tally
+            that :meth:`fit` reads once per epoch for pruning).
 
     Shapes: ``x [B, *input_shape]``, ``labels`` int ``[B]`` (device array or Python list).
     """
@@ -134,8 +140,11 @@ class TweenTrainer:
         self.dead_epochs: dict[int, int] = {}
         self.removed: list[int] = []
         self.steps = 0
+        # the best evaluation of the current fit (reset at the start of each fit)
         self.best_score = -1.0
-        self.best_state: dict[tuple[int, str], Array] | None = None
+        self.best_state: dict[str, dict] | None = None
+        # pruning without telemetry: [layer ids, summed budgets (device), steps] of this epoch
+        self._budget_tally: list | None = None
         self.last: StepRecord | None = None
         self._batch: dict | None = None
         self._dtp = None
@@ -300,8 +309,11 @@ class TweenTrainer:
             self._chain_backward(rec, g_top)
         else:
             self._legacy_backward(rec, top_target)
-        if self.record or not cfg.use_chain_rule or cfg.explosion_detection:
+        if self.record or not cfg.use_chain_rule or cfg.explosion_detection or \
+                cfg.prune_enabled:
             self._link(rec)
+        if cfg.prune_enabled and not self.record:
+            self._tally_budgets(rec)
         mult = self._rate_multiplier(rec)
         rows = []
         for l, (_, layer) in enumerate(rec.layers):
@@ -336,6 +348,28 @@ class TweenTrainer:
             rec.gaps.append(gap)
             rec.budgets.append(budget)
 
+    def _tally_budgets(self, rec: StepRecord) -> None:
+        """Add this step's link budgets ``[L]`` to the epoch tally (device; no sync)."""
+        ids = tuple(i for i, _ in rec.layers)
+        budgets = self.xp.stack(rec.budgets)
+        tally = self._budget_tally
+        if tally is None or tally[0] != ids:  # the enabled layers changed: count afresh
+            self._budget_tally = [ids, budgets, 1]
+        else:
+            tally[1] = tally[1] + budgets
+            tally[2] += 1
+
+    def epoch_budgets(self, summary: dict) -> dict[int, float]:
+        """Epoch-mean link budget of each layer (flat index → budget) for pruning: from the
+        telemetry ``summary`` when recording, else from the device tally (one host copy)."""
+        if self.record:
+            return dict(zip(summary["layers"], summary["per_layer"]["budget"], strict=False))
+        tally, self._budget_tally = self._budget_tally, None
+        if tally is None:
+            return {}
+        means = self.backend.to_host(tally[1] / tally[2]).tolist()
+        return dict(zip(tally[0], means, strict=False))
+
     def _rate_multiplier(self, rec: StepRecord):
         if not self.config.explosion_detection:
             return 1.0
@@ -365,8 +399,9 @@ class TweenTrainer:
         """Loom's ``TweenStepAccumulate``: backward and telemetry without touching weights.
 
         Faithful mode keeps summed gaps ``target − activation`` per layer and the last sample's
-        activations; fixed mode keeps the samples, so :meth:`apply_batch` averages the exact
-        per-sample updates at the weights they were seen with. Returns the loss (0-d)."""
+        activations; fixed mode keeps the samples, so :meth:`apply_batch` takes one :meth:`step`
+        on all of them at the weights they were seen with (the update of their mean gradient,
+        clipped after averaging). Returns the loss (0-d)."""
         xp, cfg = self.xp, self.config
         if not cfg.loom_compat:
             b = self._batch or {"x": [], "labels": [], "count": 0}
@@ -466,17 +501,48 @@ class TweenTrainer:
         score = xp.mean(xp.maximum(100.0 - 100.0 * dev, b.scalar(0.0)))
         return {"accuracy": acc, "score": score}
 
+    def _check_labels(self, labels: Array, what: str) -> None:
+        """Refuse labels outside ``[0, output_size)`` (one host copy of two numbers): the
+        one-hot target of such a label would be all zeros."""
+        xp = self.xp
+        lo, hi = self.backend.to_host(xp.stack([xp.min(labels), xp.max(labels)])).tolist()
+        if lo < 0 or hi >= self.output_size:
+            raise LoomxError(f"{what} lie in [{lo}, {hi}] but the trainer reads "
+                             f"{self.output_size} classes, so labels must lie in "
+                             f"[0, {self.output_size - 1}]")
+
     def save_best(self) -> None:
-        """Keep a copy of every parameter of every layer (Loom kept Dense/Conv only)."""
-        self.best_state = {(id(ref.layer), ref.key): self.xp.asarray(ref.value, copy=True)
-                           for ref in self.net.parameters()}
+        """Keep what :meth:`restore_best` needs to rebuild the network as it is now.
+
+        ``best_state = {"params": {(id(layer), key): copy}, "layers": {slot: (layer,
+        disabled)}}``: a copy of every parameter of every layer (Loom kept Dense/Conv only),
+        and every occupied slot's layer with its ``disabled`` flag. Holding the layers keeps
+        a layer that pruning later removes (and its ``id``) alive, so it can be put back.
+        """
+        params = {(id(ref.layer), ref.key): self.xp.asarray(ref.value, copy=True)
+                  for ref in self.net.parameters()}
+        layers = {i: (layer, bool(layer.disabled)) for i, layer in self.net.layers()}
+        self.best_state = {"params": params, "layers": layers}
 
     def restore_best(self) -> None:
-        """Restore the parameters saved by :meth:`save_best` (no-op if none)."""
+        """Restore the network saved by :meth:`save_best` (no-op if none): the ``disabled``
+        flags, every parameter, and any layer that pruning removed after the save while it
+        was enabled (it goes back into its slot; one disabled at the save stays out, since a
+        disabled layer is the identity, as is an empty slot)."""
         if self.best_state is None:
             return
+        slots = self.net.slots
+        for i, (layer, disabled) in self.best_state["layers"].items():
+            if slots[i] is None and not disabled:
+                slots[i] = layer
+                if i in self.removed:
+                    self.removed.remove(i)
+            if slots[i] is layer and bool(layer.disabled) != disabled:
+                layer.disabled = disabled
+                self.dead_epochs.pop(i, None)  # its pruning count restarts
+        saved_params = self.best_state["params"]
         for ref in self.net.parameters():
-            saved = self.best_state.get((id(ref.layer), ref.key))
+            saved = saved_params.get((id(ref.layer), ref.key))
             if saved is not None:  # a copy: an optimizer may later update weights in place
                 ref.value = self.xp.asarray(saved, copy=True)
 
@@ -488,6 +554,14 @@ class TweenTrainer:
         ``eval_frequency`` epochs (and the last), best-state restore, early stop when
         ``metric`` (``"score"`` or ``"accuracy"``, percent) reaches ``early_stop_threshold``,
         pruning when enabled. Returns the per-epoch summaries (means over the epoch's steps).
+
+        Each call starts its own best: ``best_score`` and ``best_state`` are reset first, so
+        the restore at the end puts back the best network of this call. At an evaluated epoch
+        the best is saved before pruning acts, so it is the network that was evaluated
+        (its ``disabled`` flags included, see :meth:`restore_best`).
+
+        Raises:
+            LoomxError: labels outside ``[0, output_size)`` (checked once, on entry).
         """
         from .pruning import prune_epoch
 
@@ -498,9 +572,18 @@ class TweenTrainer:
             labels = b.asarray(list(labels), dtype=xp.int64)
         n = x.shape[0]
         ex, ey = eval_data if eval_data is not None else (x, labels)
+        if not b.is_array(ey):
+            ey = b.asarray(list(ey), dtype=xp.int64)
+        self._check_labels(labels, "labels")
+        if ey is not labels:
+            self._check_labels(ey, "eval_data labels")
+        self.best_score = -1.0
+        self.best_state = None
+        self._budget_tally = None
         summaries = []
         for epoch in range(1, epochs + 1):
             start = len(self.telemetry)
+            self._budget_tally = None
             order = self.rng.permutation(n)
             for i in range(0, n, batch_size):
                 idx = b.asarray(order[i:i + batch_size], dtype=xp.int64)
@@ -512,15 +595,16 @@ class TweenTrainer:
                 extra = {"accuracy": 100.0 * host[0], "score": host[1]}
             summary = self.telemetry.epoch_summary(start, len(self.telemetry), epoch, extra)
             summaries.append(summary)
+            # the best is the network just evaluated: saved before pruning changes it
+            if extra and extra[metric] > self.best_score:
+                self.best_score = extra[metric]
+                self.save_best()
             if cfg.prune_enabled:
-                for msg in prune_epoch(self, summary):
+                for msg in prune_epoch(self, self.epoch_budgets(summary)):
                     if verbose:
                         print_fn(msg)
             if extra:
                 value = extra[metric]
-                if value > self.best_score:
-                    self.best_score = value
-                    self.save_best()
                 if verbose:
                     print_fn(self.telemetry.console_line(summary, epochs, cfg.ignore_threshold))
                 if callback is not None:
