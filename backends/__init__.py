@@ -22,7 +22,7 @@ import contextvars
 import os
 from collections.abc import Iterator
 
-from loomx.errors import BackendUnavailableError, LoomxError
+from loomx.errors import BackendUnavailableError, ConfigError, LoomxError
 
 from .base import Backend, RandomSource
 
@@ -76,9 +76,12 @@ def get_backend(spec: str | Backend | None = None, dtype: str | None = None) -> 
 
     Args:
         spec: a spec string, a ``Backend`` (returned as is), or ``None`` for the current one.
-        dtype: optional default float dtype name (``"float32"``, ``"float64"``, ...).
+        dtype: optional default float dtype name (``"float32"``, ``"float64"``, ...); it must
+            name a real floating dtype of the backend's library.
 
     Raises:
+        ConfigError: ``dtype`` is not a real floating dtype of the backend's library.
+        LoomxError: the spec names no known backend, or a device the library does not know.
         BackendUnavailableError: the library is missing or has no usable device; the message
             says why and what to install.
     """
@@ -87,13 +90,19 @@ def get_backend(spec: str | Backend | None = None, dtype: str | None = None) -> 
     elif isinstance(spec, Backend):
         backend = spec
     else:
+        if not isinstance(spec, str):
+            raise ConfigError(f"a backend spec must be a string such as 'numpy' or a Backend, "
+                              f"got {type(spec).__name__}")
         key = (spec.strip().lower(), None)
         if key not in _cache:
-            _cache[key] = _build(key[0])
+            try:
+                _cache[key] = _build(key[0])
+            except (LoomxError, ImportError):
+                raise
+            except (RuntimeError, ValueError, TypeError) as exc:  # e.g. torch: "torch:nope"
+                raise LoomxError(f"backend spec {spec!r} names no usable device: {exc}") from exc
         backend = _cache[key]
     if dtype is not None and backend.dtype_name(backend.float_dtype) != dtype:
-        if not hasattr(backend.xp, dtype):
-            raise LoomxError(f"backend {backend.name} has no dtype {dtype!r}")
         backend = backend.with_dtype(dtype)
     return backend
 

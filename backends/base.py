@@ -275,10 +275,32 @@ class Backend:
         except TypeError:
             return False
 
+    def float_dtype_of(self, dtype) -> Any:
+        """The ``xp`` dtype named by ``dtype`` (a name such as ``"float64"``, or a dtype of this
+        library), checked to be a real floating dtype.
+
+        Raises:
+            ConfigError: ``dtype`` names no dtype of the library, or not a real floating one.
+        """
+        from loomx.errors import ConfigError
+
+        resolved = getattr(self.xp, dtype, None) if isinstance(dtype, str) else dtype
+        if resolved is None:
+            raise ConfigError(f"backend {self.name} has no dtype {dtype!r}; expected a real "
+                              "floating dtype (float32, float64, float16, ...)")
+        try:
+            ok = bool(self.xp.isdtype(resolved, "real floating"))
+        except (TypeError, ValueError, AttributeError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"backend {self.name} float dtype must be a real floating dtype "
+                              f"(float32, float64, float16, ...), got {dtype!r}")
+        return resolved
+
     def with_dtype(self, float_dtype) -> Backend:
-        """A copy of this backend whose default float dtype is ``float_dtype``."""
-        if isinstance(float_dtype, str):
-            float_dtype = getattr(self.xp, float_dtype)
+        """A copy of this backend whose default float dtype is ``float_dtype`` (a name or a
+        dtype; ``ConfigError`` unless it is a real floating dtype of the library)."""
+        float_dtype = self.float_dtype_of(float_dtype)
         return type(self)(name=self.name, xp=self.xp, device=self.device,
                           float_dtype=float_dtype, library=self.library, kernels=self.kernels)
 

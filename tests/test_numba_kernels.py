@@ -405,12 +405,19 @@ def test_conv_layer_in_chunks_equals_the_whole_batch_reference(backends, monkeyp
 
 
 def test_chunked_conv_backward_refuses_a_gradient_of_another_batch(backends):
-    """As the reference's matrix product does, instead of reading only the first images."""
+    """As the reference's matrix product does, instead of reading only the first images: the
+    layer refuses it, and so does the kernel when called directly."""
     layer = Conv2D(4, 3, padding=1)
     layer.build((8, 5, 5), backends[0], rng=0)
     y, ctx = layer.forward(_rand((1, 8, 5, 5), np.float32, 20), True)
-    with pytest.raises(ValueError, match="dz has shape"):
+    with pytest.raises(ValueError, match=r"expected dy of shape \[1, 4, 5, 5\]"):
         layer.backward(_rand((4, 4, 5, 5), np.float32, 21), ctx)
+    kernel = backends[0].kernel("window_matmul_backward")
+    x = _rand((1, 5, 5, 8), np.float32, 22)
+    w = _rand((4, 72), np.float32, 23)
+    with pytest.raises(ValueError, match="dz has shape"):
+        kernel(x, _rand((100, 4), np.float32, 24), w, (3, 3), (1, 1), (1, 1),
+               ((1, 1), (1, 1)), (5, 5))
 
 
 def test_chunked_conv_backward_after_the_kernels_went_away(backends):

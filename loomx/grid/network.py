@@ -22,6 +22,7 @@ from ..layers.base import (
     Array,
     Layer,
     Shape,
+    as_shape,
     call_backward,
     has_parameters,
     layer_from_config,
@@ -239,11 +240,12 @@ class Network(Layer):
     # ------------------------------------------------------------------ build
     def build(self, input_shape: Shape, backend: Backend | str | None = None,
               rng: RandomSource | int | None = None) -> Shape:
-        """Build every layer in flat order from per-sample ``input_shape``."""
+        """Build every layer in flat order from per-sample ``input_shape`` (positive ints; a
+        bare int ``n`` means ``(n,)``; ``ShapeError`` otherwise)."""
+        shape = as_shape(input_shape, "network")
         self.backend = get_backend(backend)
         if rng is None or isinstance(rng, int):
             rng = self.backend.random(self.seed if rng is None else rng)
-        shape = tuple(int(d) for d in input_shape)
         self.input_shape = shape
         self.output_shape = None
         shapes = [shape]  # shapes[i] = per-sample input shape of slot i
@@ -273,7 +275,13 @@ class Network(Layer):
         if not self.built:
             raise LoomxError("the network is not built yet: call build(input_shape) or pass "
                              "input_shape= to the constructor")
-        if tuple(x.shape[1:]) != self.input_shape:
+        try:
+            shape = x.shape
+        except AttributeError:
+            raise ShapeError(f"network expected a {self.backend.name} array but received a "
+                             f"{type(x).__name__}; convert it with net.backend.from_host(...) "
+                             "or net.backend.asarray(...)") from None
+        if tuple(shape[1:]) != self.input_shape:
             raise ShapeError(f"network expected input [B, {', '.join(map(str, self.input_shape))}]"
                              f" but received {list(x.shape)}")
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from ..backends import RandomSource
 from ..errors import ConfigError, LoomxError, ShapeError
-from .base import Array, Layer, Shape, register_layer
+from .base import Array, Layer, Shape, config_float, config_int, register_layer
 from .dense import backend_linear, linear_backward, sum_rows
 from .init import init_weight
 from .norm import rms_input_grad, rms_inverse
@@ -129,19 +129,21 @@ class MultiHeadAttention(Layer):
                  rope_style: str = "half", rope_fraction: float = 1.0, qk_norm: bool = False,
                  qk_norm_eps: float = 1e-6, rope_scaling: dict | None = None, **kw):
         super().__init__(**kw)
-        self.num_heads = int(num_heads)
-        self.head_dim = None if head_dim is None else int(head_dim)
-        self.num_kv_heads = None if num_kv_heads is None else int(num_kv_heads)
-        self.d_model = None if d_model is None else int(d_model)
+        owner = type(self).__name__
+        self.num_heads = config_int(num_heads, "num_heads", owner)
+        self.head_dim = config_int(head_dim, "head_dim", owner, optional=True)
+        self.num_kv_heads = config_int(num_kv_heads, "num_kv_heads", owner, optional=True)
+        self.d_model = config_int(d_model, "d_model", owner, optional=True)
         self.q_bias, self.k_bias = bool(q_bias), bool(k_bias)
         self.v_bias, self.o_bias = bool(v_bias), bool(o_bias)
         self.causal = bool(causal)
-        self.rope_theta = None if rope_theta is None else float(rope_theta)
+        self.rope_theta = (None if rope_theta is None
+                           else config_float(rope_theta, "rope_theta", owner))
         self.rope_style = rope_style
-        self.rope_fraction = float(rope_fraction)
+        self.rope_fraction = config_float(rope_fraction, "rope_fraction", owner)
         self.rope_scaling = check_rope_scaling(rope_scaling, f"{type(self).__name__} rope_scaling")
         self.qk_norm = bool(qk_norm)
-        self.qk_norm_eps = float(qk_norm_eps)
+        self.qk_norm_eps = config_float(qk_norm_eps, "qk_norm_eps", owner)
         self._rope = RopeCache()
         # the last causal mask: (key, backend, mask), for masks of up to _CAUSAL_CACHE_ITEMS
         self._causal: tuple[tuple, Any, Array] | None = None
@@ -163,6 +165,13 @@ class MultiHeadAttention(Layer):
         if self.rope_theta is not None and self.rope_theta <= 0:
             raise ConfigError(f"{name} rope_theta must be positive (or None for no RoPE), "
                               f"got {self.rope_theta}")
+        if not 0.0 < self.rope_fraction <= 1.0:
+            raise ConfigError(f"{name} rope_fraction must be in (0, 1], got {self.rope_fraction}")
+        if self.rope_scaling is not None and self.rope_theta is None:
+            raise ConfigError(f"{name} rope_scaling needs RoPE: set rope_theta (e.g. 10000.0) "
+                              "or drop rope_scaling")
+        if not self.qk_norm_eps > 0.0:
+            raise ConfigError(f"{name} qk_norm_eps must be positive, got {self.qk_norm_eps}")
         if self.head_dim is not None and self.rope_theta is not None:
             rotary_dims(self.head_dim, self.rope_fraction)
 
@@ -212,7 +221,9 @@ class MultiHeadAttention(Layer):
         """An empty :class:`KVCache` for ``batch`` sequences of up to ``max_len`` positions."""
         if not self.built:
             raise self._not_built()
-        shape = (int(batch), self.kv_heads, int(max_len), self.head_dim)
+        owner = f"{self.describe()} new_cache"
+        shape = (config_int(batch, "batch", owner), self.kv_heads,
+                 config_int(max_len, "max_len", owner), self.head_dim)
         return KVCache(self.backend.zeros(shape, dtype=self.float_dtype),
                        self.backend.zeros(shape, dtype=self.float_dtype))
 
@@ -347,6 +358,7 @@ class MultiHeadAttention(Layer):
         if ctx.cached:
             raise LoomxError(f"{self.describe()}: backward through a forward that used a KV "
                              "cache is not supported; train with cache=None")
+        self.check_grad(dy, ctx.shape)
         xp = self.xp
         b, t, d = ctx.shape
         h, kv, hd = self.num_heads, self.kv_heads, self.head_dim

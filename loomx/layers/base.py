@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import operator
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -35,6 +36,99 @@ Array = Any
 Shape = tuple[int, ...]
 
 LAYER_TYPES: dict[str, type[Layer]] = {}
+
+#: the names a layer's ``dtype=`` may take (a backend may lack some, e.g. numpy bfloat16)
+FLOAT_DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16")
+
+
+def as_int(value: Any) -> int | None:
+    """``value`` as a Python int when it is an integer (not a bool, not a float), else ``None``.
+
+    Python ints and integer scalars of any array library that supports ``operator.index``
+    (numpy's ``int64``, say) are integers; ``3.0``, ``"3"`` and ``True`` are not.
+    """
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def config_int(value: Any, what: str, owner: str, minimum: int | None = 1,
+               optional: bool = False) -> int | None:
+    """Check an integer constructor argument and return it as a Python int.
+
+    Raises :class:`ConfigError` unless ``value`` is an integer (see :func:`as_int`) of at least
+    ``minimum`` (no bound when ``minimum`` is ``None``); ``None`` passes through when
+    ``optional``.
+    """
+    if value is None and optional:
+        return None
+    n = as_int(value)
+    if n is None:
+        raise ConfigError(f"{owner} {what} must be an integer, got {value!r}")
+    if minimum is not None and n < minimum:
+        bound = "positive" if minimum == 1 else f">= {minimum}"
+        raise ConfigError(f"{owner} {what} must be {bound}, got {n}")
+    return n
+
+
+def config_float(value: Any, what: str, owner: str) -> float:
+    """A real-number constructor argument as a Python float (``ConfigError`` for strings,
+    bools, ``None``, complex numbers and NaN)."""
+    if isinstance(value, (bool, str)) or value is None:
+        raise ConfigError(f"{owner} {what} must be a real number, got {value!r}")
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{owner} {what} must be a real number, got {value!r}") from None
+    if out != out:
+        raise ConfigError(f"{owner} {what} must be a real number, got NaN")
+    return out
+
+
+def as_shape(shape: Any, owner: str) -> tuple[int, ...]:
+    """A per-sample shape as a tuple of positive Python ints; a bare int ``n`` is ``(n,)``.
+
+    Raises :class:`ShapeError` for anything else (non-integers, zero or negative sizes).
+    """
+    single = as_int(shape)
+    if single is not None:
+        dims: Any = (single,)
+    else:
+        try:
+            dims = tuple(shape)
+        except TypeError:
+            raise ShapeError(f"{owner} expected a per-sample input shape (a tuple of positive "
+                             f"ints, e.g. (784,)) but received {shape!r}") from None
+    out = tuple(as_int(d) for d in dims)
+    if any(d is None or d < 1 for d in out):
+        raise ShapeError(f"{owner} expected a per-sample input shape of positive ints (no "
+                         f"batch axis) but received {list(dims)!r}")
+    return out  # type: ignore[return-value]
+
+
+_REAL_FLOAT: dict[tuple[type, Any], bool] = {}
+
+
+def is_real_float(xp: Any, dtype: Any) -> bool:
+    """Whether ``dtype`` is a real floating dtype (cached per dtype: no array work)."""
+    # keyed with the dtype's type first, so dtypes of different libraries never compare
+    key = (type(dtype), dtype)
+    try:
+        return _REAL_FLOAT[key]
+    except (KeyError, TypeError):
+        pass
+    try:
+        ok = bool(xp.isdtype(dtype, "real floating"))
+    except (TypeError, ValueError):
+        ok = False
+    try:
+        _REAL_FLOAT[key] = ok
+    except TypeError:  # an unhashable dtype: not cached
+        pass
+    return ok
 
 
 def register_layer(cls: type[Layer]) -> type[Layer]:
@@ -134,7 +228,15 @@ class Layer:
     aliases: ClassVar[tuple[str, ...]] = ()
     config_fields: ClassVar[tuple[str, ...]] = ()
 
+    #: whether :meth:`check_input` requires a real floating input (layers that compute on
+    #: values); shape-only layers (Flatten, Reshape) and containers accept any dtype.
+    #: :meth:`check_last_axis` and :meth:`check_sequence` always require one.
+    float_input: ClassVar[bool] = False
+
     def __init__(self, *, name: str | None = None, dtype: str | None = None):
+        if dtype is not None and dtype not in FLOAT_DTYPE_NAMES:
+            raise ConfigError(f"{type(self).__name__} dtype must be a floating dtype name "
+                              f"({', '.join(FLOAT_DTYPE_NAMES)}) or None, got {dtype!r}")
         self.name = name
         self.dtype = dtype
         self.backend: Backend | None = None
@@ -182,21 +284,31 @@ class Layer:
     @property
     def float_dtype(self) -> Any:
         """The dtype of this layer's parameters and activations."""
-        return getattr(self.xp, self.dtype) if self.dtype else self.backend.float_dtype
+        if not self.dtype:
+            return self.backend.float_dtype
+        dt = getattr(self.xp, self.dtype, None)
+        if dt is None:
+            raise ConfigError(f"{self.describe()} dtype {self.dtype!r} is not available on "
+                              f"backend {self.backend.name}")
+        return dt
 
     def build(self, input_shape: Shape, backend: Backend | str | None = None,
               rng: RandomSource | int | None = None) -> Shape:
         """Create parameters for per-sample ``input_shape``; return the per-sample output shape.
 
         Args:
-            input_shape: shape of one sample (no batch axis), e.g. ``(784,)`` or ``(3, 32, 32)``.
+            input_shape: shape of one sample (no batch axis), e.g. ``(784,)`` or ``(3, 32, 32)``;
+                positive ints; a bare int ``n`` means ``(n,)``.
             backend: backend or spec; default: the current backend.
             rng: a ``RandomSource`` or an int seed for initialisation (default seed 0).
+
+        Raises:
+            ShapeError: ``input_shape`` is not a tuple of positive ints, or does not fit.
         """
+        input_shape = as_shape(input_shape, self.describe())
         self.backend = get_backend(backend)
         if rng is None or isinstance(rng, int):
             rng = self.backend.random(0 if rng is None else rng)
-        input_shape = tuple(int(d) for d in input_shape)
         with self.backend.activate():
             out = self._build(input_shape, rng)
         self.input_shape = input_shape
@@ -294,15 +406,47 @@ class Layer:
     def _not_built(self) -> LoomxError:
         return LoomxError(f"{self.describe()} is not built yet: call build(input_shape)")
 
+    def _not_array(self, x: Any) -> ShapeError:
+        library = self.backend.name if self.backend is not None else "the backend's"
+        return ShapeError(f"{self.describe()} expected a {library} array but received a "
+                          f"{type(x).__name__}; convert it with backend.from_host(...) or "
+                          "backend.asarray(...)")
+
+    def _check_float(self, x: Array) -> None:
+        """Raise :class:`ShapeError` unless ``x`` has a real floating dtype (metadata only)."""
+        if not is_real_float(self.backend.xp, x.dtype):
+            if not self.backend.is_array(x):
+                raise self._not_array(x)
+            raise ShapeError(f"{self.describe()} expected a real floating input (float16, "
+                             f"float32, float64, ...) but received dtype {x.dtype}; convert "
+                             "it with xp.astype(x, xp.float32)")
+
     def check_input(self, x: Array) -> None:
-        """Raise :class:`ShapeError` unless ``x`` is ``[B, *input_shape]``."""
+        """Raise :class:`ShapeError` unless ``x`` is ``[B, *input_shape]`` (and, for layers
+        with ``float_input``, of a real floating dtype)."""
         if self.input_shape is None:
             raise self._not_built()
-        got = tuple(x.shape)
+        try:
+            got = tuple(x.shape)
+        except AttributeError:
+            raise self._not_array(x) from None
         if got[1:] != self.input_shape:
             raise ShapeError(
                 f"{self.describe()} expected input of shape [B, "
                 f"{', '.join(map(str, self.input_shape))}] but received {list(got)}")
+        if self.float_input:
+            self._check_float(x)
+
+    def check_grad(self, dy: Array, shape: tuple[int, ...]) -> None:
+        """Raise :class:`ShapeError` unless ``dy`` (given to ``backward``) has ``shape``, the
+        shape of the forward output (a tuple comparison: no array work, no sync)."""
+        try:
+            got = dy.shape
+        except AttributeError:
+            raise self._not_array(dy) from None
+        if got != shape:
+            raise ShapeError(f"{self.describe()} backward expected dy of shape {list(shape)} "
+                             f"(the shape of the forward output) but received {list(got)}")
 
     def last_axis_size(self, input_shape: Shape) -> int:
         """At build, for layers acting on the last axis: its size (``ShapeError`` for ``[]``)."""
@@ -312,20 +456,32 @@ class Layer:
         return input_shape[-1]
 
     def check_last_axis(self, x: Array, features: int | None) -> None:
-        """For layers acting on the last axis: raise unless ``x`` is ``[B, ..., features]``."""
+        """For layers acting on the last axis: raise unless ``x`` is ``[B, ..., features]`` of
+        a real floating dtype."""
         if not self.built:
             raise self._not_built()
-        if x.ndim < 2 or x.shape[-1] != features:
+        try:
+            shape = x.shape
+        except AttributeError:
+            raise self._not_array(x) from None
+        if len(shape) < 2 or shape[-1] != features:
             raise ShapeError(f"{self.describe()} expected input [B, ..., {features}] "
-                             f"but received {list(x.shape)}")
+                             f"but received {list(shape)}")
+        self._check_float(x)
 
     def check_sequence(self, x: Array, features: int | None) -> None:
-        """For sequence layers: raise unless ``x`` is ``[B, T, features]`` with ``T ≥ 1``."""
+        """For sequence layers: raise unless ``x`` is ``[B, T, features]`` with ``T ≥ 1``, of a
+        real floating dtype."""
         if not self.built:
             raise self._not_built()
-        if x.ndim != 3 or x.shape[-1] != features or x.shape[1] < 1:
+        try:
+            shape = x.shape
+        except AttributeError:
+            raise self._not_array(x) from None
+        if len(shape) != 3 or shape[-1] != features or shape[1] < 1:
             raise ShapeError(f"{self.describe()} expected input [B, T, {features}] (T ≥ 1) "
-                             f"but received {list(x.shape)}")
+                             f"but received {list(shape)}")
+        self._check_float(x)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{f}={getattr(self, f)!r}" for f in self.config_fields)

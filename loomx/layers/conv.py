@@ -22,7 +22,6 @@ convolution or pooling layer reads them without a copy.
 from __future__ import annotations
 
 import math
-import operator
 from typing import ClassVar
 
 from ..backends import RandomSource
@@ -37,21 +36,12 @@ from ._windows import (
     window_count,
 )
 from .activations import activation_backward, bias_activation, get_activation
-from .base import Array, Layer, Shape, register_layer
+from .base import Array, Layer, Shape, config_int, register_layer
+from .base import as_int as _as_int
 from .dense import sum_rows
 from .init import init_weight
 
 IntOrTuple = int | tuple[int, ...] | list[int]
-
-
-def _as_int(value) -> int | None:
-    """``value`` as a Python int when it is an integer (not a bool), else ``None``."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
 
 
 def _ntuple(value, n: int, what: str, owner: str, minimum: int) -> tuple[int, ...]:
@@ -114,6 +104,7 @@ class _ConvBase(Layer):
     """Shared configuration of convolutions and transposed convolutions over ``ndim`` axes."""
 
     ndim: ClassVar[int] = 0
+    float_input = True
 
     def __init__(self, out_channels: int, kernel_size: IntOrTuple, stride: IntOrTuple = 1,
                  padding: IntOrTuple | str = 0, dilation: IntOrTuple = 1, groups: int = 1,
@@ -134,7 +125,10 @@ class _ConvBase(Layer):
         self.groups = groups
         self.bias = bool(bias)
         self.activation = activation
-        self.in_channels = None if in_channels is None else int(in_channels)
+        self.in_channels = config_int(in_channels, "in_channels", owner, optional=True)
+        if self.in_channels is not None and self.in_channels % groups:
+            raise ConfigError(f"{owner} in_channels={self.in_channels} is not divisible by "
+                              f"groups={groups}: choose groups dividing both channel counts")
         self._k = _ntuple(self.kernel_size, n, "kernel_size", owner, 1)
         self._s = _ntuple(self.stride, n, "stride", owner, 1)
         self._d = _ntuple(self.dilation, n, "dilation", owner, 1)
@@ -287,6 +281,7 @@ class ConvND(_ConvBase):
 
     def backward(self, dy: Array, ctx, need_input_grad: bool = True) -> Array | None:
         cols, xcl, z, y = ctx
+        self.check_grad(dy, y.shape)
         xp = self.xp
         g, k = self.groups, math.prod(self._k)
         rows = dy.shape[0] * math.prod(self._out_spatial)
@@ -388,6 +383,7 @@ class ConvTransposeND(_ConvBase):
 
     def backward(self, dy: Array, ctx, need_input_grad: bool = True) -> Array | None:
         x2, z, y = ctx
+        self.check_grad(dy, y.shape)
         xp = self.xp
         g, k = self.groups, math.prod(self._k)
         spatial = self.input_shape[1:]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 from ..backends import RandomSource
-from ..errors import ConfigError, ShapeError
+from ..errors import ShapeError
 from .activations import activation_backward, bias_activation, get_activation
-from .base import Array, Layer, Shape, register_layer
+from .base import Array, Layer, Shape, config_int, register_layer
 from .init import init_weight
 
 
@@ -108,10 +108,8 @@ class Dense(Layer):
     def __init__(self, out_features: int, in_features: int | None = None, bias: bool = True,
                  activation: str = "identity", init: str = "he", **kw):
         super().__init__(**kw)
-        if int(out_features) <= 0:
-            raise ConfigError(f"Dense out_features must be positive, got {out_features}")
-        self.out_features = int(out_features)
-        self.in_features = None if in_features is None else int(in_features)
+        self.out_features = config_int(out_features, "out_features", "Dense")
+        self.in_features = config_int(in_features, "in_features", "Dense", optional=True)
         self.bias = bool(bias)
         self.activation = activation
         self.init = init
@@ -148,6 +146,7 @@ class Dense(Layer):
 
     def backward(self, dy: Array, ctx: tuple, need_input_grad: bool = True) -> Array | None:
         x, z, y = ctx
+        self.check_grad(dy, y.shape)
         dz = activation_backward(self.backend, self._act, z, y, dy)
         return linear_backward(self, x, dz, "weight", "bias" if self.bias else None,
                                need_input_grad)
@@ -155,10 +154,15 @@ class Dense(Layer):
 
 @register_layer
 class Activation(Layer):
-    """A parameter-free elementwise activation layer. Shapes: ``[B, *S]`` → ``[B, *S]``."""
+    """A parameter-free elementwise activation layer. Shapes: ``[B, *S]`` → ``[B, *S]``.
+
+    Like :class:`~loomx.layers.shape.Dropout`, it checks its input against the per-sample
+    shape ``S`` given at build and requires a real floating dtype.
+    """
 
     type_name = "activation"
     config_fields = ("activation",)
+    float_input = True
 
     def __init__(self, activation: str = "relu", **kw):
         super().__init__(**kw)
@@ -166,9 +170,11 @@ class Activation(Layer):
         self._act = get_activation(activation)
 
     def forward(self, x: Array, train: bool = False) -> tuple[Array, tuple]:
+        self.check_input(x)
         _, y = bias_activation(self.backend, self._act, x)
         return y, (x, y)
 
     def backward(self, dy: Array, ctx: tuple) -> Array:
         x, y = ctx
+        self.check_grad(dy, y.shape)
         return activation_backward(self.backend, self._act, x, y, dy)

@@ -21,8 +21,8 @@ import math
 from typing import Any
 
 from ..backends import Backend, RandomSource, get_backend
-from ..errors import ConfigError, ShapeError
-from .base import Array, Layer, Shape, register_layer
+from ..errors import ShapeError
+from .base import Array, Layer, Shape, config_int, register_layer
 from .init import init_weight
 
 
@@ -86,11 +86,8 @@ class Embedding(Layer):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, init: str = "normal", **kw):
         super().__init__(**kw)
-        for label, v in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
-            if int(v) <= 0:
-                raise ConfigError(f"Embedding {label} must be positive, got {v}")
-        self.num_embeddings = int(num_embeddings)
-        self.embedding_dim = int(embedding_dim)
+        self.num_embeddings = config_int(num_embeddings, "num_embeddings", "Embedding")
+        self.embedding_dim = config_int(embedding_dim, "embedding_dim", "Embedding")
         self.init = init
 
     def _build(self, input_shape: Shape, rng: RandomSource) -> Shape:
@@ -111,6 +108,8 @@ class Embedding(Layer):
         """
         if not self.built:
             raise self._not_built()
+        if not hasattr(x, "shape"):
+            raise self._not_array(x)
         if x.ndim < 1:
             raise ShapeError(f"{self.describe()} expected token ids [B, ...] with a batch axis "
                              "but received a 0-d array; add one with xp.reshape(ids, (1,))")
@@ -128,10 +127,11 @@ class Embedding(Layer):
         rows = xp.take(self.params["weight"], safe, axis=0)
         rows = xp.where(valid[:, None], rows, math.nan)
         y = xp.reshape(rows, (*x.shape, self.embedding_dim))
-        return y, (safe, valid)
+        return y, (safe, valid, y.shape)
 
     def backward(self, dy: Array, ctx: Any) -> None:
-        safe, valid = ctx
+        safe, valid, shape = ctx
+        self.check_grad(dy, shape)
         xp = self.xp
         rows = xp.where(valid[:, None], xp.reshape(dy, (-1, self.embedding_dim)), 0.0)
         # scatter_add is functional: adding into the gradient itself spares a [V, D] temporary

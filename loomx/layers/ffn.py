@@ -8,9 +8,8 @@ Weights use the PyTorch layout ``[out, in]`` and are initialised with the ``"tor
 from __future__ import annotations
 
 from ..backends import RandomSource
-from ..errors import ConfigError
 from .activations import get_activation, sigmoid
-from .base import Array, Layer, Shape, register_layer
+from .base import Array, Layer, Shape, config_int, register_layer
 from .dense import backend_linear, linear_backward
 from .init import init_weight
 
@@ -30,14 +29,16 @@ def silu_gate_backward(xp, g: Array, u: Array, s: Array, dh: Array) -> tuple[Arr
 
 
 class _Block(Layer):
-    """Shared shape handling: ``x [B, ..., D]`` → ``y [B, ..., D]`` through width ``M``."""
+    """Shared shape handling: ``x [B, ..., D]`` → ``y [B, ..., D]`` through width ``M``.
+
+    ``y`` (and ``dx``) keep the dtype of ``x``: an input of another float dtype than the
+    layer's (float16 into a float32 block, say) is computed in the wider of the two.
+    """
 
     def __init__(self, hidden_features: int, **kw):
         super().__init__(**kw)
-        if int(hidden_features) <= 0:
-            raise ConfigError(f"{type(self).__name__} hidden_features must be positive, "
-                              f"got {hidden_features}")
-        self.hidden_features = int(hidden_features)
+        self.hidden_features = config_int(hidden_features, "hidden_features",
+                                          type(self).__name__)
         self.features: int | None = None
 
     def _build(self, input_shape: Shape, rng: RandomSource) -> Shape:
@@ -57,6 +58,32 @@ class _Block(Layer):
 
     def check_input(self, x: Array) -> None:
         self.check_last_axis(x, self.features)
+
+    def forward(self, x: Array, train: bool = False) -> tuple[Array, tuple]:
+        self.check_input(x)
+        if x.dtype == self.float_dtype:
+            return self._forward(x)
+        # another float dtype: computed in the wider of the two, returned in x's dtype
+        xp = self.xp
+        y, ctx = self._forward(xp.astype(x, xp.result_type(x.dtype, self.float_dtype),
+                                         copy=False))
+        return (y if y.dtype == x.dtype else xp.astype(y, x.dtype)), ctx
+
+    def backward(self, dy: Array, ctx: tuple) -> Array:
+        x = ctx[0]
+        self.check_grad(dy, x.shape)
+        if dy.dtype == x.dtype:
+            return self._backward(dy, ctx)
+        dx = self._backward(self.xp.astype(dy, x.dtype), ctx)  # the forward ran wide
+        return self.xp.astype(dx, dy.dtype)
+
+    def _forward(self, x: Array) -> tuple[Array, tuple]:
+        """``x [B, ..., D]`` in the layer's dtype (or wider) → ``(y, ctx)``."""
+        raise NotImplementedError
+
+    def _backward(self, dy: Array, ctx: tuple) -> Array:
+        """``dy`` in the dtype of the forward's computation → ``dx``."""
+        raise NotImplementedError
 
     def _linear(self, x: Array, prefix: str) -> Array:
         """``x @ W.T (+ b)`` with parameters ``{prefix}_weight`` / ``{prefix}_bias``."""
@@ -102,8 +129,7 @@ class SwiGLU(_Block):
     def _biases(self, d: int, m: int) -> list[tuple[str, int]]:
         return [("gate_bias", m), ("up_bias", m), ("down_bias", d)] if self.bias else []
 
-    def forward(self, x: Array, train: bool = False) -> tuple[Array, tuple]:
-        self.check_input(x)
+    def _forward(self, x: Array) -> tuple[Array, tuple]:
         g = self._linear(x, "gate")
         u = self._linear(x, "up")
         if self._silu:  # keep σ(g): the backward pass reuses it
@@ -114,7 +140,7 @@ class SwiGLU(_Block):
             h = s * u
         return self._linear(h, "down"), (x, g, u, s, h)
 
-    def backward(self, dy: Array, ctx: tuple) -> Array:
+    def _backward(self, dy: Array, ctx: tuple) -> Array:
         x, g, u, s, h = ctx
         dh = self._linear_backward(h, dy, "down")
         if self._silu:
@@ -154,13 +180,12 @@ class MLPBlock(_Block):
     def _biases(self, d: int, m: int) -> list[tuple[str, int]]:
         return [("up_bias", m), ("down_bias", d)] if self.bias else []
 
-    def forward(self, x: Array, train: bool = False) -> tuple[Array, tuple]:
-        self.check_input(x)
+    def _forward(self, x: Array) -> tuple[Array, tuple]:
         z = self._linear(x, "up")
         h = self._act.forward(self.backend, z)
         return self._linear(h, "down"), (x, z, h)
 
-    def backward(self, dy: Array, ctx: tuple) -> Array:
+    def _backward(self, dy: Array, ctx: tuple) -> Array:
         x, z, h = ctx
         dh = self._linear_backward(h, dy, "down")
         dz = self._act.backward(self.backend, z, h, dh)

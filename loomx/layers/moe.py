@@ -17,7 +17,7 @@ from __future__ import annotations
 from ..backends import RandomSource
 from ..errors import ConfigError, LoomxError
 from .activations import get_activation, sigmoid
-from .base import Array, Layer, Shape, register_layer
+from .base import Array, Layer, Shape, config_int, register_layer
 from .init import init_weight
 from .softmax import softmax
 
@@ -54,21 +54,15 @@ class MoE(Layer):
                  activation: str = "silu", normalize_topk: bool = True,
                  shared_hidden_features: int | None = None, **kw):
         super().__init__(**kw)
-        if int(num_experts) <= 0 or int(hidden_features) <= 0:
-            raise ConfigError(f"MoE num_experts and hidden_features must be positive, got "
-                              f"{num_experts} and {hidden_features}")
-        if not 1 <= int(top_k) <= int(num_experts):
+        self.num_experts = config_int(num_experts, "num_experts", "MoE")
+        self.hidden_features = config_int(hidden_features, "hidden_features", "MoE")
+        self.top_k = config_int(top_k, "top_k", "MoE")
+        if self.top_k > self.num_experts:
             raise ConfigError(f"MoE top_k must be in 1..num_experts={num_experts}, got {top_k}")
-        if shared_hidden_features is not None and int(shared_hidden_features) <= 0:
-            raise ConfigError("MoE shared_hidden_features must be positive or None, got "
-                              f"{shared_hidden_features}")
-        self.num_experts = int(num_experts)
-        self.top_k = int(top_k)
-        self.hidden_features = int(hidden_features)
+        self.shared_hidden_features = config_int(shared_hidden_features,
+                                                 "shared_hidden_features", "MoE", optional=True)
         self.activation = activation
         self.normalize_topk = bool(normalize_topk)
-        self.shared_hidden_features = (None if shared_hidden_features is None
-                                       else int(shared_hidden_features))
         self._act = get_activation(activation)
         self.features: int | None = None
 
@@ -90,7 +84,16 @@ class MoE(Layer):
         self.check_last_axis(x, self.features)
 
     def routing_weights(self, x2: Array) -> Array:
-        """``x2 [N, D]`` → the dense mixing weights ``[N, E]`` (zero outside each top-k)."""
+        """``x2 [N, D]`` → the dense mixing weights ``[N, E]`` (zero outside each top-k).
+
+        Raises :class:`~loomx.errors.ShapeError` unless ``x2`` is a real floating
+        ``[N, D]`` (any number of leading axes is accepted: ``[..., D]`` → ``[..., E]``).
+        """
+        self.check_last_axis(x2, self.features)
+        return self._route(x2)
+
+    def _route(self, x2: Array) -> Array:
+        """:meth:`routing_weights` without the input check (the forward checked ``x``)."""
         xp = self.xp
         p = softmax(xp, xp.matmul(x2, xp.matrix_transpose(self.params["router_weight"])))
         order = xp.argsort(p, axis=-1, descending=True, stable=True)
@@ -115,7 +118,7 @@ class MoE(Layer):
         xp, p = self.xp, self.params
         lead = tuple(x.shape[:-1])
         x2 = xp.reshape(x, (-1, self.features))
-        w = self.routing_weights(x2)  # [N, E]
+        w = self._route(x2)  # [N, E]
         out = self._gated(x2[None, ...], p["gate_weight"], p["up_weight"], p["down_weight"])
         y = xp.sum(xp.permute_dims(w, (1, 0))[..., None] * out, axis=0)  # [N, D]
         if self.shared_hidden_features is not None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..backends import RandomSource
 from ..errors import ConfigError
-from .base import Array, Layer, Shape, register_layer
+from .base import Array, Layer, Shape, config_float, register_layer
 from .dense import sum_rows
 
 
@@ -27,9 +29,10 @@ class _LastAxisNorm(Layer):
 
     def __init__(self, eps: float, **kw):
         super().__init__(**kw)
-        if not float(eps) > 0.0:
+        eps = config_float(eps, "eps", type(self).__name__)
+        if not eps > 0.0:
             raise ConfigError(f"{type(self).__name__} eps must be positive, got {eps}")
-        self.eps = float(eps)
+        self.eps = eps
         self.features: int | None = None
 
     def _build(self, input_shape: Shape, rng: RandomSource) -> Shape:
@@ -42,6 +45,13 @@ class _LastAxisNorm(Layer):
 
     def check_input(self, x: Array) -> None:
         self.check_last_axis(x, self.features)
+
+    def _widen(self, x: Array, dtype: Any = None) -> Array:
+        """``x`` in the wider of its dtype and ``dtype`` (default: the layer's): a float16
+        input of a float32 layer is normalised in float32, and the result cast back."""
+        xp = self.xp
+        wide = xp.result_type(x.dtype, self.float_dtype if dtype is None else dtype)
+        return xp.astype(x, wide, copy=False)
 
     def _sum_rows(self, a: Array) -> Array:
         """Sum ``a [..., D]`` over every axis but the last → ``[D]``."""
@@ -80,10 +90,17 @@ class LayerNorm(_LastAxisNorm):
 
     def forward(self, x: Array, train: bool = False) -> tuple[Array, tuple]:
         self.check_input(x)
+        if x.dtype != self.float_dtype:  # another float dtype: computed wide, returned as x's
+            y, ctx = self._forward(self._widen(x))
+            return (y if y.dtype == x.dtype else self.xp.astype(y, x.dtype)), ctx
         fused = self.backend.kernel("layer_norm_forward")
         if fused is not None:
             y, xhat, rstd = fused(x, self.params.get("weight"), self.params.get("bias"), self.eps)
             return y, (xhat, rstd)
+        return self._forward(x)
+
+    def _forward(self, x: Array) -> tuple[Array, tuple]:
+        """The reference forward (array-API operations only)."""
         xp = self.xp
         mean = xp.mean(x, axis=-1, keepdims=True)
         xc = x - mean
@@ -99,6 +116,10 @@ class LayerNorm(_LastAxisNorm):
 
     def backward(self, dy: Array, ctx: tuple) -> Array:
         xhat, rstd = ctx
+        self.check_grad(dy, xhat.shape)
+        if dy.dtype != xhat.dtype:  # the forward was computed wide: dx in dy's dtype
+            dx = self._backward(self._widen(dy, xhat.dtype), xhat, rstd)
+            return dx if dx.dtype == dy.dtype else self.xp.astype(dx, dy.dtype)
         fused = self.backend.kernel("layer_norm_backward")
         if fused is not None:
             dx, dweight, dbias = fused(dy, xhat, rstd, self.params.get("weight"))
@@ -107,6 +128,10 @@ class LayerNorm(_LastAxisNorm):
                 if self.bias:
                     self._accumulate("bias", dbias)
             return dx
+        return self._backward(dy, xhat, rstd)
+
+    def _backward(self, dy: Array, xhat: Array, rstd: Array) -> Array:
+        """The reference backward (array-API operations only)."""
         xp = self.xp
         g = dy
         if self.affine:
@@ -151,6 +176,11 @@ class RMSNorm(_LastAxisNorm):
 
     def forward(self, x: Array, train: bool = False) -> tuple[Array, tuple]:
         self.check_input(x)
+        if x.dtype != self.float_dtype:  # another float dtype: computed wide, returned as x's
+            wide = self._widen(x)
+            rinv = rms_inverse(self.xp, wide, self.eps)
+            y = wide * rinv * self._scale()
+            return (y if y.dtype == x.dtype else self.xp.astype(y, x.dtype)), (wide, rinv)
         fused = self.backend.kernel("rms_norm_forward")
         if fused is not None:
             y, rinv = fused(x, self.params["weight"], self.eps, self.unit_offset)
@@ -160,6 +190,12 @@ class RMSNorm(_LastAxisNorm):
 
     def backward(self, dy: Array, ctx: tuple) -> Array:
         x, rinv = ctx
+        self.check_grad(dy, x.shape)
+        if dy.dtype != x.dtype:  # the forward was computed wide: dx in dy's dtype
+            wide = self._widen(dy, x.dtype)
+            self._accumulate("weight", self._sum_rows(wide * x * rinv))
+            dx = rms_input_grad(self.xp, x, rinv, wide * self._scale())
+            return dx if dx.dtype == dy.dtype else self.xp.astype(dx, dy.dtype)
         fused = self.backend.kernel("rms_norm_backward")
         if fused is not None:
             dx, dweight = fused(dy, x, rinv, self.params["weight"], self.unit_offset)

@@ -36,6 +36,7 @@ class _PoolND(Layer):
 
     ndim: ClassVar[int] = 0
     config_fields = ("kernel_size", "stride", "padding")
+    float_input = True
     pad_value: ClassVar[float] = 0.0
 
     def __init__(self, kernel_size: IntOrTuple, stride: IntOrTuple | None = None,
@@ -102,15 +103,16 @@ class MaxPoolND(_PoolND):
             to_channels_last(xp, x), self._k, self._s, self._pads)
         if found is not None:  # maxima and the offset of each first maximum, in one pass
             ycl, offsets = found
-            return to_channels_first(xp, ycl), (None, (offsets, back))
+            return to_channels_first(xp, ycl), (None, (offsets, back), x.shape[0])
         cols = self._windows(x)  # [B, *O, K, C]
         ycl = cols[..., 0, :]
         for j in range(1, cols.shape[-2]):
             ycl = xp.maximum(ycl, cols[..., j, :])  # [B, *O, C]
-        return to_channels_first(xp, ycl), (cols, ycl)
+        return to_channels_first(xp, ycl), (cols, ycl, x.shape[0])
 
     def backward(self, dy: Array, ctx) -> Array:
-        cols, ycl = ctx
+        cols, ycl, batch = ctx
+        self.check_grad(dy, (batch, *self.output_shape))
         xp = self.xp
         if cols is None:  # the forward took max_pool_forward: the offsets and its backward
             offsets, back = ycl
@@ -145,11 +147,13 @@ class AvgPoolND(_PoolND):
         ycl = None if fast is None or back is None else fast(
             to_channels_last(xp, x), self._k, self._s, self._pads)
         if ycl is not None:  # window means in one pass; the context carries the backward
-            return to_channels_first(xp, ycl), back
+            return to_channels_first(xp, ycl), (x.shape[0], back)
         cols = self._windows(x)
-        return to_channels_first(xp, xp.mean(cols, axis=self.ndim + 1)), None
+        return to_channels_first(xp, xp.mean(cols, axis=self.ndim + 1)), (x.shape[0], None)
 
     def backward(self, dy: Array, ctx) -> Array:
+        batch, ctx = ctx
+        self.check_grad(dy, (batch, *self.output_shape))
         xp = self.xp
         if ctx is not None:  # the forward took avg_pool_forward
             return to_channels_first(xp, ctx(to_channels_last(xp, dy),
@@ -198,6 +202,7 @@ class GlobalAvgPool(Layer):
     """Mean over every spatial axis: ``[B, C, *S]`` → ``[B, C]`` (any number of axes ≥ 1)."""
 
     type_name = "global_avg_pool"
+    float_input = True
 
     def _build(self, input_shape: Shape, rng: RandomSource) -> Shape:
         if len(input_shape) < 2:
@@ -208,9 +213,10 @@ class GlobalAvgPool(Layer):
 
     def forward(self, x: Array, train: bool = False):
         self.check_input(x)
-        return self.xp.mean(x, axis=tuple(range(2, x.ndim))), None
+        return self.xp.mean(x, axis=tuple(range(2, x.ndim))), x.shape[0]
 
     def backward(self, dy: Array, ctx) -> Array:
+        self.check_grad(dy, (ctx, *self.output_shape))
         xp = self.xp
         spatial = self.input_shape[1:]
         share = xp.reshape(dy * (1.0 / math.prod(spatial)), tuple(dy.shape) + (1,) * len(spatial))

@@ -23,9 +23,9 @@ from functools import partial
 from typing import Any
 
 from ..backends import RandomSource
-from ..errors import ConfigError, LoomxError, ShapeError
+from ..errors import LoomxError, ShapeError
 from .activations import sigmoid
-from .base import Array, Layer, Shape, register_layer
+from .base import Array, Layer, Shape, config_int, register_layer
 from .dense import accumulate_linear_grads, linear, linear_backward
 from .init import init_weight
 
@@ -161,11 +161,9 @@ class RecurrentLayer(Layer):
     def __init__(self, hidden_size: int, input_size: int | None = None,
                  return_sequences: bool = True, bias: bool = True, **kw):
         super().__init__(**kw)
-        if int(hidden_size) <= 0:
-            raise ConfigError(f"{type(self).__name__} hidden_size must be positive, "
-                              f"got {hidden_size}")
-        self.hidden_size = int(hidden_size)
-        self.input_size = None if input_size is None else int(input_size)
+        owner = type(self).__name__
+        self.hidden_size = config_int(hidden_size, "hidden_size", owner)
+        self.input_size = config_int(input_size, "input_size", owner, optional=True)
         self.return_sequences = bool(return_sequences)
         self.bias = bool(bias)
 
@@ -197,6 +195,11 @@ class RecurrentLayer(Layer):
 
     def _check_state(self, s: Array, batch: int, what: str) -> Array:
         want = (batch, self.hidden_size)
+        if not hasattr(s, "shape"):
+            raise ShapeError(f"{self.describe()} expected {what} to be one array of shape "
+                             f"{list(want)} but received a {type(s).__name__}"
+                             + (" (only LSTM takes an (h, c) tuple)"
+                                if isinstance(s, (tuple, list)) else ""))
         if tuple(s.shape) != want:
             raise ShapeError(f"{self.describe()} expected {what} of shape {list(want)} but "
                              f"received {list(s.shape)}")
@@ -267,6 +270,7 @@ class RecurrentLayer(Layer):
         """
         xp = self.xp
         steps = ctx.hs.shape[0]
+        self._check_dy(dy, ctx, steps)
         dys = self._dy_time_major(dy, steps)
         dh_next = None
         for t in range(steps - 1, -1, -1):
@@ -280,6 +284,11 @@ class RecurrentLayer(Layer):
         if dx is None:
             return None
         return xp.permute_dims(xp.reshape(dx, (steps, b, dx.shape[-1])), (1, 0, 2))
+
+    def _check_dy(self, dy: Array, ctx: RecurrentContext, steps: int) -> None:
+        """``dy`` must be ``[B, T, H]`` (``return_sequences``) or ``[B, H]``."""
+        h = self.hidden_size
+        self.check_grad(dy, (ctx.batch, steps, h) if self.return_sequences else (ctx.batch, h))
 
     # ------------------------------------------------------------------ fused sequences
     #: the ``recurrent_sequence_forward`` mode of this layer (``"lstm"``, ``"gru"``,
@@ -313,6 +322,7 @@ class RecurrentLayer(Layer):
                            need_input_grad: bool) -> Array | None:
         """Backward of :meth:`_sequence` (a forward without ``train`` is run again, with)."""
         x, handle = ctx.fused
+        self._check_dy(dy, ctx, x.shape[1])
         if handle is None:
             states = [ctx.h0] if ctx.c0 is None else [ctx.h0, ctx.c0]
             found = self._sequence(x, states, True)

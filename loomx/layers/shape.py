@@ -8,7 +8,7 @@ from typing import Any
 
 from ..backends import RandomSource
 from ..errors import ConfigError, ShapeError
-from .base import Array, Layer, Shape, register_layer
+from .base import Array, Layer, Shape, as_int, config_float, config_int, register_layer
 
 
 @register_layer
@@ -27,12 +27,14 @@ class Dropout(Layer):
 
     type_name = "dropout"
     config_fields = ("rate",)
+    float_input = True
 
     def __init__(self, rate: float = 0.5, **kw):
         super().__init__(**kw)
-        if not 0.0 <= float(rate) < 1.0:
+        rate = config_float(rate, "rate", "Dropout")
+        if not 0.0 <= rate < 1.0:
             raise ConfigError(f"Dropout rate must be in [0, 1), got {rate}")
-        self.rate = float(rate)
+        self.rate = rate
         self._rng: RandomSource | None = None
 
     def _build(self, input_shape: Shape, rng: RandomSource) -> Shape:
@@ -42,18 +44,20 @@ class Dropout(Layer):
     def forward(self, x: Array, train: bool = False) -> tuple[Array, Any]:
         self.check_input(x)
         if not train or self.rate == 0.0:
-            return x, None
+            return x, (x.shape, None)
         u = self.backend.from_host(self._rng.host_uniform(tuple(x.shape)), dtype=x.dtype)
         mask = self.xp.astype(u >= self.rate, x.dtype) * (1.0 / (1.0 - self.rate))
-        return x * mask, mask
+        return x * mask, (x.shape, mask)
 
     def backward(self, dy: Array, ctx: Any) -> Array:
-        return dy if ctx is None else dy * ctx
+        shape, mask = ctx
+        self.check_grad(dy, shape)
+        return dy if mask is None else dy * mask
 
 
 @register_layer
 class Flatten(Layer):
-    """Flatten every per-sample axis: ``[B, *S]`` → ``[B, prod(S)]``."""
+    """Flatten every per-sample axis: ``[B, *S]`` → ``[B, prod(S)]``, of any dtype."""
 
     type_name = "flatten"
 
@@ -68,12 +72,14 @@ class Flatten(Layer):
         return self.xp.reshape(flat, (x.shape[0], -1)), tuple(x.shape)
 
     def backward(self, dy: Array, ctx: Any) -> Array:
+        self.check_grad(dy, (ctx[0], math.prod(ctx[1:])))
         return self.xp.reshape(dy, ctx)
 
 
 @register_layer
 class Reshape(Layer):
-    """Reshape each sample: ``[B, *S]`` → ``[B, *shape]`` (row-major, like ``xp.reshape``).
+    """Reshape each sample: ``[B, *S]`` → ``[B, *shape]`` (row-major, like ``xp.reshape``), of
+    any dtype.
 
     Args:
         shape: the per-sample output shape; one entry may be ``-1`` (inferred).
@@ -84,7 +90,14 @@ class Reshape(Layer):
 
     def __init__(self, shape: Sequence[int], **kw):
         super().__init__(**kw)
-        self.shape = tuple(int(d) for d in shape)
+        if as_int(shape) is not None or isinstance(shape, str):
+            raise ConfigError(f"Reshape shape must be a list of ints (e.g. [{shape!r}]), "
+                              f"got {shape!r}")
+        try:
+            self.shape = tuple(config_int(d, "shape entry", "Reshape", minimum=None)
+                               for d in shape)
+        except TypeError:
+            raise ConfigError(f"Reshape shape must be a list of ints, got {shape!r}") from None
         if sum(d == -1 for d in self.shape) > 1 or any(d < -1 or d == 0 for d in self.shape):
             raise ConfigError(f"Reshape shape {list(self.shape)} must have positive entries "
                               "and at most one -1")
@@ -109,4 +122,5 @@ class Reshape(Layer):
         return self.xp.reshape(x, (x.shape[0], *self.output_shape)), tuple(x.shape)
 
     def backward(self, dy: Array, ctx: Any) -> Array:
+        self.check_grad(dy, (ctx[0], *self.output_shape))
         return self.xp.reshape(dy, ctx)

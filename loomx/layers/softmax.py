@@ -308,6 +308,7 @@ class Softmax(Layer):
 
     def backward(self, dy: Array, ctx: Any) -> Array:
         xp, v = self.xp, self.variant
+        self.check_grad(dy, (ctx[0][0] if v == "mixture" else ctx).shape)
         scale = 1.0 / self.temperature
         if v in ("grid", "hierarchical"):
             dz = xp.reshape(softmax_vjp(xp, self._grouped(ctx), self._grouped(dy)), dy.shape)
