@@ -200,3 +200,20 @@ def test_failed_conversion_keeps_the_existing_folder(toy, tmp_path):
         GGUFFile(bad).to_safetensors(tmp_path / "conv")
     assert open(os.path.join(out, "model.safetensors"), "rb").read() == before
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+
+
+def test_a_folder_of_several_gguf_files_asks_for_one(toy, tmp_path):
+    folder = tmp_path / "quants"
+    folder.mkdir()
+    for name in ("model-Q8_0.gguf", "model-F16.gguf"):
+        write_gguf(folder / name, toy)
+    with pytest.raises(FormatError, match="2 GGUF files .*model-F16.gguf.*pass one of them"):
+        loomx.sniff(folder)
+    assert loomx.sniff(folder / "model-F16.gguf")["num_heads"] > 0
+
+
+def test_gguf_file_closes_at_the_end_of_a_with_block(toy, tmp_path):
+    path = write_gguf(tmp_path / "m.gguf", toy)
+    with GGUFFile(path) as f:
+        assert f.config()["num_attention_heads"] > 0
+    assert f._reader is None

@@ -72,3 +72,16 @@ def test_non_numeric_weights_are_rejected_not_nan(good, kernel):
 def test_deep_nesting_is_a_format_error():
     with pytest.raises(FormatError, match="not valid JSON"):
         parse_bundle('{"a":' + "[" * 50000 + "]" * 50000 + "}")
+
+
+@pytest.mark.parametrize("value", ["8", 8.5, True])
+def test_integer_fields_must_be_integers(good, value):
+    """Go's decoder refuses strings, fractions and bools for Loom's int fields; so does loomx,
+    instead of reading them as some number."""
+    from loomx.grid.loom_format import load_loom_bundle
+
+    def change(d):
+        d["models"][0]["cfg"]["layers"][0]["output_height"] = value
+
+    with pytest.raises(FormatError, match=f"output_height must be an integer, got {value!r}"):
+        load_loom_bundle(_variant(good, change), backend="numpy")

@@ -257,6 +257,15 @@ def test_reading_after_close_maps_the_same_file_again(tmp_path):
     np.testing.assert_array_equal(f.host("w"), np.arange(4, dtype=np.float32))
 
 
+def test_files_close_at_the_end_of_a_with_block(tmp_path):
+    p = tmp_path / "t.safetensors"
+    save_safetensors({"w": np.arange(4, dtype=np.float32)}, p)
+    with SafetensorsFile(p) as f:
+        np.testing.assert_array_equal(f.host("w"), np.arange(4, dtype=np.float32))
+        assert f._map is not None
+    assert f._map is None
+
+
 def test_save_keeps_zero_d_shapes_and_every_dtype(tmp_path):
     arrays = {"scalar": np.float32(3.5), "zero_d_int": np.array(7, np.int64),
               "bf16": np.arange(3).astype(ml_dtypes.bfloat16),

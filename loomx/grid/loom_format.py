@@ -52,11 +52,26 @@ ADAPTER = "loom_adapter"
 REGISTER = "loom_register"
 
 
-def _first(d: dict, *keys: str) -> int:
+def _int(d: dict, key: str, where: str, default: int = 0) -> int:
+    """Loom's integer field ``key`` of ``d`` (``default`` when absent or null).
+
+    Raises :class:`FormatError` for a value that is not an integral number (a string, a bool,
+    a fraction): Go's decoder refuses those for Loom's int fields.
+    """
+    v = d.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v):
+        raise FormatError(f"{where}: {key} must be an integer, got {v!r}")
+    return int(v)
+
+
+def _first(d: dict, *keys: str, where: str = "layer") -> int:
+    """The first of ``keys`` that holds a positive integer (0 when none does)."""
     for k in keys:
-        v = d.get(k)
-        if isinstance(v, (int, float)) and v > 0:
-            return int(v)
+        v = _int(d, k, where)
+        if v > 0:
+            return v
     return 0
 
 
@@ -84,13 +99,13 @@ def _softmax_layer(d: dict, n: int, where: str) -> Layer:
     if variant in ("standard", "temperature", "gumbel"):
         return Softmax(variant=variant, temperature=t)
     if variant == "grid":
-        rows, cols = int(d.get("softmax_rows", 0)), int(d.get("softmax_cols", 0))
+        rows, cols = _int(d, "softmax_rows", where), _int(d, "softmax_cols", where)
         if rows <= 0 or cols <= 0 or rows * cols != n:
             raise FormatError(f"{where}: grid softmax {rows}×{cols} does not cover the {n} "
                               "values per sample (Loom zero-fills or panics here)")
         return Softmax(variant="grid", rows=rows, cols=cols, temperature=t)
     if variant == "hierarchical":
-        levels = [int(v) for v in d.get("hierarchy_levels") or []]
+        levels = [_int({"level": v}, "level", where) for v in d.get("hierarchy_levels") or []]
         if not levels or math.prod(levels) != n:
             return Softmax(variant="standard", temperature=t)
         return Softmax(variant="hierarchical", levels=levels, temperature=t)
@@ -117,23 +132,23 @@ def _main_layer(d: dict, n: int, cur: Shape, where: str) -> tuple[Layer, Shape, 
     kind = d.get("type")
     kind = TYPE_ALIASES.get(kind, kind)
     if kind == "dense":
-        i = _first(d, "input_height", "input_size", "width")
-        o = _first(d, "output_height", "output_size", "height")
+        i = _first(d, "input_height", "input_size", "width", where=where)
+        o = _first(d, "output_height", "output_size", "height", where=where)
         if i <= 0 or o <= 0:
             raise FormatError(f"{where}: dense layer without input/output sizes")
         return LAYER_TYPES["dense"](o, in_features=i, activation=_act(d, where)), (i,), kind
     if kind == "conv2d":
-        c, h, w = (int(d.get(k, 0)) for k in ("input_channels", "input_height", "input_width"))
-        f, k = int(d.get("filters", 0)), int(d.get("kernel_size", 0))
+        c, h, w = (_int(d, k, where) for k in ("input_channels", "input_height", "input_width"))
+        f, k = _int(d, "filters", where), _int(d, "kernel_size", where)
         if min(c, h, w, f, k) <= 0:
             raise FormatError(f"{where}: conv2d needs input_channels, input_height, "
                               "input_width, filters and kernel_size")
-        layer = LAYER_TYPES["conv2d"](f, k, stride=int(d.get("stride") or 1),
-                                      padding=int(d.get("padding", 0)), in_channels=c,
+        layer = LAYER_TYPES["conv2d"](f, k, stride=_int(d, "stride", where) or 1,
+                                      padding=_int(d, "padding", where), in_channels=c,
                                       activation=_act(d, where))
         return layer, (c, h, w), kind
     if kind == "multi_head_attention":
-        dm, heads = int(d.get("d_model", 0)), int(d.get("num_heads", 0))
+        dm, heads = _int(d, "d_model", where), _int(d, "num_heads", where)
         if dm <= 0 or heads <= 0 or dm % heads:
             raise FormatError(f"{where}: attention needs d_model divisible by num_heads "
                               f"(got {dm}, {heads})")
@@ -142,21 +157,21 @@ def _main_layer(d: dict, n: int, cur: Shape, where: str) -> tuple[Layer, Shape, 
                                    rope_theta=LOOM_ATTENTION_THETA, rope_style="half")
         return layer, (n // dm, dm), kind
     if kind in ("rnn", "lstm"):
-        i, h = int(d.get("input_size", 0)), int(d.get("hidden_size", 0))
+        i, h = _int(d, "input_size", where), _int(d, "hidden_size", where)
         if i <= 0 or h <= 0:
             raise FormatError(f"{where}: {kind} needs input_size and hidden_size")
-        t = int(d.get("seq_length") or 0) or n // i
+        t = _int(d, "seq_length", where) or n // i
         return LAYER_TYPES[kind](h, input_size=i), (t, i), kind
     if kind == "softmax":
         return _softmax_layer(d, n, where), (n,), kind
     if kind in ("layer_norm", "rms_norm"):
-        size = int(d.get("norm_size") or 0) or n
+        size = _int(d, "norm_size", where) or n
         eps = float(d.get("epsilon") or (1e-5 if kind == "layer_norm" else 1e-6))
         layer = LAYER_TYPES[kind](eps=eps)
         return layer, ((size,) if n == size else (n // size, size)), kind
     if kind == "swiglu":
-        dd = _first(d, "input_height", "input_size")
-        m = _first(d, "output_height", "output_size")
+        dd = _first(d, "input_height", "input_size", where=where)
+        m = _first(d, "output_height", "output_size", where=where)
         if dd <= 0 or m <= 0:
             raise FormatError(f"{where}: swiglu needs input_height and output_height")
         layer = LAYER_TYPES["swiglu"](m, bias=True)
@@ -201,9 +216,9 @@ def _convert(d: dict, w: dict | None, cur: Shape, where: str, loom_compat: bool,
         kw: dict[str, Any] = {}
         if mode == "grid_scatter":
             kw = dict(grid_positions=d.get("grid_positions") or [],
-                      grid_output_rows=int(d.get("grid_output_rows", 0)),
-                      grid_output_cols=int(d.get("grid_output_cols", 0)),
-                      grid_output_layers=int(d.get("grid_output_layers", 0)))
+                      grid_output_rows=_int(d, "grid_output_rows", where),
+                      grid_output_cols=_int(d, "grid_output_cols", where),
+                      grid_output_layers=_int(d, "grid_output_layers", where))
         try:
             par = Parallel(branches, combine_mode=mode,
                            loom_compat=loom_compat and mode == "concat", **kw)
@@ -243,17 +258,17 @@ def _input_shape(d: dict, where: str) -> Shape:
     if kind == "parallel":
         return _input_shape((d.get("branches") or [{}])[0], where)
     if kind == "dense":
-        return (_first(d, "input_height", "input_size", "width"),)
+        return (_first(d, "input_height", "input_size", "width", where=where),)
     if kind == "conv2d":
-        return tuple(int(d.get(k, 0)) for k in ("input_channels", "input_height", "input_width"))
+        return tuple(_int(d, k, where) for k in ("input_channels", "input_height", "input_width"))
     if kind in ("rnn", "lstm") and d.get("seq_length"):
-        return (int(d["seq_length"]), int(d.get("input_size", 0)))
+        return (_int(d, "seq_length", where), _int(d, "input_size", where))
     if kind == "multi_head_attention" and d.get("seq_length"):
-        return (int(d["seq_length"]), int(d.get("d_model", 0)))
+        return (_int(d, "seq_length", where), _int(d, "d_model", where))
     if kind == "swiglu":
-        return (_first(d, "input_height", "input_size"),)
+        return (_first(d, "input_height", "input_size", where=where),)
     if kind in ("layer_norm", "rms_norm") and d.get("norm_size"):
-        return (int(d["norm_size"]),)
+        return (_int(d, "norm_size", where),)
     if kind == "loomx" and d.get("loomx_input_shape"):
         return tuple(d["loomx_input_shape"])
     raise FormatError(f"{where}: cannot tell the per-sample input shape from a first layer of "

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError
+from .safetensors import ClosesOnExit
 
 #: Architectures whose Q/K rows llama.cpp permutes on conversion.
 PERMUTED_ARCHS = ("llama", "mistral", "granite", "granitemoe")
@@ -99,7 +100,7 @@ def _field_value(field: Any) -> Any:
         return None
 
 
-class GGUFFile:
+class GGUFFile(ClosesOnExit):
     """A GGUF checkpoint: tensors by Hugging Face name, dequantised to float32 on read."""
 
     def __init__(self, path: str | os.PathLike):
@@ -363,6 +364,7 @@ class GGUFFile:
         return out
 
     def close(self) -> None:
+        """Drop the reader and its memory map (views taken earlier keep it alive)."""
         self._reader = None
 
     def __repr__(self) -> str:

@@ -149,7 +149,20 @@ def _check_overlaps(tensors: dict[str, TensorInfo], path: str) -> None:
                 f"{prev.name!r} (bytes {prev.begin}-{prev.end}); the file is corrupt")
 
 
-class SafetensorsFile:
+class ClosesOnExit:
+    """``with``-statement support for the tensor files: ``close()`` when the block ends."""
+
+    def close(self) -> None:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class SafetensorsFile(ClosesOnExit):
     """One ``.safetensors`` file, header validated on open, data memory-mapped.
 
     Example::
@@ -276,7 +289,7 @@ def place(host: np.ndarray, backend: Any, dtype: Any = None):
     return backend.from_host(host, dtype=dtype)
 
 
-class ShardedSafetensors:
+class ShardedSafetensors(ClosesOnExit):
     """A checkpoint split over several files, described by ``model.safetensors.index.json``.
 
     The index's ``weight_map`` maps tensor names to shard file names (relative to the index).

@@ -197,6 +197,9 @@ def open_checkpoint(path: str | Path) -> tuple[Any, str, dict, str | None, str |
                                and not (folder / "model.safetensors.index.json").exists()):
         from ..io.gguf import GGUFFile
 
+        if p.is_dir() and len(gguf_files) > 1:  # several quantisations side by side, say
+            raise FormatError(f"{p}: holds {len(gguf_files)} GGUF files "
+                              f"({', '.join(f.name for f in gguf_files)}); pass one of them")
         src = GGUFFile(p if p.suffix == ".gguf" else gguf_files[0])
         tok = folder / "tokenizer.json"
         return src, "gguf", src.config(), "gguf", str(tok) if tok.is_file() else None
