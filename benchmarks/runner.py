@@ -22,6 +22,58 @@ ALIASES = {"a": "a_mlp", "b": "b_cnn", "c": "c_lstm", "d": "d_transformer",
            "e": "e_prompt,e_decode", "f": "f_sample,f_tick"}
 
 
+def _positive_ints(text: str) -> str:
+    """``--threads``: comma-separated positive ints (kept as the string the workers get)."""
+    try:
+        counts = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive thread counts, "
+                                         f"got {text!r}")
+    return text
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        return value
+
+    return parse
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _contenders(text: str) -> str:
+    """``--backend``: comma-separated loomx backend specs, each optionally ``+workers`` (names
+    only: whether a backend is usable here, each worker reports per case)."""
+    specs = [s.strip() for s in text.split(",") if s.strip()]
+    for spec in specs:
+        base, _, option = spec.partition("+")
+        if option not in ("", "workers"):
+            raise argparse.ArgumentTypeError(f"unknown option {option!r} in {spec!r} (only "
+                                             "'+workers')")
+        if base.split(":")[0] not in ("numpy", "torch", "cupy", "strict"):
+            raise argparse.ArgumentTypeError(f"unknown backend {base!r} in --backend; known: "
+                                             "numpy, numpy+workers, torch, torch:cuda, cupy")
+    if not specs:
+        raise argparse.ArgumentTypeError("--backend names no backend")
+    return ",".join(specs)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The runner's options (shared by ``python -m benchmarks`` and ``loomx bench``)."""
     parser.add_argument("--suite", choices=SUITES, default="main",
@@ -29,26 +81,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cases", default=None,
                         help="comma-separated case keys or letters a–f (overrides --suite), "
                              "e.g. 'a,c' or 'a_mlp,layer_dense'")
-    parser.add_argument("--backend", default="numpy,numpy+workers,torch",
+    parser.add_argument("--backend", default="numpy,numpy+workers,torch", type=_contenders,
                         help="comma-separated loomx backends to time (default "
                              "numpy,numpy+workers,torch); 'numpy+workers' splits each training "
                              "step's batch over as many CPU threads as the thread count; "
                              "'cupy' compares against PyTorch CUDA")
-    parser.add_argument("--threads", default="1,2",
+    parser.add_argument("--threads", default="1,2", type=_positive_ints,
                         help="comma-separated CPU thread counts, one process each (default 1,2)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes and few repeats: a smoke run, not a measurement")
-    parser.add_argument("--batch-scale", type=int, default=1, metavar="N",
+    parser.add_argument("--batch-scale", type=_positive(int), default=1, metavar="N",
                         help="multiply the batch of workloads a–d and of the layer cases by N "
                              "(larger batches for GPUs; default 1)")
-    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+    parser.add_argument("--wait-quiet", type=_non_negative, default=0.0, metavar="SECONDS",
                         help="before each case, wait up to SECONDS for other processes to use "
                              "under 0.3 cores (default 0: do not wait)")
     parser.add_argument("--write", metavar="PATH", default=None,
                         help="update the 'Latest' table of PATH (e.g. benchmarks/RESULTS.md) "
                              "and append a history line")
     parser.add_argument("--json", metavar="PATH", default=None, help="write all results as JSON")
-    parser.add_argument("--timeout", type=float, default=900.0,
+    parser.add_argument("--timeout", type=_positive(float), default=900.0,
                         help="seconds allowed per worker process (default 900)")
 
 

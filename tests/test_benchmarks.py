@@ -103,6 +103,24 @@ def test_unknown_case_is_a_clear_error():
     assert "unknown case(s) zz" in proc.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--threads", "abc"], "argument --threads: expected comma-separated positive"),
+    (["--threads", "1,0"], "argument --threads: expected comma-separated positive"),
+    (["--timeout", "-1"], "argument --timeout: expected a positive number"),
+    (["--batch-scale", "0"], "argument --batch-scale: expected a positive number"),
+    (["--wait-quiet", "x"], "argument --wait-quiet: expected a number of seconds"),
+    (["--backend", "bogus"], "unknown backend 'bogus'"),
+    (["--backend", "numpy+turbo"], "unknown option 'turbo'"),
+])
+def test_bad_arguments_are_usage_errors_before_any_worker_starts(capsys, args, message):
+    from loomx.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--cases", "a", "--quick", *args])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_loomx_bench_runs_the_same_runner(tmp_path):
     out_json = tmp_path / "bench.json"
     proc = subprocess.run(

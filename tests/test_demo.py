@@ -29,6 +29,15 @@ def test_demo_unknown_section_is_a_clear_error(capsys):
         capsys.readouterr().err
 
 
+@pytest.mark.parametrize("epochs", ["0", "-3", "two"])
+def test_demo_epochs_must_be_positive(capsys, epochs):
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--epochs", epochs, "--no-progress"])
+    assert exc.value.code == 2
+    assert f"argument --epochs: expected an integer >= 1, got '{epochs}'" in \
+        capsys.readouterr().err
+
+
 def test_sections_can_be_added_and_share_results(capsys, monkeypatch):
     monkeypatch.setattr("loomx.cli.demo.SECTIONS", list(SECTIONS))
     seen = {}

@@ -120,6 +120,41 @@ def test_loom_bundle_round_trip_gives_identical_outputs(backend, name):
     assert save_loom_bundle(again, model_id=name) == text
 
 
+def test_loom_bundle_of_a_pre_norm_block_keeps_its_token_axis(backend):
+    """A first layer that tells only a row width (RMSNorm) takes the token count from the
+    attention definition after it, instead of running attention on one token."""
+    from loomx.layers import MultiHeadAttention, RMSNorm, SwiGLU
+
+    attention = MultiHeadAttention(2, head_dim=2, d_model=4, q_bias=True, k_bias=True,
+                                   v_bias=True, o_bias=True, causal=True, rope_theta=1e6)
+    net = Network(1, 1, 4, layers=[RMSNorm(), attention, RMSNorm(), SwiGLU(8, bias=True)],
+                  input_shape=(3, 4), backend=backend, seed=0)
+    text = save_loom_bundle(net)
+    again = load_loom_bundle(text, backend=backend)
+    assert again.input_shape == (3, 4)
+    x = backend.from_host(np.random.default_rng(0).standard_normal((2, 3, 4))
+                          .astype(np.float32))
+    assert_close(again(x), backend.to_host(net(x)), backend, rtol=1e-6, atol=1e-7)
+    assert save_loom_bundle(again) == text
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_loom_bundle_round_trip_keeps_disabled_layers(backend, native):
+    """A disabled slot is written as a loomx entry (Loom has no disabled layers) and comes
+    back disabled, so the reloaded network computes the same outputs."""
+    middle = {"type": "dense", "out_features": 4, "activation": "tanh"} if native else \
+        {"type": "layer_norm"}
+    net = Network(1, 1, 3, layers=[{"type": "dense", "out_features": 4, "activation": "tanh"},
+                                   middle, {"type": "dense", "out_features": 2}],
+                  input_shape=(4,), disabled=[1], backend=backend, seed=0)
+    text = save_loom_bundle(net)
+    again = load_loom_bundle(text, backend=backend)
+    assert [la.disabled for _, la in again.layers()] == [False, True, False]
+    x = backend.from_host(np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32))
+    assert_close(again(x), backend.to_host(net(x)), backend, rtol=1e-6, atol=1e-7)
+    assert save_loom_bundle(again) == text
+
+
 @pytest.mark.parametrize("layers,shape,loom_type", [
     ([{"type": "dense", "out_features": 3, "activation": "loom_leaky_relu"}], (4,), "dense"),
     ([{"type": "conv2d", "out_channels": 2, "kernel_size": 3, "padding": 1,

@@ -79,6 +79,24 @@ def test_residuals_align_to_the_same_input_tick(backend):
             assert_close(y, want, backend, rtol=1e-5, atol=1e-6)
 
 
+def test_an_input_buffer_refilled_in_place_does_not_reach_back_in_time(backend):
+    """set_input copies (as Loom's SetInput does): refilling one host-side buffer every tick,
+    a residual from the network input still sees the input of its own tick."""
+    if backend.name != "numpy":
+        pytest.skip("in-place refilling of a numpy buffer")
+    net = Network.chain([Dense(3, activation="tanh"), Dense(3), Residual("input")],
+                        input_shape=(3,), backend=backend, seed=0)
+    stepper = Stepper(net, batch_size=1)
+    xs = np.random.default_rng(2).standard_normal((8, 1, 3)).astype(np.float32)
+    buf = np.empty((1, 3), np.float32)
+    for t, x in enumerate(xs):
+        buf[...] = x
+        stepper.set_input(buf)
+        y = stepper.step()
+        if t + 1 >= stepper.depth:
+            assert_close(y, net(xs[t - stepper.latency]), backend, rtol=1e-5, atol=1e-6)
+
+
 def test_no_loom_feedback_accumulation(backend):
     net = Network.chain([Dense(3), Residual(0)], input_shape=(3,), backend=backend)
     stepper = Stepper(net)

@@ -158,3 +158,18 @@ def test_choose_token_rules():
     assert {choose_token(logits, 1.0, top_p=0.8, rng=rng) for _ in range(300)} == {1, 2}
     with pytest.raises(ConfigError, match="temperature"):
         choose_token(logits, -1.0)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"max_new_tokens": -1}, "max_new_tokens"), ({"max_new_tokens": 2.5}, "max_new_tokens"),
+    ({"temperature": -0.5}, "temperature"), ({"temperature": float("nan")}, "temperature"),
+    ({"top_k": 0}, "top_k"), ({"top_k": 1.5}, "top_k"),
+    ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p")])
+def test_sampling_settings_out_of_range_are_config_errors(loaded, kw, match):
+    """Refused before the first forward pass, instead of being ignored (top_k 0, top_p > 1)
+    or failing later."""
+    model = loaded("llama")
+    kw = {"max_new_tokens": 3, **kw}
+    n = kw.pop("max_new_tokens")
+    with pytest.raises(ConfigError, match=match):
+        next(stream(model, [5, 17, 42], n, **kw))

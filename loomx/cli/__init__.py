@@ -22,6 +22,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 1 (argparse reports anything else as a usage
+    error, exit status 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``loomx`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import positive_int
+
 
 @dataclass
 class DemoContext:
@@ -137,7 +139,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default=None,
                         help="backend spec: auto (CuPy if a GPU is usable, else numpy), numpy, "
                              "cupy, torch, torch:mps ... (default: $LOOMX_BACKEND, else auto)")
-    parser.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
+    parser.add_argument("--epochs", type=positive_int, default=20,
+                        help="training epochs, >= 1 (default 20)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data split and weights")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--sections", default=None,

@@ -182,7 +182,9 @@ def _main_layer(d: dict, n: int, cur: Shape, where: str) -> tuple[Layer, Shape, 
         cfg = d.get("loomx_config")
         if cfg is None:
             return None, cur, kind
-        return layer_from_config(cfg), cur, kind
+        layer = layer_from_config(cfg)
+        layer.disabled = bool(d.get("loomx_disabled", False))
+        return layer, cur, kind
     if kind == "parallel":
         raise AssertionError("parallel is converted by _convert")
     raise FormatError(f"{where}: Loom layer type {d.get('type')!r} cannot be read (Loom "
@@ -253,10 +255,28 @@ def _chain(layers: list[Layer]) -> Network:
     return Network(1, len(layers), 1, layers=layers, name=ADAPTER)
 
 
-def _input_shape(d: dict, where: str) -> Shape:
+def _with_tokens(width: int, later: list, where: str) -> Shape:
+    """A first layer that only tells the row width ``w`` (a norm, SwiGLU): ``(T, w)`` when a
+    later attention or recurrent definition of that width states its ``seq_length`` ``T``
+    (Loom runs those on ``T`` rows of the same flat input), else ``(w,)``."""
+    for d in later:
+        if not isinstance(d, dict):
+            continue
+        kind = TYPE_ALIASES.get(d.get("type"), d.get("type"))
+        key = {"multi_head_attention": "d_model", "rnn": "input_size",
+               "lstm": "input_size"}.get(kind)
+        if key and _int(d, key, where) == width and _int(d, "seq_length", where) > 0:
+            return (_int(d, "seq_length", where), width)
+    return (width,)
+
+
+def _input_shape(d: dict, where: str, later: list | None = None) -> Shape:
+    """The per-sample input shape told by the first definition ``d`` (``later``: the
+    definitions after it, for a first layer that only tells a row width)."""
+    later = later or []
     kind = TYPE_ALIASES.get(d.get("type"), d.get("type"))
     if kind == "parallel":
-        return _input_shape((d.get("branches") or [{}])[0], where)
+        return _input_shape((d.get("branches") or [{}])[0], where, later)
     if kind == "dense":
         return (_first(d, "input_height", "input_size", "width", where=where),)
     if kind == "conv2d":
@@ -266,9 +286,9 @@ def _input_shape(d: dict, where: str) -> Shape:
     if kind == "multi_head_attention" and d.get("seq_length"):
         return (_int(d, "seq_length", where), _int(d, "d_model", where))
     if kind == "swiglu":
-        return (_first(d, "input_height", "input_size", where=where),)
+        return _with_tokens(_first(d, "input_height", "input_size", where=where), later, where)
     if kind in ("layer_norm", "rms_norm") and d.get("norm_size"):
-        return (_int(d, "norm_size", where),)
+        return _with_tokens(_int(d, "norm_size", where), later, where)
     if kind == "loomx" and d.get("loomx_input_shape"):
         return tuple(d["loomx_input_shape"])
     raise FormatError(f"{where}: cannot tell the per-sample input shape from a first layer of "
@@ -323,8 +343,12 @@ def _network_from_cfg(cfg: dict, weights: list | None, backend, seed: int,
     if weights is not None and len(weights) != len(defs):
         raise FormatError(f"{where}: {len(defs)} layers but {len(weights)} weight entries")
     b = get_backend(backend)
-    cur = tuple(input_shape) if input_shape is not None else _input_shape(
-        next((d for d in defs if d.get("type") != "loomx" or d.get("loomx_config")), {}), where)
+    if input_shape is not None:
+        cur = tuple(input_shape)
+    else:
+        i0 = next((i for i, d in enumerate(defs)
+                   if d.get("type") != "loomx" or d.get("loomx_config")), len(defs))
+        cur = _input_shape(defs[i0] if i0 < len(defs) else {}, where, defs[i0 + 1:])
     first = cur
     records: list[_Record] = []
     slots, kinds, sizes = [], [], []
@@ -472,6 +496,8 @@ def _extension(layer: Layer | None) -> tuple[dict, dict]:
         return {"type": "loomx", "activation": "linear", "loomx_config": None}, {}
     params = _host_params(layer)
     d = {"type": "loomx", "activation": "linear", "loomx_config": layer.get_config()}
+    if layer.disabled:  # Loom has no disabled layers: only loomx reads this back
+        d["loomx_disabled"] = True
     if layer.input_shape is not None:
         d["loomx_input_shape"] = list(layer.input_shape)
     return d, ({"loomx_params": lb.ext_params_to_json(params)} if params else {})

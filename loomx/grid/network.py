@@ -22,6 +22,7 @@ from ..layers.base import (
     Array,
     Layer,
     Shape,
+    as_int,
     as_shape,
     call_backward,
     has_parameters,
@@ -162,11 +163,15 @@ class Network(Layer):
 
     def flat_index(self, row: int, col: int, layer: int) -> int:
         """Flat index of ``(row, col, layer)``; raises on any coordinate out of range."""
+        coords = []
         for label, v, n in (("row", row, self.grid_rows), ("col", col, self.grid_cols),
                             ("layer", layer, self.layers_per_cell)):
-            if not isinstance(v, int) or not 0 <= v < n:
+            i = as_int(v)
+            if i is None or not 0 <= i < n:
                 raise LoomxError(f"grid {label} {v!r} out of range [0, {n}) for a "
                                  f"{self.grid_rows}×{self.grid_cols}×{self.layers_per_cell} grid")
+            coords.append(i)
+        row, col, layer = coords
         return (row * self.grid_cols + col) * self.layers_per_cell + layer
 
     def position(self, index: int) -> Position:
@@ -182,9 +187,11 @@ class Network(Layer):
             if len(key) != 3:
                 raise LoomxError(f"a grid position is (row, col, layer), got {tuple(key)}")
             return self.flat_index(*key)
-        if not isinstance(key, int) or not 0 <= key < self.size:
-            raise LoomxError(f"flat index {key!r} out of range [0, {self.size})")
-        return key
+        i = as_int(key)
+        if i is None or not 0 <= i < self.size:
+            raise LoomxError(f"flat index {key!r} out of range [0, {self.size}) (an integer, or "
+                             "a (row, col, layer) tuple)")
+        return i
 
     def __getitem__(self, key: int | Position) -> Layer | None:
         return self.slots[self._index(key)]

@@ -132,12 +132,16 @@ class Stepper:
 
     # ------------------------------------------------------------------ io
     def set_input(self, x: Array) -> None:
-        """Set the network input read by the next tick: ``x [batch_size, *input_shape]``."""
+        """Set the network input read by the next tick: ``x [batch_size, *input_shape]``.
+
+        The input is copied, as Loom's ``SetInput`` copies: a caller that refills one array
+        every tick does not change what the delay lines and the first stage already hold.
+        """
         want = (self.batch_size, *self.net.input_shape)
         if tuple(x.shape) != want:
             raise ShapeError(f"stepping input must be [{', '.join(map(str, want))}] "
                              f"(batch_size={self.batch_size}), received {list(x.shape)}")
-        self.state.buffers[0] = x
+        self.state.buffers[0] = self.net.backend.xp.asarray(x, copy=True)
 
     @property
     def output(self) -> Array:

@@ -67,6 +67,28 @@ def _stop_ids(model: TransformerModel, stop: Sequence[int] | int | None) -> set[
     return {int(s) for s in stop}
 
 
+def check_sampling(max_new_tokens: Any = 0, temperature: Any = 0.0, top_k: Any = None,
+                   top_p: Any = None) -> None:
+    """Raise :class:`ConfigError` for sampling settings outside their ranges: ``max_new_tokens``
+    an int ≥ 0, ``temperature`` ≥ 0, ``top_k`` ``None`` or an int ≥ 1, ``top_p`` ``None`` or in
+    ``(0, 1]``."""
+    from ..layers.base import as_int
+
+    def is_int(v):
+        return as_int(v) is not None
+
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not temperature >= 0:
+        raise ConfigError(f"temperature must be a number >= 0, got {temperature!r}")
+    if top_k is not None and (not is_int(top_k) or top_k < 1):
+        raise ConfigError(f"top_k must be None or an integer >= 1, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                              or not 0.0 < top_p <= 1.0):
+        raise ConfigError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+
+
 def choose_token(logits_host: Any, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, rng: Any = None) -> int:
     """Pick a token id from host logits ``[V]`` (see the module docstring for the rule)."""
@@ -113,6 +135,7 @@ def stream(model: TransformerModel, prompt_ids: Sequence[int], max_new_tokens: i
     """
     if model.kind != "decoder":
         raise ConfigError("generation needs a decoder; this model is an encoder")
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     prompt = [int(t) for t in prompt_ids]
     if not prompt:
         raise ConfigError("generation needs a prompt of at least one token")
