@@ -126,6 +126,9 @@ def make_bias_act(name: str):
             return z.astype(dtype), y.astype(dtype)
         if bias is None:
             return x, _bias_act_kernel(name, False)(x)
+        if bias.dtype != dtype:  # the kernel takes one T: add with the reference's promotion
+            z = x + bias
+            return z, _bias_act_kernel(name, False)(z)
         return _bias_act_kernel(name, True)(x, bias)
 
     bias_act.__name__ = f"bias_act_{name}"
@@ -480,8 +483,9 @@ def layer_norm_forward(x, weight, bias, eps: float):
     rows = x2.shape[0]
     y, xhat = cp.empty_like(x2), cp.empty_like(x2)
     rstd = cp.empty((rows, 1), dtype=x2.dtype)
-    w = x2 if weight is None else cp.ascontiguousarray(weight)
-    b = x2 if bias is None else cp.ascontiguousarray(bias)
+    # the kernel reads every pointer as T: parameters of another dtype are cast first
+    w = x2 if weight is None else cp.ascontiguousarray(weight, dtype=x2.dtype)
+    b = x2 if bias is None else cp.ascontiguousarray(bias, dtype=x2.dtype)
     _launch("layer_norm_fwd", rows,
             (x2, w, b, y, xhat, rstd, np.int64(n), x2.dtype.type(eps),
              np.int32(weight is not None), np.int32(bias is not None)), x2.dtype)
@@ -501,7 +505,7 @@ def layer_norm_backward(dy, xhat, rstd, weight):
     h2, _ = _rows(xhat)
     r2 = cp.ascontiguousarray(rstd).reshape(-1, 1)
     dx = cp.empty_like(g2)
-    w = g2 if weight is None else cp.ascontiguousarray(weight)
+    w = g2 if weight is None else cp.ascontiguousarray(weight, dtype=g2.dtype)  # read as T
     _launch("layer_norm_bwd", g2.shape[0],
             (g2, h2, r2, w, dx, np.int64(n), np.int32(weight is not None)), g2.dtype)
     dweight = None if weight is None else _column_sum(g2, h2)
@@ -520,7 +524,8 @@ def rms_norm_forward(x, weight, eps: float, unit_offset: bool = False):
     y = cp.empty_like(x2)
     rinv = cp.empty((rows, 1), dtype=x2.dtype)
     _launch("rms_norm_fwd", rows,
-            (x2, cp.ascontiguousarray(weight), y, rinv, np.int64(n), x2.dtype.type(eps),
+            (x2, cp.ascontiguousarray(weight, dtype=x2.dtype), y, rinv, np.int64(n),
+             x2.dtype.type(eps),
              np.int32(bool(unit_offset))), x2.dtype)
     return y.reshape(x.shape), rinv.reshape(tuple(x.shape[:-1]) + (1,))
 
@@ -537,7 +542,7 @@ def rms_norm_backward(dy, x, rinv, weight, unit_offset: bool = False):
     r2 = cp.ascontiguousarray(rinv).reshape(-1, 1)
     dx = cp.empty_like(g2)
     _launch("rms_norm_bwd", g2.shape[0],
-            (g2, x2, r2, cp.ascontiguousarray(weight), dx, np.int64(n),
+            (g2, x2, r2, cp.ascontiguousarray(weight, dtype=g2.dtype), dx, np.int64(n),
              np.int32(bool(unit_offset))), g2.dtype)
     return dx.reshape(dy.shape), _column_sum(g2, x2, r2)
 

@@ -144,7 +144,8 @@ def _layer_norm_backward(dy, xhat, rstd, weight):
     """
     d = xhat.shape[-1]
     dbias = dy.reshape(-1, d).sum(0)
-    if xhat.dtype not in _LN_NATIVE or dy.dtype != xhat.dtype:
+    if xhat.dtype not in _LN_NATIVE or dy.dtype != xhat.dtype or (
+            weight is not None and weight.dtype != xhat.dtype):
         g = dy if weight is None else dy * weight
         dx = rstd * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
         dweight = None if weight is None else (dy * xhat).reshape(-1, d).sum(0)

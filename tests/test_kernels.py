@@ -728,24 +728,50 @@ def test_kernel_for_finds_a_built_backends_kernels_by_the_arrays_library():
 
 
 # ---------------------------------------------------------------------- layers with kernels
-def _same_layer_both_ways(backend, make, input_shape, x_shape, train=True):
-    """Forward + backward of a layer with the backend's kernels and on the reference path."""
+def _same_layer_both_ways(backend, make, input_shape, x_shape, train=True, tol=1.0,
+                          mixed=False):
+    """Forward + backward of a layer with the backend's kernels and on the reference path
+    (``tol`` scales the tolerances, for layers that compute in a narrower dtype; ``mixed``:
+    the layer's dtype is not the backend's, so each result must have the reference's dtype
+    instead of the backend's float dtype)."""
     results = []
     for b in (backend, reference_backend(backend)):
         layer = make()
         layer.build(input_shape, b, rng=0)
-        for i, ref in enumerate(layer.parameters()):
-            ref.value = _rand(b, tuple(ref.value.shape), 40 + i, scale=0.5)
+        for i, ref in enumerate(layer.parameters()):  # keeping each parameter's dtype
+            ref.value = b.xp.astype(_rand(b, tuple(ref.value.shape), 40 + i, scale=0.5),
+                                    ref.value.dtype)
         x = _rand(b, x_shape, 50, scale=2.0)
         layer.zero_grad()
         y, ctx = layer.forward(x, train)
-        dx = layer.backward(_rand(b, tuple(y.shape), 51), ctx)
+        dx = layer.backward(b.xp.astype(_rand(b, tuple(y.shape), 51), y.dtype), ctx)
         results.append((y, dx, [r.grad for r in layer.parameters()]))
     (y1, dx1, g1), (y2, dx2, g2) = results
-    assert_close(y1, backend.to_host(y2), backend, rtol=1e-5, atol=1e-5)
-    assert_close(dx1, backend.to_host(dx2), backend, rtol=1e-4, atol=1e-5)
+
+    def dtype(ref):
+        return ref.dtype if mixed else None
+
+    assert_close(y1, backend.to_host(y2), backend, rtol=1e-5 * tol, atol=1e-5 * tol,
+                 dtype=dtype(y2))
+    assert_close(dx1, backend.to_host(dx2), backend, rtol=1e-4 * tol, atol=1e-5 * tol,
+                 dtype=dtype(dx2))
     for a, b in zip(g1, g2):
-        assert_close(a, backend.to_host(b), backend, rtol=1e-4, atol=1e-4)
+        assert_close(a, backend.to_host(b), backend, rtol=1e-4 * tol, atol=1e-4 * tol,
+                     dtype=dtype(b))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: LayerNorm(dtype="float16"), lambda: RMSNorm(dtype="float16"),
+    lambda: LayerNorm(dtype="float64"), lambda: RMSNorm(dtype="float64"),
+    lambda: Dense(6, activation="gelu", dtype="float16"),
+    lambda: Dense(6, activation="relu", dtype="float64"),
+], ids=["ln16", "rms16", "ln64", "rms64", "dense_gelu16", "dense_relu64"])
+def test_layers_of_another_dtype_than_the_network_same_with_and_without_kernels(backend, make):
+    """A layer whose parameters have another float dtype than its input: the fused kernels
+    must not read one dtype's bytes as another's (the CuPy norms did), nor refuse the mix."""
+    if backend.name == "strict":
+        pytest.skip("array-api-strict does not promote across float dtypes")
+    _same_layer_both_ways(backend, make, (7,), (3, 7), tol=100.0, mixed=True)
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "sigmoid", "scaled_relu"])

@@ -21,11 +21,21 @@ def rows_matmul(xp, a: Array, b: Array) -> Array:
     product that way, against about 20 µs for a 2-d product), and numpy calls BLAS once per
     leading index. One 2-d product takes a transposed ``b`` as it is.
     """
+    a, b = promoted(xp, a, b)
     if a.ndim <= 2:
         return xp.matmul(a, b)
     lead = tuple(a.shape[:-1])
     rows = math.prod(lead)  # not -1: a zero-size ``a`` has no inferable axis
     return xp.reshape(xp.matmul(xp.reshape(a, (rows, a.shape[-1])), b), (*lead, b.shape[-1]))
+
+
+def promoted(xp, a: Array, b: Array) -> tuple[Array, Array]:
+    """``a`` and ``b`` in their common dtype (``xp.result_type``) when their float dtypes
+    differ, for libraries whose matmul does not promote (PyTorch); as they are otherwise."""
+    if a.dtype == b.dtype:
+        return a, b
+    dt = xp.result_type(a, b)
+    return xp.astype(a, dt, copy=False), xp.astype(b, dt, copy=False)
 
 
 def linear(xp, x: Array, weight: Array, bias: Array | None = None) -> Array:
@@ -68,8 +78,8 @@ def accumulate_linear_grads(layer: Layer, x: Array, dz: Array, weight_key: str,
     xp = layer.xp
     out_f, in_f = layer.params[weight_key].shape
     dz2 = xp.reshape(dz, (-1, out_f))
-    layer._accumulate(weight_key, xp.matmul(xp.matrix_transpose(dz2),
-                                            xp.reshape(x, (-1, in_f))))
+    layer._accumulate(weight_key, xp.matmul(*promoted(xp, xp.matrix_transpose(dz2),
+                                                      xp.reshape(x, (-1, in_f)))))
     if bias_key is not None:
         layer._accumulate(bias_key, sum_rows(layer.backend, dz2))
 
