@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import torch
 
+from .torch_precision import full_float32
+
 _CALLS = {"lstm": torch._VF.lstm, "gru": torch._VF.gru, "rnn_tanh": torch._VF.rnn_tanh}
 
 
@@ -49,11 +51,12 @@ def recurrent_sequence_forward(mode: str, x, states, params, train: bool):
         # cuDNN requires contiguous initial states (a user's state may be a strided view)
         hx = [s.unsqueeze(0).contiguous() for s in states_]
         call = _CALLS[mode]
-        if mode == "lstm":
-            y, *last = call(x_, hx, flat, has_bias, 1, 0.0, bool(train), False, True)
-        else:
-            y, h_t = call(x_, hx[0], flat, has_bias, 1, 0.0, bool(train), False, True)
-            last = [h_t]
+        with full_float32(x):
+            if mode == "lstm":
+                y, *last = call(x_, hx, flat, has_bias, 1, 0.0, bool(train), False, True)
+            else:
+                y, h_t = call(x_, hx[0], flat, has_bias, 1, 0.0, bool(train), False, True)
+                last = [h_t]
     handle = (leaves, len(states), [p is not None for p in params], y, last[0]) if train else None
     return y.detach(), [s[0].detach() for s in last], handle
 
@@ -69,7 +72,7 @@ def recurrent_sequence_backward(handle, dy, dh_last, need_input_grad: bool = Tru
         outputs.append(h_t)
         grads.append(dh_last.unsqueeze(0))
     wanted = leaves if need_input_grad else leaves[1:]
-    with torch.inference_mode(False):
+    with torch.inference_mode(False), full_float32(y):
         found = torch.autograd.grad(outputs, wanted, grads, retain_graph=True,
                                     allow_unused=True)
     found = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(wanted, found)]

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - PyTorch's own convention
 
 from .base import check_window_reach
+from .torch_precision import full_float32
 
 _aten = torch.ops.aten
 
@@ -91,8 +92,9 @@ def window_matmul(x, w, kernel, stride, dilation, pads, out_shape, epilogue=None
     rows after the product."""
     dtype = torch.promote_types(x.dtype, w.dtype)
     conv = _Conv(x, w, kernel, stride, dilation, pads, out_shape, dtype)
-    y = conv.crop(_aten.convolution(conv.input, conv.weight, None, conv.stride, conv.padding,
-                                    conv.dilation, False, [0] * conv.n, 1))
+    with full_float32(conv.input):
+        y = conv.crop(_aten.convolution(conv.input, conv.weight, None, conv.stride,
+                                        conv.padding, conv.dilation, False, [0] * conv.n, 1))
     z = _channels_last(y, conv.n).reshape(-1, w.shape[0])
     if epilogue is not None:
         epilogue(z)
@@ -110,9 +112,10 @@ def window_matmul_backward(x, dz, w, kernel, stride, dilation, pads, out_shape,
     conv = _Conv(x, w, kernel, stride, dilation, pads, out_shape, dtype)
     grad = conv.uncrop(_channels_first(dz.to(dtype).reshape(batch, *out_shape, filters),
                                        conv.n))
-    dx, dw, _ = _aten.convolution_backward(
-        grad, conv.input, conv.weight, None, conv.stride, conv.padding, conv.dilation, False,
-        [0] * conv.n, 1, [bool(need_input_grad), True, False])
+    with full_float32(conv.input):
+        dx, dw, _ = _aten.convolution_backward(
+            grad, conv.input, conv.weight, None, conv.stride, conv.padding, conv.dilation,
+            False, [0] * conv.n, 1, [bool(need_input_grad), True, False])
     dw = _channels_last(dw, conv.n).reshape(filters, -1).to(torch.result_type(dz, x))
     if not need_input_grad:
         return dw, None

@@ -176,6 +176,15 @@ def assert_close(actual, expected, backend, rtol: float = 1e-5, atol: float = 1e
                                expected.astype(np.float64), rtol=rtol, atol=atol)
 
 
+def cudnn_tolerance(backend, tol: dict) -> dict:
+    """``tol``, or 1e-3 relative / 1e-4 absolute where the PyTorch backend runs a layer through
+    cuDNN on a GPU: its float32 RNN kernels differ from float64 by up to about 5e-4 relative
+    (measured on an H100 over 5 steps), more than plain float32 rounding."""
+    if backend.name.startswith("torch") and "cuda" in str(backend.device):
+        return {"rtol": max(tol["rtol"], 1e-3), "atol": max(tol["atol"], 1e-4)}
+    return tol
+
+
 def to_numpy(x, backend=None) -> np.ndarray:
     """Host copy of a numpy array, torch tensor or device array."""
     if isinstance(x, np.ndarray):

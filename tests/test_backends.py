@@ -141,3 +141,34 @@ def test_numpy_grad_zeros_are_a_shared_read_only_view():
     with pytest.raises(ValueError, match="read-only"):
         z += 1.0
     assert not np.any(z)
+
+
+def test_cudnn_calls_of_the_torch_backend_run_in_full_float32(monkeypatch):
+    """TF32 is off for the length of a CUDA float32 cuDNN call and restored after (also when
+    the call raises); CPU tensors, other dtypes and LOOMX_TORCH_TF32=1 leave it alone."""
+    torch = pytest.importorskip("torch")
+    from loomx.backends.torch_precision import full_float32
+
+    cudnn = torch.backends.cudnn
+    monkeypatch.setattr(cudnn, "allow_tf32", True)
+
+    class CudaTensor:  # what full_float32 reads of a CUDA tensor, without a GPU
+        dtype, is_cuda = torch.float32, True
+
+    with full_float32(CudaTensor()):
+        assert cudnn.allow_tf32 is False
+    assert cudnn.allow_tf32 is True
+    with pytest.raises(RuntimeError), full_float32(CudaTensor()):
+        raise RuntimeError("a failing cuDNN call")
+    assert cudnn.allow_tf32 is True
+    for tensor in (torch.zeros(2), torch.zeros(2, dtype=torch.float16)):
+        with full_float32(tensor):
+            assert cudnn.allow_tf32 is True
+    monkeypatch.setenv("LOOMX_TORCH_TF32", "1")
+    with full_float32(CudaTensor()):
+        assert cudnn.allow_tf32 is True
+    monkeypatch.setattr(cudnn, "allow_tf32", False)  # a user who turned it off keeps it off
+    monkeypatch.delenv("LOOMX_TORCH_TF32")
+    with full_float32(CudaTensor()):
+        assert cudnn.allow_tf32 is False
+    assert cudnn.allow_tf32 is False

@@ -51,7 +51,7 @@ from loomx.layers.recurrent import (
 from loomx.layers.softmax import log_softmax, log_softmax_vjp, softmax, softmax_vjp
 from loomx.train.losses import cross_entropy_reference
 from loomx.train.optim import SGD, Adam, AdamW
-from tests.conftest import assert_close
+from tests.conftest import assert_close, cudnn_tolerance
 
 FUSED_ACTIVATIONS = ("identity", "relu", "scaled_relu", "leaky_relu", "loom_leaky_relu",
                      "sigmoid", "tanh", "gelu", "gelu_tanh", "silu")
@@ -339,7 +339,8 @@ def check_recurrent_sequence(backend, kernel, name):
                                 *flat(layer.final_state(ctx)), *first, *twice,
                                 *flat(layer.initial_state_grad(ctx_no_dx))))
             for got, want in zip(*results, strict=True):
-                assert_close(got, backend.to_host(want), backend, rtol=1e-4, atol=1e-5)
+                assert_close(got, backend.to_host(want), backend,
+                             **cudnn_tolerance(backend, {"rtol": 1e-4, "atol": 1e-5}))
 
 
 def check_linear(backend, kernel, name):

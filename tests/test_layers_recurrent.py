@@ -8,7 +8,7 @@ import torch
 
 from loomx.errors import ConfigError, ShapeError
 from loomx.layers import GRU, LSTM, RNN, layer_from_config
-from tests.conftest import assert_close
+from tests.conftest import assert_close, cudnn_tolerance
 from tests.gradcheck import finite_difference_check
 
 KINDS = {"rnn": (RNN, torch.nn.RNN), "lstm": (LSTM, torch.nn.LSTM), "gru": (GRU, torch.nn.GRU)}
@@ -83,23 +83,23 @@ def test_recurrent_matches_torch(backend, kind, return_sequences, with_state):
     y, ctx = layer.forward(backend.from_host(x), initial_state=init)
     dx = layer.backward(backend.from_host(dy), ctx)
 
-    assert_close(y, yt, backend, **TOL)
-    assert_close(dx, xt.grad, backend, **TOL)
+    assert_close(y, yt, backend, **cudnn_tolerance(backend, TOL))
+    assert_close(dx, xt.grad, backend, **cudnn_tolerance(backend, TOL))
     for k, g in _torch_grads(kind, m).items():
-        assert_close(layer.grads[k], g, backend, **TOL)
+        assert_close(layer.grads[k], g, backend, **cudnn_tolerance(backend, TOL))
     final = layer.final_state(ctx)
     if kind == "lstm":
-        assert_close(final[0], state[0][0], backend, **TOL)
-        assert_close(final[1], state[1][0], backend, **TOL)
+        assert_close(final[0], state[0][0], backend, **cudnn_tolerance(backend, TOL))
+        assert_close(final[1], state[1][0], backend, **cudnn_tolerance(backend, TOL))
     else:
-        assert_close(final, state[0], backend, **TOL)
+        assert_close(final, state[0], backend, **cudnn_tolerance(backend, TOL))
     if with_state:
         d_init = layer.initial_state_grad(ctx)
         if kind == "lstm":
-            assert_close(d_init[0], h0t.grad[0], backend, **TOL)
-            assert_close(d_init[1], c0t.grad[0], backend, **TOL)
+            assert_close(d_init[0], h0t.grad[0], backend, **cudnn_tolerance(backend, TOL))
+            assert_close(d_init[1], c0t.grad[0], backend, **cudnn_tolerance(backend, TOL))
         else:
-            assert_close(d_init, h0t.grad[0], backend, **TOL)
+            assert_close(d_init, h0t.grad[0], backend, **cudnn_tolerance(backend, TOL))
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -114,10 +114,10 @@ def test_recurrent_without_bias_matches_torch(backend, kind):
     out.sum().backward()
     y, ctx = layer.forward(backend.from_host(x))
     dx = layer.backward(backend.ones(tuple(y.shape)), ctx)
-    assert_close(y, out, backend, **TOL)
-    assert_close(dx, xt.grad, backend, **TOL)
+    assert_close(y, out, backend, **cudnn_tolerance(backend, TOL))
+    assert_close(dx, xt.grad, backend, **cudnn_tolerance(backend, TOL))
     for k, g in _torch_grads(kind, m, bias=False).items():
-        assert_close(layer.grads[k], g, backend, **TOL)
+        assert_close(layer.grads[k], g, backend, **cudnn_tolerance(backend, TOL))
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -174,7 +174,7 @@ def test_rnn_bias_gradient_is_exact_unlike_loom(backend):
     truth = m.bias_ih_l0.grad.numpy()
     _, ctx = layer.forward(backend.from_host(x))
     layer.backward(backend.from_host(dy), ctx)
-    assert_close(layer.grads["bias"], truth, backend, **TOL)
+    assert_close(layer.grads["bias"], truth, backend, **cudnn_tolerance(backend, TOL))
     loom = _loom_rnn_bias_grad(x.astype(np.float64), host["weight_ih"], host["weight_hh"],
                                host["bias"], dy)
     assert np.abs(loom - truth).max() > 0.1, "Loom's double-counted bias gradient differs"
