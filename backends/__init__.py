@@ -45,6 +45,14 @@ _cache: dict[tuple[str, str | None], Backend] = {}
 KNOWN = ("numpy", "cupy", "torch", "strict", "auto")
 
 
+def _index(spec: str, rest: str) -> int:
+    """The device number after the colon of ``spec`` (``cupy:1``)."""
+    if not rest.isdigit():
+        raise LoomxError(f"backend spec {spec!r}: the device after ':' is a number here "
+                         f"(e.g. '{spec.partition(':')[0]}:0'), got {rest!r}")
+    return int(rest)
+
+
 def _build(spec: str) -> Backend:
     lib, _, rest = spec.partition(":")
     if lib == "auto":
@@ -54,11 +62,11 @@ def _build(spec: str) -> Backend:
     if lib == "numpy":
         from .numpy_backend import make_numpy_backend
 
-        return make_numpy_backend(spec, int(rest) if rest else None)
+        return make_numpy_backend(spec, None if rest in ("", "cpu") else _index(spec, rest))
     if lib == "cupy":
         from .cupy_backend import make_cupy_backend
 
-        return make_cupy_backend(spec, int(rest) if rest else None)
+        return make_cupy_backend(spec, _index(spec, rest) if rest else None)
     if lib == "torch":
         from .torch_backend import make_torch_backend
 

@@ -172,3 +172,24 @@ def test_cudnn_calls_of_the_torch_backend_run_in_full_float32(monkeypatch):
     with full_float32(CudaTensor()):
         assert cudnn.allow_tf32 is False
     assert cudnn.allow_tf32 is False
+
+
+def test_moving_a_network_keeps_each_layers_own_dtype_unless_one_is_given():
+    """Layer.to: without a dtype, float parameters take the new backend's float dtype except
+    in layers built with their own; with a dtype, every nested layer takes it."""
+    pytest.importorskip("torch")
+    import loomx
+    from loomx.layers import Dense, LayerNorm
+
+    net = loomx.Network.chain([Dense(4, dtype="float64"), LayerNorm(dtype="float64"),
+                               Dense(3)], input_shape=(5,), backend="numpy", seed=0)
+    want = ["float64"] * 4 + ["float32"] * 2
+    before = [net.backend.to_host(p.value) for p in net.parameters()]
+    for target in ("torch", "numpy"):
+        net.to(target)
+        assert [str(p.value.dtype).replace("torch.", "") for p in net.parameters()] == want
+    for a, p in zip(before, net.parameters()):
+        np.testing.assert_array_equal(net.backend.to_host(p.value), a)  # nothing rounded
+    net.to("numpy", "float32")
+    assert {str(p.value.dtype) for p in net.parameters()} == {"float32"}
+    assert [la.dtype for _, la in net.layers()] == [None, None, None]

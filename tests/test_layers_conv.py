@@ -373,3 +373,24 @@ def test_loom_conv2d_fixture(backend):
         h = backend.from_host(backend.to_host(h).reshape(batch, n_in))
         y = dense(h)
         assert_close(y, f32(flat_out).reshape(batch, n_out), backend, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: Conv2D(4, 3, padding=1, activation="relu"), (2, 5, 5)),
+    (lambda: Conv2D(4, 3, groups=2), (2, 5, 5)),
+    (lambda: Conv1D(3, 3), (2, 6)),
+    (lambda: ConvTranspose2D(3, 3, stride=2), (2, 4, 4)),
+], ids=["relu", "groups", "1d", "transposed"])
+def test_an_empty_batch_runs_forward_and_backward(backend, make, shape):
+    """B = 0 gives empty outputs and input gradients and zero parameter gradients, with and
+    without the backend's kernels (reshapes spell every size out)."""
+    for b in (backend, backend.without_kernels()):
+        layer = make()
+        out_shape = layer.build(shape, b, rng=0)
+        x = b.from_host(np.zeros((0, *shape), np.float32))
+        y, ctx = layer.forward(x, True)
+        assert tuple(y.shape) == (0, *out_shape)
+        dx = layer.backward(b.zeros(tuple(y.shape), dtype=y.dtype), ctx)
+        assert tuple(dx.shape) == (0, *shape)
+        for ref in layer.parameters():
+            assert float(b.to_host(b.xp.sum(b.xp.abs(ref.grad)))) == 0.0

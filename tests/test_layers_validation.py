@@ -76,8 +76,11 @@ def test_bad_backend_specs_raise_loomx_errors():
     pytest.importorskip("torch")
     with pytest.raises(LoomxError, match="torch:nope"):
         get_backend("torch:nope")
-    with pytest.raises(LoomxError):
+    with pytest.raises(LoomxError, match="the device after ':' is a number here"):
         get_backend("numpy:abc")
+    with pytest.raises(LoomxError, match=r"\(e.g. 'cupy:0'\), got 'x'"):
+        get_backend("cupy:x")
+    assert get_backend("numpy:cpu").device == get_backend("numpy").device
     with pytest.raises(ConfigError):
         get_backend(3)
 

@@ -229,3 +229,31 @@ def test_plain_sgd_with_only_mixed_dtype_gradients():
         r.grad = backend.xp.ones(tuple(r.value.shape), dtype=backend.xp.float64)
     SGD(layer, lr=0.1).step()
     assert all(r.value.dtype == backend.xp.float64 for r in layer.parameters())
+
+
+def test_optimizer_state_follows_the_network_to_another_backend():
+    """Adam built on numpy, two steps, then the network moves to PyTorch tensors: the third
+    step runs there, with the moments moved, and matches three steps on numpy."""
+    from loomx.train.optim import Adam
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 5)).astype(np.float32)
+    dy = rng.standard_normal((6, 3)).astype(np.float32)
+    nets = [Network.chain([Dense(4, activation="tanh"), Dense(3)], input_shape=(5,),
+                          backend="numpy", seed=0) for _ in range(2)]
+    opts = [Adam(net, lr=0.1) for net in nets]
+    for step in range(3):
+        if step == 2:
+            nets[1].to("torch")
+        for net, opt in zip(nets, opts):
+            b = net.backend
+            net.zero_grad()
+            _, ctx = net.forward(b.from_host(x), True)
+            net.backward(b.from_host(dy), ctx)
+            opt.step()
+    moved = opts[1]
+    assert moved.backend is nets[1].backend
+    assert all(isinstance(v, torch.Tensor) for st in moved.state.values() for v in st.values())
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        np.testing.assert_allclose(nets[1].backend.to_host(b.value), a.value, rtol=1e-5,
+                                   atol=1e-6)

@@ -380,19 +380,26 @@ class Layer:
         return sum(math.prod(p.value.shape) for p in self.parameters())
 
     def to(self, backend: Backend | str, dtype: str | None = None) -> Layer:
-        """Move parameters (and nested layers) to another backend and/or dtype, in place."""
+        """Move parameters (and nested layers) to another backend and/or dtype, in place.
+
+        Without ``dtype``, float parameters take the new backend's float dtype, except in
+        layers built with their own ``dtype=`` (a float64 norm in a float32 network, say),
+        which keep it. With ``dtype``, every float parameter of this layer and of every nested
+        layer takes it, and those layers' own dtypes are dropped.
+        """
         new = get_backend(backend, dtype)
         old = self.backend
-        if old is not None:
-            for k, v in list(self.params.items()):
-                host = old.to_host(v)
-                self.params[k] = new.from_host(host, dtype=None if host.dtype.kind in "fV"
-                                               else getattr(new.xp, str(host.dtype)))
-        for _, child in self.children():
-            child.to(new)
-        self.backend = new
         if dtype is not None:
             self.dtype = None
+        self.backend = new
+        if old is not None:
+            floats = self.float_dtype  # this layer's own dtype on the new backend, if it has one
+            for k, v in list(self.params.items()):
+                host = old.to_host(v)
+                self.params[k] = new.from_host(host, dtype=floats if host.dtype.kind in "fV"
+                                               else getattr(new.xp, str(host.dtype)))
+        for _, child in self.children():
+            child.to(new, dtype)
         if self.built:
             self.zero_grad()
         return self

@@ -70,20 +70,22 @@ def _config_value(value):
 
 
 def _split_groups(xp, a: Array, rows: int, k: int, groups: int) -> Array:
-    """``a`` read as ``[rows, k, C]`` → ``[groups, rows, k·C/groups]``."""
+    """``a`` read as ``[rows, k, C]`` → ``[groups, rows, k·C/groups]`` (sizes spelled out,
+    not ``-1``: an empty batch has no inferable axis)."""
+    c = a.shape[-1]
     if groups == 1:
-        return xp.reshape(a, (1, rows, -1))
-    a = xp.permute_dims(xp.reshape(a, (rows, k, groups, -1)), (2, 0, 1, 3))
-    return xp.reshape(a, (groups, rows, -1))
+        return xp.reshape(a, (1, rows, k * c))
+    a = xp.permute_dims(xp.reshape(a, (rows, k, groups, c // groups)), (2, 0, 1, 3))
+    return xp.reshape(a, (groups, rows, k * c // groups))
 
 
 def _merge_groups(xp, a: Array, k: int) -> Array:
     """Inverse of :func:`_split_groups`: ``[groups, rows, k·C/groups]`` → ``[rows, k, C]``."""
-    groups, rows = a.shape[0], a.shape[1]
+    groups, rows, per = a.shape[0], a.shape[1], a.shape[2] // k
     if groups == 1:
-        return xp.reshape(a, (rows, k, -1))
-    a = xp.permute_dims(xp.reshape(a, (groups, rows, k, -1)), (1, 2, 0, 3))
-    return xp.reshape(a, (rows, k, -1))
+        return xp.reshape(a, (rows, k, per))
+    a = xp.permute_dims(xp.reshape(a, (groups, rows, k, per)), (1, 2, 0, 3))
+    return xp.reshape(a, (rows, k, groups * per))
 
 
 def _weight_rows(xp, w: Array, groups: int) -> Array:
@@ -240,7 +242,7 @@ class ConvND(_ConvBase):
             args = (xcl, w[0, ...], self._k, self._s, self._d, self._pads, self._out_spatial)
             inplace = self.backend.kernel("bias_act_inplace:" + self._act.name)
             if inplace is None:
-                z, y = self._finish(xp.reshape(fused(*args), (*lead, -1)))
+                z, y = self._finish(xp.reshape(fused(*args), (*lead, self.out_channels)))
                 return y, (None, xcl, z, y)
             bias = self.params["bias"] if self.bias else None
 
@@ -250,14 +252,14 @@ class ConvND(_ConvBase):
                     zc[...] = out
 
             z = fused(*args, epilogue=bias_act)
-            z = to_channels_first(xp, xp.reshape(z, (*lead, -1)))
+            z = to_channels_first(xp, xp.reshape(z, (*lead, self.out_channels)))
             return z, (None, xcl, z, z)
         xcl = pad_spatial(self.backend, to_channels_last(xp, x), self._pads)
         cols = gather_windows(self.backend, xcl, self._k, self._s, self._d)  # [B, *O, K, C]
         cols = _split_groups(xp, cols, math.prod(lead), k, self.groups)  # [g, B·P, K·C/g]
         z = _merge_groups(xp, self.backend.scratch_matmul(cols, xp.matrix_transpose(w)),
                           1)  # [B·P, 1, F]
-        z, y = self._finish(xp.reshape(z, (*lead, -1)))
+        z, y = self._finish(xp.reshape(z, (*lead, self.out_channels)))
         return y, (cols, None, z, y)
 
     def _window_grads(self, dz2: Array, batch: int, k: int) -> Array:

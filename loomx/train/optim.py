@@ -77,6 +77,17 @@ class Optimizer:
 
     default_lr = 1e-3
 
+    def _follow_parameters(self) -> None:
+        """Move the state to the backend the parameters are on now (the network moved with
+        ``Layer.to`` after this optimizer was built), each buffer in its parameter's dtype."""
+        old, new = self.backend, self._distinct[0].layer.backend
+        for r in self._distinct:
+            state = self.state[r.name]
+            for k, v in list(state.items()):
+                if old.is_array(v):
+                    state[k] = new.from_host(old.to_host(v), dtype=r.value.dtype)
+        self.backend = new
+
     def _check_hyper(self) -> None:
         """Subclasses validate ``self.hyper`` here."""
 
@@ -98,7 +109,12 @@ class Optimizer:
         every parameter whose gradient has its dtype is updated in place by one call (one or
         a few launches on a GPU instead of one per parameter). The others, and every
         parameter elsewhere, go through ``_update`` one by one (it promotes mixed dtypes as
-        the reference does)."""
+        the reference does).
+
+        If the network moved to another backend or dtype (``Layer.to``) since the last step,
+        the optimizer's state follows it first."""
+        if self._distinct[0].layer.backend is not self.backend:
+            self._follow_parameters()
         self.step_count += 1
         grads = [self._grad(r) for r in self._distinct]
         many = self._many_kernel()
