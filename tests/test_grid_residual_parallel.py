@@ -225,3 +225,13 @@ def test_prenorm_transformer_block_matches_torch(backend):
     assert_close(dx, xt.grad, backend, **tol)
     for p in net.parameters():
         assert_close(p.grad, P[p.name].grad, backend, **tol)
+
+
+def test_a_disabled_branch_is_an_error_not_silently_run(backend):
+    """``disabled`` is a grid slot's switch (the slot becomes the identity); a Parallel branch
+    has no identity that fits every combine mode, so running one is refused."""
+    par = Parallel([Dense(3), Dense(3)], combine_mode="add")
+    par.build((3,), backend, 0)
+    par.branches[1].disabled = True
+    with pytest.raises(LoomxError, match="branch 1 .* is disabled"):
+        par.forward(backend.from_host(np.ones((2, 3), np.float32)))

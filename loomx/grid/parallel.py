@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..backends import RandomSource
-from ..errors import ConfigError, ShapeError
+from ..errors import ConfigError, LoomxError, ShapeError
 from ..layers.base import Array, Layer, Shape, call_backward, layer_from_config, register_layer
 
 COMBINE_MODES = ("concat", "add", "avg", "grid_scatter")
@@ -148,6 +148,11 @@ class Parallel(Layer):
     # ------------------------------------------------------------------ run
     def forward(self, x: Array, train: bool = False) -> tuple[Array, Any]:
         self.check_input(x)
+        for k, branch in enumerate(self.branches):
+            if branch.disabled:  # a grid slot's flag: a branch has no identity to fall back on
+                raise LoomxError(f"{self.describe()} branch {k} ({branch.describe()}) is "
+                                 "disabled; a Parallel branch cannot be switched off (disable "
+                                 "the Parallel slot, or build it without that branch)")
         xp = self.xp
         ys, ctxs = [], []
         for b in self.branches:
