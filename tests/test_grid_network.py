@@ -245,3 +245,25 @@ def test_backward_without_input_grad_gives_the_same_parameter_grads(backend, kin
     first = 1 if kind == "parameter_free_first" else 0
     assert events[-1][0] == first and events[-1][1] is None
     assert accepts_need_input_grad(net[first])  # the layer skips its dx product itself
+
+
+def test_a_networks_dtype_is_the_default_of_its_layers(backend):
+    """Network(..., dtype=) builds its layers (and a Parallel's branches) in that dtype unless
+    a layer has its own; the config round trip and a move keep it."""
+    if backend.name == "strict":
+        pytest.skip("one float dtype per strict network")
+    from loomx.grid import Parallel
+    from loomx.layers import LayerNorm
+
+    net = Network(1, 1, 3, layers=[Dense(3), LayerNorm(dtype="float32"),
+                                   Parallel([Dense(2), Dense(2)])],
+                  input_shape=(4,), backend=backend, dtype="float64", seed=0)
+    want = ["float64"] * 2 + ["float32"] * 2 + ["float64"] * 4
+
+    def dtypes(n):
+        return [str(p.value.dtype).replace("torch.", "") for p in n.parameters()]
+
+    assert dtypes(net) == want
+    assert dtypes(Network.from_dict(net.get_config(), backend=backend)) == want
+    net.to(backend)
+    assert dtypes(net) == want

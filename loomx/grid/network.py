@@ -262,7 +262,7 @@ class Network(Layer):
                     if getattr(layer, "needs_skip", False):
                         src = self.resolve_source(layer.source, i)
                         layer.skip_shape = shapes[src]
-                    out = layer.build(shape, self.backend, rng)
+                    out = layer.build(shape, self.child_backend(), rng)
                 except LoomxError as exc:
                     raise type(exc)(f"layer {i} at {self.position(i)} "
                                     f"({layer.describe()}): {exc}") from exc

@@ -126,7 +126,7 @@ class Parallel(Layer):
         outs = []
         for k, b in enumerate(self.branches):
             try:
-                outs.append(tuple(b.build(input_shape, self.backend, rng)))
+                outs.append(tuple(b.build(input_shape, self.child_backend(), rng)))
             except ShapeError as exc:
                 raise ShapeError(f"Parallel branch {k} ({b.describe()}): {exc}") from exc
         self._branch_shapes = outs

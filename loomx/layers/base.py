@@ -281,6 +281,12 @@ class Layer:
     def built(self) -> bool:
         return self.output_shape is not None
 
+    def child_backend(self) -> Backend:
+        """The backend a container builds its nested layers on: its own, carrying its
+        ``dtype`` when it has one (so a ``Network(..., dtype="float64")``'s layers default to
+        float64; a nested layer's own ``dtype`` still wins)."""
+        return get_backend(self.backend, self.dtype) if self.dtype else self.backend
+
     @property
     def float_dtype(self) -> Any:
         """The dtype of this layer's parameters and activations."""
@@ -399,7 +405,7 @@ class Layer:
                 self.params[k] = new.from_host(host, dtype=floats if host.dtype.kind in "fV"
                                                else getattr(new.xp, str(host.dtype)))
         for _, child in self.children():
-            child.to(new, dtype)
+            child.to(self.child_backend(), dtype)
         if self.built:
             self.zero_grad()
         return self
