@@ -217,3 +217,38 @@ def test_gguf_file_closes_at_the_end_of_a_with_block(toy, tmp_path):
     with GGUFFile(path) as f:
         assert f.config()["num_attention_heads"] > 0
     assert f._reader is None
+
+
+def _bpe_extra(pre):
+    """A byte-level BPE vocabulary of single bytes (no merges) with ``tokenizer.ggml.pre``."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    tokens = sorted(set(ByteLevel.alphabet()))
+    extra = {"add_tokenizer_model": ("gpt2",), "add_token_list": (tokens,),
+             "add_token_merges": ([],), "add_token_types": ([1] * len(tokens),)}
+    if pre is not None:
+        extra["add_tokenizer_pre"] = (pre,)
+    return extra
+
+
+@pytest.mark.parametrize("pre, words", [
+    ("llama-bpe", ["Hello", " world", " ", "123", "45", "!!"]),
+    ("qwen2", ["Hello", " world", " ", "1", "2", "3", "4", "5", "!!"]),
+    ("gpt2", ["Hello", " world", " 12345", "!!"]),
+    (None, ["Hello", " world", " 12345", "!!"]),
+])
+def test_gguf_tokenizer_splits_text_as_its_pre_type_says(toy, tmp_path, pre, words):
+    """llama.cpp's ``tokenizer.ggml.pre`` picks the split before BPE: Llama 3 groups up to
+    three digits, Qwen2 splits each, GPT-2 keeps a number whole."""
+    pytest.importorskip("tokenizers")
+    path = write_gguf(tmp_path / "tok.gguf", toy, extra=_bpe_extra(pre))
+    tok = GGUFFile(path).tokenizer()
+    pieces = [p for p, _ in tok.pre_tokenizer.pre_tokenize_str("Hello world 12345!!")]
+    assert [tok.decoder.decode([p]) for p in pieces] == words
+
+
+def test_an_unknown_gguf_pre_type_warns(toy, tmp_path):
+    pytest.importorskip("tokenizers")
+    path = write_gguf(tmp_path / "tok.gguf", toy, extra=_bpe_extra("some-new-model"))
+    with pytest.warns(UserWarning, match="pre-splitting 'some-new-model' is not known"):
+        GGUFFile(path).tokenizer()

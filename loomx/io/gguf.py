@@ -20,12 +20,26 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from typing import Any
 
 import numpy as np
 
 from ..errors import FormatError
 from .safetensors import ClosesOnExit
+
+#: ``tokenizer.ggml.pre`` values split by the GPT-2 pattern of byte-level BPE (SmolLM's
+#: tokenizer also splits digits one by one, which its vocabulary, without multi-digit
+#: tokens, makes the same)
+_GPT2_PRE = {"default", "gpt2", "smollm"}
+#: the split patterns of tokenizers whose pre-splitting is not GPT-2's (as in their
+#: tokenizer.json files): Llama 3 groups up to three digits, Qwen2 splits every digit
+_PRE_PATTERNS = {
+    "llama-bpe": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+    "qwen2": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+              r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+}
 
 #: Architectures whose Q/K rows llama.cpp permutes on conversion.
 PERMUTED_ARCHS = ("llama", "mistral", "granite", "granitemoe")
@@ -281,6 +295,25 @@ class GGUFFile(ClosesOnExit):
         return place(self.host(name), get_backend(backend), dtype)
 
     # ------------------------------------------------------------------ tokenizer
+    def _pre_tokenizer(self, pre_tokenizers):
+        """How text is split before BPE, from ``tokenizer.ggml.pre`` (llama.cpp's names): the
+        GPT-2 pattern, or the pattern of the Llama 3 or Qwen2 tokenizers; an unknown name
+        warns and falls back to GPT-2's (token ids may then differ from the original's)."""
+        from tokenizers import Regex
+
+        pre = self.metadata.get("tokenizer.ggml.pre") or "default"
+        pattern = _PRE_PATTERNS.get(pre)
+        if pattern is None:
+            if pre not in _GPT2_PRE:
+                warnings.warn(f"{self.path}: tokenizer pre-splitting {pre!r} is not known here; "
+                              "splitting as GPT-2 does, so token ids may differ from the "
+                              "original tokenizer's (pass its tokenizer.json to be exact)",
+                              stacklevel=3)
+            return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
     def tokenizer(self):
         """A ``tokenizers.Tokenizer`` built from the GGUF vocabulary (byte-level BPE only)."""
         from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
@@ -292,12 +325,13 @@ class GGUFFile(ClosesOnExit):
                               f"byte-level BPE ('gpt2') vocabulary only, found {kind!r}; "
                               "pass a tokenizer.json instead")
         tokens = [str(s) for s in fields["tokenizer.ggml.tokens"].contents()]
-        merges = [tuple(str(m).split(" ", 1)) for m in fields["tokenizer.ggml.merges"].contents()]
+        merges = ([tuple(str(m).split(" ", 1)) for m in fields["tokenizer.ggml.merges"].contents()]
+                  if "tokenizer.ggml.merges" in fields else [])
         types = (fields["tokenizer.ggml.token_type"].contents()
                  if "tokenizer.ggml.token_type" in fields else [1] * len(tokens))
         vocab = {tok: i for i, tok in enumerate(tokens)}
         tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.pre_tokenizer = self._pre_tokenizer(pre_tokenizers)
         tok.decoder = decoders.ByteLevel()
         special = [AddedToken(t, special=True, normalized=False)
                    for t, kind in zip(tokens, types) if int(kind) == 3]
