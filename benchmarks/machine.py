@@ -83,6 +83,7 @@ def torch_info() -> dict:
             "torch_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(0)
+        info["torch_cudnn_tf32"] = bool(torch.backends.cudnn.allow_tf32)
     return info
 
 

@@ -188,6 +188,9 @@ def _numba_line(m: dict) -> list[str]:
 def machine_lines(doc: dict) -> list[str]:
     m = doc["machine"]
     gpu = f"; GPU {m['cuda_device']}" if "cuda_device" in m else ""
+    if "torch_cudnn_tf32" in m:
+        gpu += ("; cuDNN convolutions and RNNs may use TF32 (PyTorch's default)"
+                if m["torch_cudnn_tf32"] else "; cuDNN in full float32 (--no-tf32)")
     threads = ", ".join(str(run["threads"]) for run in doc["runs"])
     return [
         f"- CPU: {m['cpu']}; {m['cores']} logical cores; {m['os']}",

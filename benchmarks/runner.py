@@ -100,6 +100,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="update the 'Latest' table of PATH (e.g. benchmarks/RESULTS.md) "
                              "and append a history line")
     parser.add_argument("--json", metavar="PATH", default=None, help="write all results as JSON")
+    parser.add_argument("--no-tf32", action="store_true",
+                        help="PyTorch CUDA runs its cuDNN convolutions and RNNs in full "
+                             "float32 (torch.backends.cudnn.allow_tf32 = False), as loomx "
+                             "does; by default PyTorch keeps its own default, TF32 allowed")
     parser.add_argument("--timeout", type=_positive(float), default=900.0,
                         help="seconds allowed per worker process (default 900)")
 
@@ -133,6 +137,8 @@ def _run_worker(threads: int, keys: list[str], args: argparse.Namespace) -> dict
                "--backends", args.backend, "--cases", ",".join(keys), "--out", out]
         if args.quick:
             cmd.append("--quick")
+        if getattr(args, "no_tf32", False):
+            cmd.append("--no-tf32")
         if args.wait_quiet > 0:
             cmd += ["--wait-quiet", str(args.wait_quiet)]
         if args.batch_scale != 1:

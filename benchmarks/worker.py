@@ -210,9 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-scale", type=int, default=1)
     parser.add_argument("--wait-quiet", type=float, default=0.0)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--no-tf32", action="store_true")
     args = parser.parse_args(argv)
 
     how = _limit_threads(args.threads)
+    if args.no_tf32:
+        import torch
+
+        torch.backends.cudnn.allow_tf32 = False
     from .machine import machine_info
     from .plain import sgemm_gflops
     from .workloads import all_cases

@@ -341,3 +341,18 @@ def test_ab_times_a_workload_with_and_without_kernels():
     assert result["with_s"] > 0 and result["without_s"] > 0 and result["ratio"] > 0
     with pytest.raises(SystemExit, match="has no kernel no_such_kernel"):
         main(["--case", "a_mlp", "--without", "no_such_kernel", "--quick"])
+
+
+def test_no_tf32_reaches_the_worker(tmp_path, monkeypatch):
+    """--no-tf32 turns cuDNN's TF32 off in the worker before anything is timed (the runner
+    passes it through); the README of the benchmarks says what it is for."""
+    import torch
+
+    from benchmarks import worker
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    out = tmp_path / "w.json"
+    assert worker.main(["--threads", "1", "--backends", "numpy", "--cases", "f_tick",
+                        "--quick", "--no-tf32", "--out", str(out)]) == 0
+    assert torch.backends.cudnn.allow_tf32 is False
+    assert json.loads(out.read_text())["results"][0]["key"] == "f_tick"
