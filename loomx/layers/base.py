@@ -390,7 +390,8 @@ class Layer:
 
         Without ``dtype``, float parameters take the new backend's float dtype, except in
         layers built with their own ``dtype=`` (a float64 norm in a float32 network, say),
-        which keep it. With ``dtype``, every float parameter of this layer and of every nested
+        which keep it, and layers inside a container with a ``dtype``, which take the
+        container's. With ``dtype``, every float parameter of this layer and of every nested
         layer takes it, and those layers' own dtypes are dropped.
         """
         new = get_backend(backend, dtype)
