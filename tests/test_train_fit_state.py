@@ -240,3 +240,40 @@ def test_nan_without_restore_best_weights_leaves_the_weights():
         fit(net, x, y, epochs=6, validation_split=0.25, progress=False,
             early_stopping=5, callbacks=[_Blowup(2)])
     assert "best epoch" not in str(info.value)
+
+
+def test_float64_data_trains_a_float32_network_in_float32():
+    """numpy float64 inputs on the numpy backend are cast per batch, as host data always was
+    on other backends: the weights and the optimizer state stay float32."""
+    from loomx.train.optim import Adam
+
+    net = Network.chain([Dense(8, activation="relu"), Dense(3)], input_shape=(5,),
+                        backend="numpy", seed=0)
+    x = np.random.default_rng(0).standard_normal((23, 5))  # float64
+    opt = Adam(net)
+    fit(net, x, np.arange(23) % 3, optimizer=opt, epochs=2, batch_size=8, progress=False)
+    assert {str(p.value.dtype) for p in net.parameters()} == {"float32"}
+    assert {str(v.dtype) for st in opt.state.values() for v in st.values()} == {"float32"}
+
+
+@pytest.mark.parametrize("spec, dtype", [("numpy", "float16"), ("torch", "bfloat16")])
+def test_loss_sums_and_counts_of_low_precision_networks_are_exact(spec, dtype):
+    """Running sums are float64: with the learning rate at 0 the training and validation
+    loss of the same data agree, and a confusion matrix counts every sample."""
+    if spec == "torch":
+        pytest.importorskip("torch")
+    import loomx
+    from loomx.train import evaluate
+
+    b = loomx.get_backend(spec, dtype)
+    net = Network.chain([Dense(8, activation="relu"), Dense(3)], input_shape=(5,), backend=b,
+                        seed=0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6000, 5)).astype(np.float32)
+    y = rng.integers(0, 3, 6000)
+    history = fit(net, x, y, optimizer="sgd", lr=0.0, epochs=1, batch_size=32,
+                  validation_data=(x, y), progress=False)
+    assert history["loss"][0] == pytest.approx(history["val_loss"][0], rel=1e-3)
+    result = evaluate(net, x, y, batch_size=32)
+    assert int(np.asarray(result.confusion).sum()) == 6000
+    assert result.loss == pytest.approx(history["val_loss"][0], rel=1e-3)

@@ -321,3 +321,46 @@ def test_edge_cases_of_the_batch_and_the_options(numpy64):
     with pytest.raises(ConfigError, match="workers"):
         fit(net, np.zeros((4, 2, 8, 8)), np.zeros(4, dtype=np.int64), epochs=1,
             progress=False, workers=True)
+
+
+def test_list_and_numpy_scalar_settings_reach_the_replicas(numpy64):
+    """A mixture softmax's temperatures (a list) and a dropout rate set as a numpy scalar
+    are settings too: changing them rebuilds the replicas, whose random streams carry on."""
+    from loomx.layers import Softmax
+
+    loss = get_loss("mse")
+    x = numpy64.from_host(np.random.default_rng(0).standard_normal((6, 4)))
+    y = numpy64.from_host(np.random.default_rng(1).standard_normal((6, 6)))
+
+    def make(b):
+        return Network.chain([Dense(6), Softmax("mixture", temperatures=[0.5, 1.0, 2.0])],
+                             input_shape=(4,), backend=b, seed=0)
+
+    def change(n):
+        n[1].temperatures = [0.1, 1.0, 10.0]
+
+    net = make(numpy64)
+    with BatchParallel(net, 2) as par:
+        par.forward_backward(x, y, loss)
+        change(net)
+        net.zero_grad()
+        par.forward_backward(x, y, loss)
+    serial = make(numpy64)
+    change(serial)
+    serial.zero_grad()
+    out, ctx = serial.forward(x, True)
+    serial.backward(loss(out, y)[1], ctx)
+    _assert_grads(net, {p.name: numpy64.to_host(p.grad) for p in serial.parameters()}, numpy64)
+
+    drop_net = Network.chain([Dense(6), Dropout(0.1)], input_shape=(4,), backend=numpy64,
+                             seed=0)
+    with BatchParallel(drop_net, 2) as par:
+        par.forward_backward(x, y, loss)
+        rng_before = par.replicas[0][1]._rng
+        drop_net[1].rate = np.float32(0.5)
+        par.forward_backward(x, y, loss)
+        assert par.replicas[0][1].rate == pytest.approx(0.5)
+        assert par.replicas[0][1]._rng is rng_before  # the stream continues, not re-drawn
+        drop_net[1].rate = np.float32(0.25)
+        par.forward_backward(x, y, loss)
+        assert par.replicas[0][1].rate == pytest.approx(0.25)

@@ -17,6 +17,19 @@ from ..errors import LoomxError, ShapeError
 Array = Any
 
 
+def wide_dtype(backend: Backend) -> Any:
+    """The dtype of running sums (losses, counts): float64, or float32 where the device has
+    no float64 (Apple's MPS). Sums of thousands of float16 or bfloat16 terms would stop
+    growing, and their counts stop being exact past 2048 or 256."""
+    return backend.xp.float32 if "mps" in str(backend.device) else backend.xp.float64
+
+
+def widened(backend: Backend, value: Array) -> Array:
+    """``value`` in :func:`wide_dtype` (unchanged when it already is)."""
+    wide = wide_dtype(backend)
+    return value if value.dtype == wide else backend.xp.astype(value, wide)
+
+
 class DataSource:
     """One array (inputs or targets) that batches are drawn from.
 
@@ -36,6 +49,10 @@ class DataSource:
         self.on_device = backend.is_array(array)
         self.shape = tuple(int(d) for d in array.shape)
         self._xp = backend.xp if self.on_device else _host_namespace(array)
+        # device float data of another dtype (float64 numpy data on the numpy backend, say) is
+        # cast per batch, as host data is by from_host: the network trains in its own dtype
+        self._cast = (self.on_device and self.is_float
+                      and array.dtype != backend.float_dtype)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -55,9 +72,11 @@ class DataSource:
         contiguous = list(indices) == list(range(start, start + len(indices)))
         if self.on_device:
             if contiguous:
-                return self.array[start:start + len(indices), ...]
-            idx = b.asarray(list(indices), dtype=b.xp.int64)
-            return b.xp.take(self.array, idx, axis=0)
+                rows = self.array[start:start + len(indices), ...]
+            else:
+                idx = b.asarray(list(indices), dtype=b.xp.int64)
+                rows = b.xp.take(self.array, idx, axis=0)
+            return b.xp.astype(rows, b.float_dtype) if self._cast else rows
         rows = self.array[start:start + len(indices)] if contiguous else \
             self.array[list(indices)]
         return b.from_host(rows)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import LoomxError
-from .batching import DataSource, batch_slices, validate_pair
+from .batching import DataSource, batch_slices, validate_pair, wide_dtype, widened
 from .losses import Loss, get_loss, one_hot
 from .metrics import DeviationMetrics
 
@@ -86,8 +86,8 @@ def loss_and_correct(net, x: DataSource, y: DataSource, loss: Loss,
     for idx in batch_slices(len(x), batch_size):
         out, _ = net.forward(x.take(idx), train=False)
         yb = y.take(idx)
-        value, _ = loss(out, yb)
-        loss_sum = value * len(idx) if loss_sum is None else loss_sum + value * len(idx)
+        value = widened(net.backend, loss(out, yb)[0]) * len(idx)
+        loss_sum = value if loss_sum is None else loss_sum + value
         if y.is_integer:
             hits = xp.sum(xp.astype(predicted_labels(xp, out, loss, yb.dtype) == yb, xp.int64))
             correct = hits if correct is None else correct + hits
@@ -134,16 +134,16 @@ def evaluate(net, x: Any, y: Any, *, loss: str | Loss | None = None, batch_size:
     for idx in batch_slices(len(xs), batch_size):
         out, _ = net.forward(xs.take(idx), train=False)
         yb = ys.take(idx)
-        value, _ = loss_obj(out, yb)
-        loss_sum = value * len(idx) if loss_sum is None else loss_sum + value * len(idx)
+        value = widened(b, loss_obj(out, yb)[0]) * len(idx)
+        loss_sum = value if loss_sum is None else loss_sum + value
         if classify:
             pred = predicted_labels(xp, out, loss_obj, yb.dtype)
             hits = xp.sum(xp.astype(pred == yb, xp.int64))
             correct = hits if correct is None else correct + hits
             if n_classes:
-                cm = xp.matmul(xp.matrix_transpose(one_hot(xp, yb, n_classes, b.float_dtype,
-                                                            b.device)),
-                               one_hot(xp, pred, n_classes, b.float_dtype, b.device))
+                wide = wide_dtype(b)  # counts: exact up to 2**53 in float64
+                cm = xp.matmul(xp.matrix_transpose(one_hot(xp, yb, n_classes, wide, b.device)),
+                               one_hot(xp, pred, n_classes, wide, b.device))
                 confusion = cm if confusion is None else confusion + cm
             actual = xp.astype(xp.argmax(out, axis=1), b.float_dtype) if n_out > 1 \
                 else out[:, 0]

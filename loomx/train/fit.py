@@ -28,7 +28,7 @@ from typing import Any
 from ..backends import RandomSource
 from ..errors import ConfigError, FormatError, LoomxError, TrainingError
 from ..layers.base import Layer, ParamRef
-from .batching import DataSource, batch_slices, validate_pair
+from .batching import DataSource, batch_slices, validate_pair, wide_dtype, widened
 from .callbacks import Callback, as_callback
 from .clip import clip_grad_norm, clip_grad_value
 from .evaluate import loss_and_correct, predicted_labels
@@ -248,7 +248,7 @@ class _Trainer:
             shards = self.steps.forward_backward(xb, yb, self.loss, total=total)
             for shard in shards:
                 n = shard.rows.stop - shard.rows.start
-                weighted = shard.value * n
+                weighted = widened(self.backend, shard.value) * n
                 self.epoch_loss = self._add(self.epoch_loss, weighted)
                 self.interval_loss = self._add(self.interval_loss, weighted)
                 self.epoch_n += n
@@ -473,7 +473,7 @@ class _Trainer:
             if k in meta["layer_rngs"]:
                 r.set_state(meta["layer_rngs"][k])
         sums = meta["sums"]
-        fdt, idt = b.float_dtype, xp.int64
+        fdt, idt = wide_dtype(b), xp.int64  # the running sums' dtype (_train_step)
         self.epoch_loss = None if sums["epoch_loss"] is None else b.asarray(sums["epoch_loss"],
                                                                              dtype=fdt)
         self.epoch_correct = None if sums["epoch_correct"] is None else \

@@ -63,11 +63,23 @@ _FRESH_ATTRIBUTES = ("grads", "_zero_grads", "_observers", "activations", "activ
 _SCALARS = (bool, int, float, str, type(None))
 
 
-def _plain(value: Any) -> bool:
-    """A setting worth comparing: a scalar, or a tuple of scalars (shapes, kernel sizes)."""
-    if isinstance(value, tuple):
-        return all(isinstance(v, _SCALARS) for v in value)
-    return isinstance(value, _SCALARS)
+_SKIP = object()
+
+
+def _plain(value: Any) -> Any:
+    """A setting worth comparing, in a comparable form: a scalar (numpy's included, as its
+    Python value), or a tuple or list of such (shapes, kernel sizes, a mixture softmax's
+    temperatures) as a tuple; ``_SKIP`` for anything else (arrays, objects). Device scalars
+    are skipped: reading them would wait for the device."""
+    if isinstance(value, _SCALARS):
+        return value
+    if isinstance(value, (tuple, list)):
+        items = tuple(_plain(v) for v in value)
+        return _SKIP if any(v is _SKIP for v in items) else items
+    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
+        item = value.item()
+        return item if isinstance(item, _SCALARS) else _SKIP
+    return _SKIP
 
 
 def _walk(layer: Layer):
@@ -87,16 +99,21 @@ def _walk(layer: Layer):
 
 def _settings(net: Layer) -> str:
     """A fingerprint of the structure and plain settings of every layer of ``net``."""
-    return repr([(id(layer), type(layer).__name__,
-                  sorted((k, v) for k, v in vars(layer).items() if _plain(v)))
-                 for layer in _walk(net)])
+    settings = []
+    for layer in _walk(net):
+        plain = ((k, _plain(v)) for k, v in vars(layer).items())
+        settings.append((id(layer), type(layer).__name__,
+                         sorted((k, v) for k, v in plain if v is not _SKIP)))
+    return repr(settings)
 
 
-def _replica(net: Layer, index: int) -> Layer:
+def _replica(net: Layer, index: int, previous: Layer | None = None) -> Layer:
     """A copy of ``net`` sharing its parameter arrays and backend, with empty gradients,
     no observers and no recorded activations.
 
-    Random layers get the stream ``index`` jumps ahead of the original's (``index >= 1``).
+    Random layers get the stream ``index`` jumps ahead of the original's (``index >= 1``),
+    or, when ``previous`` (the replica this one replaces) has a layer of the same type in
+    the same place, that layer's stream, so a rebuild never draws the same numbers twice.
     """
     memo: dict[int, Any] = {}
     for layer in _walk(net):
@@ -109,10 +126,13 @@ def _replica(net: Layer, index: int) -> Layer:
             if isinstance(value, (list, dict)):
                 memo[id(value)] = type(value)()
     clone = copy.deepcopy(net, memo)
-    for orig, layer in zip(_walk(net), _walk(clone)):
+    before = list(_walk(previous)) if previous is not None else []
+    for i, (orig, layer) in enumerate(zip(_walk(net), _walk(clone))):
         rng = getattr(orig, "_rng", None)
         if isinstance(rng, RandomSource):
-            layer._rng = rng.jumped(index)
+            old = before[i] if i < len(before) and type(before[i]) is type(orig) else None
+            kept = getattr(old, "_rng", None)
+            layer._rng = kept if isinstance(kept, RandomSource) else rng.jumped(index)
     return clone
 
 
@@ -208,7 +228,9 @@ class BatchParallel:
         self._make_replicas()
 
     def _make_replicas(self) -> None:
-        self.replicas = [_replica(self.net, k) for k in range(1, self.workers)]
+        previous = getattr(self, "replicas", None) or [None] * (self.workers - 1)
+        self.replicas = [_replica(self.net, k, previous[k - 1])
+                         for k in range(1, self.workers)]
         self._settings = _settings(self.net)
 
     # ------------------------------------------------------------------ lifecycle
