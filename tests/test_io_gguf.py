@@ -14,21 +14,10 @@ gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from tests.gguf_names import gguf_name, llama_cpp_permute  # noqa: E402
 from tests.tiny_models import VOCAB, tiny_model  # noqa: E402
 
 IDS = np.random.default_rng(1).integers(3, VOCAB, size=(1, 8))
-
-
-def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp convert_hf_to_gguf.py ``LlamaModel.permute`` (the order GGUF files store)."""
-    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
-
-
-_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-          "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-          "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-          "mlp.down_proj": "ffn_down"}
 
 
 def write_llama_gguf(path, quantize: str | None = None):
@@ -47,15 +36,7 @@ def write_llama_gguf(path, quantize: str | None = None):
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_eos_token_id(2)
     for name, arr in sd.items():
-        if name == "model.embed_tokens.weight":
-            out = "token_embd.weight"
-        elif name == "model.norm.weight":
-            out = "output_norm.weight"
-        elif name == "lm_head.weight":
-            out = "output.weight"
-        else:
-            parts = name.split(".")
-            out = f"blk.{parts[2]}.{_NAMES['.'.join(parts[3:-1])]}.weight"
+        out = gguf_name(name)
         if name.endswith("q_proj.weight"):
             arr = llama_cpp_permute(arr, cfg.num_attention_heads)
         if name.endswith("k_proj.weight"):

@@ -14,19 +14,9 @@ from loomx.errors import FormatError
 from loomx.io.gguf import GGUFFile
 from loomx.io.safetensors import SafetensorsFile
 from loomx.models.toy import write_toy_llama
+from tests.gguf_names import gguf_name, llama_cpp_permute
 
 gguf = pytest.importorskip("gguf")
-
-_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-          "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-          "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-          "mlp.down_proj": "ffn_down"}
-
-
-def _permute(w: np.ndarray, n: int) -> np.ndarray:
-    """llama.cpp's Q/K row order (what llama-family GGUF files store)."""
-    return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
 
 def write_gguf(path, src_folder, arch="llama", heads=True, extra=None, bad_rows=None,
                rope_freqs=False):
@@ -49,19 +39,11 @@ def write_gguf(path, src_folder, arch="llama", heads=True, extra=None, bad_rows=
         getattr(w, k)(*v)
     for name in f.names():
         arr = np.array(f.host(name), np.float32)
-        if name == "model.embed_tokens.weight":
-            out = "token_embd.weight"
-        elif name == "model.norm.weight":
-            out = "output_norm.weight"
-        elif name == "lm_head.weight":
-            out = "output.weight"
-        else:
-            parts = name.split(".")
-            out = f"blk.{parts[2]}.{_NAMES['.'.join(parts[3:-1])]}.weight"
+        out = gguf_name(name)
         if arch == "llama" and name.endswith("q_proj.weight"):
-            arr = _permute(arr, 4)
+            arr = llama_cpp_permute(arr, 4)
         if arch == "llama" and name.endswith("k_proj.weight"):
-            arr = _permute(arr, 2)
+            arr = llama_cpp_permute(arr, 2)
         if arch.startswith("gemma") and name.endswith("norm.weight"):
             arr = arr + 1.0
         if name == bad_rows:
