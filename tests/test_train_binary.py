@@ -75,7 +75,7 @@ def test_one_output_label_checks():
         fit(_net(), x, y * 3, loss="bce_logits", epochs=1, progress=False)
     # integer regression with MSE: any integers
     h = fit(_net(), x, y * 3 - 1, loss="mse", epochs=1, progress=False)
-    assert "accuracy" not in h.metrics
+    assert "accuracy" in h.metrics  # the nearest integer, as evaluate counts it
     r = evaluate(_net(), x, y * 3 - 1, loss="mse")
     assert r.confusion is None and r.accuracy is not None
 
@@ -86,3 +86,21 @@ def test_labels_out_of_range_for_a_wide_output_are_refused():
         fit(_net(3), x, y + 2, epochs=1, progress=False)
     with pytest.raises(LoomxError, match=r"labels must lie in \[0, 2\]"):
         evaluate(_net(3), x, y - 1)
+
+
+def test_integer_labels_report_training_accuracy_with_every_loss():
+    """Training accuracy is counted wherever validation accuracy is: integer labels with
+    MSE on a wide output (argmax) too."""
+    import numpy as np
+
+    from loomx.grid import Network
+    from loomx.layers import Dense
+    from loomx.train import fit
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 40)
+    net = Network.chain([Dense(3)], input_shape=(4,), backend="numpy", seed=0)
+    history = fit(net, x, y, loss="mse", epochs=1, batch_size=10, validation_data=(x, y),
+                  progress=False)
+    assert "accuracy" in history.metrics and "val_accuracy" in history.metrics

@@ -121,9 +121,9 @@ class _Trainer:
         # accuracy: integer labels with a softmax loss, or 0/1 labels of a one-output binary
         # classifier (bce_logits, bce)
         self.n_out = int(net.output_shape[-1])
-        self.count_correct = ys.is_integer and (
-            self.loss.classification
-            or (self.n_out == 1 and self.loss.output_kind in ("logits", "probabilities")))
+        # accuracy wherever the labels are integers, as validation reports it (the rule of
+        # evaluate.predicted_labels: argmax, or the threshold of a one-output loss)
+        self.count_correct = ys.is_integer
 
         self.batch_size, self.accumulate = batch_size, accumulate
         self.shuffle, self.seed = bool(shuffle), seed
