@@ -173,3 +173,14 @@ def test_sampling_settings_out_of_range_are_config_errors(loaded, kw, match):
     n = kw.pop("max_new_tokens")
     with pytest.raises(ConfigError, match=match):
         next(stream(model, [5, 17, 42], n, **kw))
+
+
+def test_generation_with_learned_positions_fills_the_table(loaded):
+    """A prompt longer than the position table is an error; otherwise generation runs until
+    the table is full, its last token needing no forward pass of its own."""
+    model = loaded("gpt2")
+    n = model.max_positions
+    prompt = [5] * (n - 3)
+    assert len(list(stream(model, prompt, 10, stop=[]))) == 4
+    with pytest.raises(ConfigError, match="learned position table"):
+        next(stream(model, [5] * (n + 1), 3, stop=[]))

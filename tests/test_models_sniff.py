@@ -263,3 +263,81 @@ def test_load_model_checks_every_tensor_shape(tmp_path, name, shape):
         loomx.load_model(folder, backend="numpy")
     msg = str(info.value)
     assert name in msg and str(list(shape)) in msg and str(want) in msg
+
+
+def _toy_with(tmp_path, name, config=None, generation=None, extra_tensors=None):
+    """The toy Llama with keys added to its config.json (and a generation_config.json, and
+    extra tensors in the file, when given)."""
+    import json
+
+    import numpy as np
+
+    from loomx.io.safetensors import SafetensorsFile, save_safetensors
+    from loomx.models.toy import write_toy_llama
+
+    folder = write_toy_llama(tmp_path / name)
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(config or {})
+    cfg_path.write_text(json.dumps(cfg))
+    if generation is not None:
+        (folder / "generation_config.json").write_text(json.dumps(generation))
+    if extra_tensors:
+        f = SafetensorsFile(folder / "model.safetensors")
+        tensors = {n: np.array(f.host(n)) for n in f.names()}
+        f.close()
+        tensors.update(extra_tensors)
+        save_safetensors(tensors, folder / "model.safetensors")
+    return folder
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+    ({"final_logit_softcapping": 30.0}, "final_logit_softcapping"),
+    ({"query_pre_attn_scalar": 256}, "query_pre_attn_scalar 256"),
+    ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
+    ({"scale_attn_weights": False}, "scale_attn_weights=false"),
+    ({"model_type": "roberta"}, "roberta's position ids"),
+    ({"model_type": "gemma3_text"}, "Gemma 3"),
+    ({"logit_scale": 0.0625}, "logit_scale"),
+], ids=["attn_softcap", "final_softcap", "qpas", "inverse_layer_idx", "unscaled",
+        "roberta", "gemma3", "logit_scale"])
+def test_features_that_change_every_output_are_refused_not_ignored(tmp_path, config, match):
+    """The sniffer reports them; load_model refuses instead of computing something else."""
+    import loomx
+    from loomx.errors import ConfigError
+
+    folder = _toy_with(tmp_path, "m", config)
+    report = loomx.sniff(folder)
+    assert any(match in w and "refusing to load" in w for w in report.warnings)
+    with pytest.raises(ConfigError, match=match):
+        loomx.load_model(folder, backend="numpy")
+
+
+def test_block_tensors_that_fit_no_role_are_refused(tmp_path):
+    import numpy as np
+
+    import loomx
+    from loomx.errors import ConfigError
+
+    folder = _toy_with(tmp_path, "m", extra_tensors={
+        "model.layers.0.self_attn.q_layernorm.weight": np.ones(16, np.float32)})
+    with pytest.raises(ConfigError, match="1 block tensors that fit no role"):
+        loomx.load_model(folder, backend="numpy")
+
+
+def test_config_keys_of_other_families_are_read(tmp_path):
+    """generation_config's stop ids win (as in transformers' generate); StarCoder2's
+    norm_epsilon, GPT-NeoX's rotary_emb_base and its 0.25 rotary default; Gemma's 'gelu'."""
+    import loomx
+
+    r = loomx.sniff(_toy_with(tmp_path, "a", {"eos_token_id": 2, "rms_norm_eps": None,
+                                              "norm_epsilon": 0.01},
+                              generation={"eos_token_id": [2, 7]}))
+    assert r["eos_token_id"] == [2, 7]
+    assert r["norm_eps"] == pytest.approx(0.01)
+    r = loomx.sniff(_toy_with(tmp_path, "b", {"model_type": "gpt_neox", "rope_theta": None,
+                                              "rotary_emb_base": 1e6}))
+    assert r["rope_theta"] == 1e6 and r["rope_fraction"] == pytest.approx(0.25)
+    r = loomx.sniff(_toy_with(tmp_path, "c", {"model_type": "gemma", "hidden_act": "gelu"}))
+    assert r["activation"] == "gelu_tanh"

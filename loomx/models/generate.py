@@ -143,8 +143,12 @@ def stream(model: TransformerModel, prompt_ids: Sequence[int], max_new_tokens: i
     rng = get_backend("numpy").random(seed)
     total = len(prompt) + int(max_new_tokens)
     if model.report["positions"] == "learned":
-        total = min(total, model.max_positions)
-    cache = model.new_cache(1, total) if use_cache else None
+        if len(prompt) > model.max_positions:
+            raise ConfigError(f"the prompt has {len(prompt)} tokens but the model's learned "
+                              f"position table has {model.max_positions}")
+        # the last new token needs no forward pass of its own, so it may sit past the table
+        total = min(total, model.max_positions + 1)
+    cache = model.new_cache(1, min(total, model.max_positions)) if use_cache else None
     seq = list(prompt)
     step_ids = prompt
     while len(seq) < total:

@@ -222,9 +222,11 @@ def open_checkpoint(path: str | Path) -> tuple[Any, str, dict, str | None, str |
                 raise FormatError(f"{gen}: not valid JSON ({exc})") from None
             if not isinstance(gcfg, dict):
                 raise FormatError(f"{gen}: must hold a JSON object, got {type(gcfg).__name__}")
+            # generation settings win, as in transformers' generate (Llama 3 Instruct's
+            # end-of-turn id is only there)
             for k in ("eos_token_id", "bos_token_id", "pad_token_id"):
                 if gcfg.get(k) is not None:
-                    config.setdefault(k, gcfg[k])
+                    config[k] = gcfg[k]
     tok = folder / "tokenizer.json"
     return src, "safetensors", config, csource, str(tok) if tok.is_file() else None
 
@@ -363,6 +365,10 @@ def _rope_params(config: dict) -> dict:
     for k in ("rope_theta", "partial_rotary_factor", "rotary_pct"):
         if config.get(k) is not None:
             out.setdefault(k, config[k])
+    if config.get("rotary_emb_base") is not None:  # GPT-NeoX's name for the base
+        out.setdefault("rope_theta", config["rotary_emb_base"])
+    if str(config.get("model_type", "")).startswith("gpt_neox"):
+        out.setdefault("rotary_pct", 0.25)  # transformers' GPTNeoXConfig default
     if "rotary_pct" in out:
         out.setdefault("partial_rotary_factor", out["rotary_pct"])
     return out
@@ -453,6 +459,41 @@ class _Sniffer:
         self._residual(b0)
         self._head()
         self._tokens()
+        self._unsupported()
+
+    def _unsupported(self) -> None:
+        """Config features and tensors that change every output and that the runtime does not
+        build: each becomes a warning that ``load_model`` refuses ("not built"), instead of a
+        model that loads and computes something else."""
+        cfg, mt = self.cfg, str(self.r["model_type"])
+        found = []
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if _cfg(cfg, key):
+                found.append(f"{key} ({cfg[key]})")
+        qpas = _cfg(cfg, "query_pre_attn_scalar")
+        if qpas is not None and qpas != self.r["head_dim"]:
+            found.append(f"query_pre_attn_scalar {qpas} (attention scaled by 1/sqrt of it, "
+                         f"not of head_dim {self.r['head_dim']})")
+        if mt.startswith("gemma3"):
+            found.append("Gemma 3's unit-offset q/k norms and per-layer RoPE bases")
+        if _cfg(cfg, "scale_attn_by_inverse_layer_idx"):
+            found.append("scale_attn_by_inverse_layer_idx")
+        if _cfg(cfg, "scale_attn_weights") is False:
+            found.append("scale_attn_weights=false")
+        if mt.startswith("cohere") or _cfg(cfg, "logit_scale") not in (None, 1, 1.0):
+            found.append("Cohere's bias-free LayerNorm and logit_scale")
+        if mt.startswith("olmo2"):
+            found.append("OLMo 2's norms after each sublayer (and on q/k)")
+        if mt in ("roberta", "xlm-roberta", "camembert", "data2vec-text"):
+            found.append(f"{mt}'s position ids, which start after the padding id")
+        block_params = [n for n in self.r.unrecognised
+                        if n.endswith((".weight", ".bias")) and any(c.isdigit() for c in n)]
+        if block_params:
+            shown = ", ".join(block_params[:4]) + (" ..." if len(block_params) > 4 else "")
+            found.append(f"{len(block_params)} block tensors that fit no role ({shown})")
+        for what in found:
+            self.r.warnings.append(f"{what}: not built by the loader, so every output would "
+                                   "differ from the reference; refusing to load")
 
     # -- attention
     def _attention(self, b: dict, hidden: int) -> None:
@@ -539,8 +580,10 @@ class _Sniffer:
             self.set("shared_expert_size", self.shape(b["shared_up"])[0]
                      if "shared_up" in b else 0, "shapes", "gated shared expert (Qwen2-MoE)"
                      if "shared_up" in b else "no shared expert")
-            if str(self.r["model_type"]).startswith("qwen2_moe"):
+            if _cfg(self.cfg, "norm_topk_prob") is not None:  # Qwen2-MoE, Qwen3-MoE, ...
                 self.from_cfg("normalize_topk", ("norm_topk_prob",), False)
+            elif str(self.r["model_type"]).startswith("qwen2_moe"):
+                self.set("normalize_topk", False, "default", "Qwen2-MoE's default")
             else:
                 self.set("normalize_topk", True, "default", "renormalise the top-k (Mixtral)")
         elif "gate_up" in b:
@@ -560,7 +603,11 @@ class _Sniffer:
         gated = self.r["gated_mlp"]
         act = _cfg(self.cfg, "hidden_activation", "hidden_act", "activation_function")
         if act is not None:
-            self.set("activation", str(act), self.cs)
+            if str(act) == "gelu" and str(self.r["model_type"]).startswith("gemma"):
+                self.set("activation", "gelu_tanh", self.cs,
+                         "Gemma's 'gelu' is the tanh approximation (as in transformers)")
+            else:
+                self.set("activation", str(act), self.cs)
         else:
             self.set("activation", "silu" if gated else "gelu", "default",
                      "silu for gated MLPs, gelu otherwise")
@@ -573,9 +620,10 @@ class _Sniffer:
         norm = self.set("norm", "layer" if has_bias else "rms", "shapes",
                         "LayerNorm: norm weights come with biases" if has_bias else
                         "RMSNorm: norm weights without biases")
-        keys = (("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps")
-                if norm == "rms" else
-                ("layer_norm_eps", "layer_norm_epsilon", "norm_eps", "rms_norm_eps"))
+        keys = (("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps",
+                 "norm_epsilon") if norm == "rms" else
+                ("layer_norm_eps", "layer_norm_epsilon", "norm_eps", "norm_epsilon",
+                 "rms_norm_eps"))
         self.from_cfg("norm_eps", keys, 1e-6 if norm == "rms" else 1e-5)
         mt = str(self.r["model_type"])
         gemma = mt.startswith("gemma")
