@@ -62,7 +62,9 @@ def _stop_ids(model: TransformerModel, stop: Sequence[int] | int | None) -> set[
     if stop is None:
         eos = model.report.get("eos_token_id")
         stop = [] if eos is None else eos
-    if isinstance(stop, int):
+    from ..layers.base import as_int
+
+    if as_int(stop) is not None:  # one id (numpy integers included)
         stop = [stop]
     return {int(s) for s in stop}
 
