@@ -73,3 +73,19 @@ def test_truncated_and_foreign_files_are_format_errors_naming_the_file(tmp_path)
     p.write_bytes(b"\x08" + bytes(7) + json.dumps({"w": 1}).encode()[:8])
     with pytest.raises(FormatError, match="c.ckpt"):
         load_checkpoint(p)
+
+
+def test_a_refused_checkpoint_is_not_left_mapped(tmp_path):
+    """Every error path of load_checkpoint closes the file first."""
+    import gc
+    import os
+
+    if not os.path.exists("/proc/self/maps"):
+        pytest.skip("no /proc/self/maps here")
+    path = tmp_path / "plain.safetensors"
+    save_safetensors({"w": np.zeros(4, np.float32)}, path)
+    with pytest.raises(FormatError, match="not a loomx checkpoint") as caught:
+        load_checkpoint(path)
+    gc.collect()
+    with open("/proc/self/maps") as maps:
+        assert not any(str(path) in line for line in maps), caught

@@ -198,7 +198,25 @@ def test_gguf_file_closes_at_the_end_of_a_with_block(toy, tmp_path):
     path = write_gguf(tmp_path / "m.gguf", toy)
     with GGUFFile(path) as f:
         assert f.config()["num_attention_heads"] > 0
-    assert f._reader is None
+        assert _mapped(path)
+    assert not _mapped(path)  # the reader and every tensor's memory map are dropped
+
+
+def _mapped(path) -> bool:
+    """Whether this process has ``path`` memory-mapped (Linux: /proc/self/maps)."""
+    if not os.path.exists("/proc/self/maps"):
+        pytest.skip("no /proc/self/maps here")
+    import gc
+
+    gc.collect()
+    with open("/proc/self/maps") as maps:
+        return any(str(path) in line for line in maps)
+
+
+def test_per_layer_head_counts_do_not_break_the_config(toy, tmp_path):
+    path = write_gguf(tmp_path / "heads.gguf", toy, heads=False,
+                      extra={"add_head_count": ([4, 4],)})
+    assert GGUFFile(path).config()["num_attention_heads"] == [4, 4]
 
 
 def _bpe_extra(pre):

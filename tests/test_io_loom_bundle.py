@@ -74,7 +74,7 @@ def test_deep_nesting_is_a_format_error():
         parse_bundle('{"a":' + "[" * 50000 + "]" * 50000 + "}")
 
 
-@pytest.mark.parametrize("value", ["8", 8.5, True])
+@pytest.mark.parametrize("value", ["8", 8.5, True, float("nan"), float("inf")])
 def test_integer_fields_must_be_integers(good, value):
     """Go's decoder refuses strings, fractions and bools for Loom's int fields; so does loomx,
     instead of reading them as some number."""

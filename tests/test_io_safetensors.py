@@ -396,3 +396,20 @@ def test_fuzz_whole_files(tmp_path, data, declared):
         return
     for name in f.names():
         f.host(name)
+
+
+def test_saving_through_a_symlink_replaces_the_file_it_points_at(tmp_path):
+    """A Hugging Face cache links snapshots to blobs: the link must stay a link."""
+    blob = tmp_path / "blobs" / "abc"
+    blob.parent.mkdir()
+    blob.write_bytes(b"old")
+    link = tmp_path / "model.safetensors"
+    link.symlink_to(blob)
+    save_safetensors({"w": np.arange(3, dtype=np.float32)}, link)
+    assert link.is_symlink()
+    np.testing.assert_array_equal(SafetensorsFile(blob).host("w"), np.arange(3, dtype=np.float32))
+
+
+def test_saving_into_a_missing_folder_names_the_destination(tmp_path):
+    with pytest.raises(OSError, match=r"cannot write .*no_such_dir/x\.safetensors"):
+        save_safetensors({"w": np.zeros(2, np.float32)}, tmp_path / "no_such_dir" / "x.safetensors")

@@ -184,3 +184,15 @@ def test_generation_with_learned_positions_fills_the_table(loaded):
     assert len(list(stream(model, prompt, 10, stop=[]))) == 4
     with pytest.raises(ConfigError, match="learned position table"):
         next(stream(model, [5] * (n + 1), 3, stop=[]))
+
+
+def test_cached_generation_of_a_rope_model_runs_past_max_positions(loaded):
+    """RoPE models have no position table: the cache holds the whole generation, and numpy
+    scalars are valid sampling settings."""
+    import numpy as np
+
+    model = loaded("llama")
+    prompt = [5] * (model.max_positions - 4)
+    assert len(list(stream(model, prompt, 10, stop=[]))) == 10
+    assert len(list(stream(model, [5, 6], 3, temperature=np.float32(0.7),
+                           top_p=np.float32(0.9), seed=0, stop=[]))) == 3

@@ -61,7 +61,8 @@ def _int(d: dict, key: str, where: str, default: int = 0) -> int:
     v = d.get(key)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+            or v != int(v):
         raise FormatError(f"{where}: {key} must be an integer, got {v!r}")
     return int(v)
 

@@ -61,6 +61,12 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
         f = SafetensorsFile(path)
     except FormatError as exc:
         raise FormatError(f"{path} is not a readable checkpoint: {exc}") from None
+    with f:  # closed on every path below, errors included
+        return _read_checkpoint(f, path)
+
+
+def _read_checkpoint(f: SafetensorsFile, path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """The tensors and metadata of the open checkpoint ``f`` (see :func:`load_checkpoint`)."""
     raw = f.metadata.get(META_KEY)
     if raw is None:
         raise FormatError(f"{path} is a safetensors file but not a loomx checkpoint "
@@ -79,6 +85,4 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
         tensors = {name: np.array(f.host(name)) for name in f.names()}
     except FormatError as exc:
         raise FormatError(f"{path} is not a readable checkpoint: {exc}") from None
-    finally:
-        f.close()
     return tensors, meta

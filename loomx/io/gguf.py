@@ -194,8 +194,10 @@ class GGUFFile(ClosesOnExit):
             cfg["hidden_act"] = act
         rot = md.get(f"{arch}.rope.dimension_count")
         heads = cfg.get("num_attention_heads")
-        hd = cfg.get("head_dim") or (cfg["hidden_size"] // heads
-                                      if heads and cfg.get("hidden_size") else None)
+        # head counts may be per-layer arrays in some files: no inference from those
+        hd = cfg.get("head_dim") or (
+            cfg["hidden_size"] // heads if isinstance(heads, int) and heads > 0
+            and isinstance(cfg.get("hidden_size"), int) else None)
         if isinstance(rot, (int, np.integer)) and hd and 0 < int(rot) < int(hd):
             cfg["partial_rotary_factor"] = int(rot) / int(hd)
         scaling = self._rope_scaling()
@@ -398,8 +400,11 @@ class GGUFFile(ClosesOnExit):
         return out
 
     def close(self) -> None:
-        """Drop the reader and its memory map (views taken earlier keep it alive)."""
+        """Drop the reader and its memory map (views taken earlier keep it alive); names,
+        shapes and the config stay readable only until then."""
         self._reader = None
+        self._tensors = {}
 
     def __repr__(self) -> str:
-        return f"GGUFFile({self.path!r}, {self.architecture}, {len(self._tensors)} tensors)"
+        state = f"{len(self._tensors)} tensors" if self._reader is not None else "closed"
+        return f"GGUFFile({self.path!r}, {self.architecture}, {state})"

@@ -71,12 +71,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
 
     The temporary file gets the permission bits of the file it replaces (a new file gets
     ``0o666`` less the umask, as ``open()`` would give). If ``write`` raises, the temporary
-    file is removed and an existing file at ``path`` is left untouched.
+    file is removed and an existing file at ``path`` is left untouched. A symlink at ``path``
+    stays a link: the file it points at is the one replaced.
     """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
+    # through a symlink (a Hugging Face cache's snapshot -> blob) to the file it points at
+    path = os.path.realpath(os.fspath(path))
+    folder = os.path.dirname(path)
     mode = _new_file_mode(path)
-    fd, tmp = _open_temp(folder)
+    try:
+        fd, tmp = _open_temp(folder)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             if mode >= 0 and hasattr(os, "fchmod"):

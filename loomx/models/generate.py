@@ -79,15 +79,23 @@ def check_sampling(max_new_tokens: Any = 0, temperature: Any = 0.0, top_k: Any =
     def is_int(v):
         return as_int(v) is not None
 
+    def number(v):  # a real number (numpy's too), not a bool: its float, else None
+        if isinstance(v, bool):
+            return None
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return None
+
     if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not temperature >= 0:
+    t = number(temperature)
+    if t is None or not t >= 0:
         raise ConfigError(f"temperature must be a number >= 0, got {temperature!r}")
     if top_k is not None and (not is_int(top_k) or top_k < 1):
         raise ConfigError(f"top_k must be None or an integer >= 1, got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
-                              or not 0.0 < top_p <= 1.0):
+    p = None if top_p is None else number(top_p)
+    if top_p is not None and (p is None or not 0.0 < p <= 1.0):
         raise ConfigError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
 
 
@@ -150,7 +158,10 @@ def stream(model: TransformerModel, prompt_ids: Sequence[int], max_new_tokens: i
                               f"position table has {model.max_positions}")
         # the last new token needs no forward pass of its own, so it may sit past the table
         total = min(total, model.max_positions + 1)
-    cache = model.new_cache(1, min(total, model.max_positions)) if use_cache else None
+        cache_len = min(total, model.max_positions)
+    else:
+        cache_len = total
+    cache = model.new_cache(1, cache_len) if use_cache else None
     seq = list(prompt)
     step_ids = prompt
     while len(seq) < total:

@@ -390,13 +390,15 @@ def sniff(path: str | Path, config: dict | str | Path | None = None) -> SniffRep
     """
     src, fmt, cfg, csource, tokenizer = open_checkpoint(path)
     if config is not None:
+        where = "the config" if isinstance(config, dict) else str(config)
         if not isinstance(config, dict):
             try:
                 config = json.loads(Path(config).read_text(encoding="utf-8"))
             except (OSError, ValueError) as exc:
-                raise FormatError(f"{config}: cannot read config ({exc})") from None
+                raise FormatError(f"{where}: cannot read config ({exc})") from None
         if not isinstance(config, dict):
-            raise FormatError(f"{config}: the config must be a JSON object")
+            raise FormatError(f"{where}: the config must be a JSON object, got "
+                              f"{type(config).__name__}")
         cfg, csource = dict(config), "config"
     report = SniffReport(path=str(path), format=fmt, config=cfg, tokenizer=tokenizer,
                          source=src)
