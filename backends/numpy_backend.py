@@ -146,7 +146,9 @@ def _adam_update(w, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step, decou
     """
     if not w.flags.writeable:
         w = np.array(w, copy=True)
-    tmp = SCRATCH.empty(w.shape, w.dtype)
+    # half-precision weights: the step's arithmetic in float32 (eps = 1e-8 is 0 in float16,
+    # and sqrt(v) + eps would divide by zero), the moments kept in the weight's dtype
+    tmp = SCRATCH.empty(w.shape, np.promote_types(w.dtype, np.float32))
     if weight_decay and decoupled:
         w *= 1.0 - lr * weight_decay
     elif weight_decay:

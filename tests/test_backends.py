@@ -193,3 +193,18 @@ def test_moving_a_network_keeps_each_layers_own_dtype_unless_one_is_given():
     net.to("numpy", "float32")
     assert {str(p.value.dtype) for p in net.parameters()} == {"float32"}
     assert [la.dtype for _, la in net.layers()] == [None, None, None]
+
+
+def test_a_move_to_a_backend_without_a_layers_dtype_is_refused_before_anything_moves():
+    torch = pytest.importorskip("torch")
+    import loomx
+    from loomx.errors import ConfigError
+    from loomx.layers import Dense, LayerNorm
+
+    net = loomx.Network.chain([Dense(4), LayerNorm(dtype="bfloat16"), Dense(3)],
+                              input_shape=(5,), backend="torch", seed=0)
+    with pytest.raises(ConfigError, match="dtype 'bfloat16', which backend numpy does not"):
+        net.to("numpy")
+    assert all(isinstance(p.value, torch.Tensor) for p in net.parameters())
+    net.to("numpy", "float32")  # the way out the message names
+    assert {str(p.value.dtype) for p in net.parameters()} == {"float32"}

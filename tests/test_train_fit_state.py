@@ -277,3 +277,38 @@ def test_loss_sums_and_counts_of_low_precision_networks_are_exact(spec, dtype):
     result = evaluate(net, x, y, batch_size=32)
     assert int(np.asarray(result.confusion).sum()) == 6000
     assert result.loss == pytest.approx(history["val_loss"][0], rel=1e-3)
+
+
+def test_integer_features_are_cast_and_ids_are_not():
+    """fit and evaluate cast uint8 pixels (or any integer features) to the network's float
+    dtype; a network that starts with an Embedding gets its ids as they are."""
+    from loomx.layers import Embedding, Flatten
+    from loomx.train import evaluate
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (24, 6)).astype(np.uint8)
+    y = rng.integers(0, 3, 24)
+    net = Network.chain([Dense(3)], input_shape=(6,), backend="numpy", seed=0)
+    fit(net, x, y, epochs=1, batch_size=8, progress=False)
+    assert evaluate(net, x, y).accuracy is not None
+    ids = rng.integers(0, 10, (24, 4))
+    emb = Network.chain([Embedding(10, 5), Flatten(), Dense(3)], input_shape=(4,),
+                        backend="numpy", seed=0)
+    fit(emb, ids, y, epochs=1, batch_size=8, progress=False)
+
+
+def test_a_float64_network_gets_float64_batches():
+    """The network's own dtype, not its backend's, is the dtype of its batches."""
+    seen = []
+    net = Network(1, 1, 2, layers=[Dense(4), Dense(3)], input_shape=(5,), backend="numpy",
+                  dtype="float64", seed=0)
+    x = np.random.default_rng(0).standard_normal((8, 5))
+    original = net[0].forward
+
+    def forward(x, train=False, **kw):
+        seen.append(str(x.dtype))
+        return original(x, train, **kw)
+
+    net[0].forward = forward
+    fit(net, x, np.arange(8) % 3, epochs=1, batch_size=4, progress=False)
+    assert seen and set(seen) == {"float64"}

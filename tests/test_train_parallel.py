@@ -342,9 +342,14 @@ def test_list_and_numpy_scalar_settings_reach_the_replicas(numpy64):
     net = make(numpy64)
     with BatchParallel(net, 2) as par:
         par.forward_backward(x, y, loss)
+        par.forward_backward(x, y, loss)  # a step with nothing changed: no rebuild
+        first = par.replicas[0]
+        par.forward_backward(x, y, loss)
+        assert par.replicas[0] is first
         change(net)
         net.zero_grad()
         par.forward_backward(x, y, loss)
+        assert par.replicas[0] is not first  # the list change itself rebuilt them
     serial = make(numpy64)
     change(serial)
     serial.zero_grad()
@@ -356,6 +361,7 @@ def test_list_and_numpy_scalar_settings_reach_the_replicas(numpy64):
                              seed=0)
     with BatchParallel(drop_net, 2) as par:
         par.forward_backward(x, y, loss)
+        par.forward_backward(x, y, loss)
         rng_before = par.replicas[0][1]._rng
         drop_net[1].rate = np.float32(0.5)
         par.forward_backward(x, y, loss)
@@ -364,3 +370,21 @@ def test_list_and_numpy_scalar_settings_reach_the_replicas(numpy64):
         drop_net[1].rate = np.float32(0.25)
         par.forward_backward(x, y, loss)
         assert par.replicas[0][1].rate == pytest.approx(0.25)
+
+
+def test_a_step_with_nothing_changed_never_rebuilds_the_replicas(numpy64):
+    """Neither the first steps (activations appearing) nor long lists (a mask over a large
+    output) make every step compare or rebuild."""
+    from loomx.layers import Softmax
+
+    loss = get_loss("mse")
+    x = numpy64.from_host(np.random.default_rng(0).standard_normal((6, 4)))
+    y = numpy64.from_host(np.random.default_rng(1).standard_normal((6, 300)))
+    net = Network.chain([Dense(300), Softmax("masked", mask=[True] * 299 + [False])],
+                        input_shape=(4,), backend=numpy64, seed=0)
+    with BatchParallel(net, 2) as par:
+        first = par.replicas[0]
+        for _ in range(4):
+            net.zero_grad()
+            par.forward_backward(x, y, loss)
+        assert par.replicas[0] is first

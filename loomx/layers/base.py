@@ -131,6 +131,13 @@ def is_real_float(xp: Any, dtype: Any) -> bool:
     return ok
 
 
+def _tree(layer: Layer) -> Iterator[Layer]:
+    """``layer`` and every nested layer, depth first."""
+    yield layer
+    for _, child in layer.children():
+        yield from _tree(child)
+
+
 def register_layer(cls: type[Layer]) -> type[Layer]:
     """Class decorator: make ``cls`` constructible by ``layer_from_config``."""
     if not cls.type_name:
@@ -232,6 +239,9 @@ class Layer:
     #: values); shape-only layers (Flatten, Reshape) and containers accept any dtype.
     #: :meth:`check_last_axis` and :meth:`check_sequence` always require one.
     float_input: ClassVar[bool] = False
+    #: whether the layer's input is integer ids (an Embedding): ``fit`` and ``evaluate`` then
+    #: hand integer data over as it is, where they cast integer features to float otherwise
+    takes_ids: ClassVar[bool] = False
 
     def __init__(self, *, name: str | None = None, dtype: str | None = None):
         if dtype is not None and dtype not in FLOAT_DTYPE_NAMES:
@@ -395,6 +405,12 @@ class Layer:
         layer takes it, and those layers' own dtypes are dropped.
         """
         new = get_backend(backend, dtype)
+        if dtype is None:  # every own dtype must exist on the new backend: check before moving
+            for layer in _tree(self):
+                if layer.dtype and getattr(new.xp, layer.dtype, None) is None:
+                    raise ConfigError(f"{layer.describe()} has dtype {layer.dtype!r}, which "
+                                      f"backend {new.name} does not have; move with an "
+                                      "explicit dtype (net.to(backend, 'float32'))")
         old = self.backend
         if dtype is not None:
             self.dtype = None

@@ -81,6 +81,8 @@ class Embedding(Layer):
             ``"normal"``: N(0, 0.02)); ``fan_in = D``, ``fan_out = V``.
     """
 
+    takes_ids = True
+
     type_name = "embedding"
     config_fields = ("num_embeddings", "embedding_dim", "init")
 

@@ -30,6 +30,25 @@ def widened(backend: Backend, value: Array) -> Array:
     return value if value.dtype == wide else backend.xp.astype(value, wide)
 
 
+def entry_layer(net: Any) -> Any:
+    """The first layer ``net`` runs its input through (inside containers, first enabled)."""
+    layer = net
+    while True:
+        kids = [c for _, c in layer.children() if not getattr(c, "disabled", False)]
+        if not kids:
+            return layer
+        layer = kids[0]
+
+
+def input_source(net: Any, array: Any, label: str) -> DataSource:
+    """``array`` as the inputs of ``net``: in the dtype its first layer computes in, integer
+    features cast to it unless that layer takes ids (an Embedding)."""
+    first = entry_layer(net)
+    dtype = first.float_dtype if first.backend is not None else net.backend.float_dtype
+    return DataSource(array, net.backend, label, float_dtype=dtype,
+                      cast_ints=not getattr(first, "takes_ids", False))
+
+
 class DataSource:
     """One array (inputs or targets) that batches are drawn from.
 
@@ -39,7 +58,8 @@ class DataSource:
         label: ``"x"``, ``"y"``, ``"validation x"``... (for error messages).
     """
 
-    def __init__(self, array: Any, backend: Backend, label: str):
+    def __init__(self, array: Any, backend: Backend, label: str, float_dtype: Any = None,
+                 cast_ints: bool = False):
         if not hasattr(array, "shape") or len(array.shape) == 0:
             raise LoomxError(f"{label} must be an array with a leading sample axis "
                              f"(a numpy array or a {backend.name} array), got {type(array)}")
@@ -49,10 +69,20 @@ class DataSource:
         self.on_device = backend.is_array(array)
         self.shape = tuple(int(d) for d in array.shape)
         self._xp = backend.xp if self.on_device else _host_namespace(array)
-        # device float data of another dtype (float64 numpy data on the numpy backend, say) is
-        # cast per batch, as host data is by from_host: the network trains in its own dtype
-        self._cast = (self.on_device and self.is_float
-                      and array.dtype != backend.float_dtype)
+        self.float_dtype = backend.float_dtype if float_dtype is None else float_dtype
+        self.cast_ints = bool(cast_ints)
+        xp = backend.xp
+        # the dtype batches are handed over in: float data of a wider dtype than the network
+        # computes in (float64 numpy data for a float32 network) is narrowed to it, never
+        # widened or narrowed further; integer features are cast where the network's first
+        # layer computes on values (an Embedding takes the ids themselves)
+        if self.is_float and self.on_device:
+            self._target = self.float_dtype if (
+                xp.finfo(array.dtype).bits > xp.finfo(self.float_dtype).bits) else None
+        elif self.is_float:
+            self._target = self.float_dtype  # host data is copied anyway: in the network's dtype
+        else:
+            self._target = self.float_dtype if self.cast_ints else None
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -76,14 +106,15 @@ class DataSource:
             else:
                 idx = b.asarray(list(indices), dtype=b.xp.int64)
                 rows = b.xp.take(self.array, idx, axis=0)
-            return b.xp.astype(rows, b.float_dtype) if self._cast else rows
+            return rows if self._target is None else b.xp.astype(rows, self._target)
         rows = self.array[start:start + len(indices)] if contiguous else \
             self.array[list(indices)]
-        return b.from_host(rows)
+        return b.from_host(rows, dtype=self._target)
 
     def subset(self, start: int, stop: int) -> DataSource:
         """A view on rows ``[start, stop)``."""
-        return DataSource(self.array[start:stop, ...], self.backend, self.label)
+        return DataSource(self.array[start:stop, ...], self.backend, self.label,
+                          self.float_dtype, self.cast_ints)
 
     # ------------------------------------------------------------------ host checks
     def _to_python(self, value: Array):

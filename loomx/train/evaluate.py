@@ -10,7 +10,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import LoomxError
-from .batching import DataSource, batch_slices, validate_pair, wide_dtype, widened
+from .batching import (
+    DataSource,
+    batch_slices,
+    input_source,
+    validate_pair,
+    wide_dtype,
+    widened,
+)
 from .losses import Loss, get_loss, one_hot
 from .metrics import DeviationMetrics
 
@@ -120,7 +127,7 @@ def evaluate(net, x: Any, y: Any, *, loss: str | Loss | None = None, batch_size:
         raise LoomxError("evaluate needs a built network: call net.build(input_shape) first")
     b = net.backend
     xp = b.xp
-    xs, ys = DataSource(x, b, "x"), DataSource(y, b, "y")
+    xs, ys = input_source(net, x, "x"), DataSource(y, b, "y")
     n_out = int(net.output_shape[-1])
     loss_obj = default_loss(ys, n_out) if loss is None else get_loss(loss)
     validate_pair(net, xs, ys, loss_obj)

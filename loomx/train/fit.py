@@ -28,7 +28,14 @@ from typing import Any
 from ..backends import RandomSource
 from ..errors import ConfigError, FormatError, LoomxError, TrainingError
 from ..layers.base import Layer, ParamRef
-from .batching import DataSource, batch_slices, validate_pair, wide_dtype, widened
+from .batching import (
+    DataSource,
+    batch_slices,
+    input_source,
+    validate_pair,
+    wide_dtype,
+    widened,
+)
 from .callbacks import Callback, as_callback
 from .clip import clip_grad_norm, clip_grad_value
 from .evaluate import loss_and_correct, predicted_labels
@@ -99,7 +106,7 @@ class _Trainer:
         self.backend = b = net.backend
         self.xp = b.xp
         self.loss: Loss = get_loss(loss)
-        xs, ys = DataSource(x, b, "x"), DataSource(y, b, "y")
+        xs, ys = input_source(net, x, "x"), DataSource(y, b, "y")
         validate_pair(net, xs, ys, self.loss)
         self.val: tuple[DataSource, DataSource] | None = None
         if validation_split:
@@ -113,7 +120,7 @@ class _Trainer:
         elif validation_data is not None:
             if len(validation_data) != 2:
                 raise ConfigError("validation_data must be a pair (x_val, y_val)")
-            xv = DataSource(validation_data[0], b, "validation x")
+            xv = input_source(net, validation_data[0], "validation x")
             yv = DataSource(validation_data[1], b, "validation y")
             validate_pair(net, xv, yv, self.loss)
             self.val = (xv, yv)

@@ -64,6 +64,9 @@ _SCALARS = (bool, int, float, str, type(None))
 
 
 _SKIP = object()
+#: longer lists are data (a softmax's mask over the vocabulary), not settings: comparing them
+#: every step would cost more than the step
+_MAX_ITEMS = 64
 
 
 def _plain(value: Any) -> Any:
@@ -74,6 +77,8 @@ def _plain(value: Any) -> Any:
     if isinstance(value, _SCALARS):
         return value
     if isinstance(value, (tuple, list)):
+        if len(value) > _MAX_ITEMS:
+            return _SKIP
         items = tuple(_plain(v) for v in value)
         return _SKIP if any(v is _SKIP for v in items) else items
     if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
@@ -101,7 +106,10 @@ def _settings(net: Layer) -> str:
     """A fingerprint of the structure and plain settings of every layer of ``net``."""
     settings = []
     for layer in _walk(net):
-        plain = ((k, _plain(v)) for k, v in vars(layer).items())
+        # settings are public attributes; private ones are caches (a causal mask, a
+        # constant), and the per-run state a replica gets fresh (activations...) is neither
+        plain = ((k, _plain(v)) for k, v in vars(layer).items()
+                 if not k.startswith("_") and k not in _FRESH_ATTRIBUTES)
         settings.append((id(layer), type(layer).__name__,
                          sorted((k, v) for k, v in plain if v is not _SKIP)))
     return repr(settings)
