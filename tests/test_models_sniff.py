@@ -204,10 +204,12 @@ def test_cli_sniff_prints_the_report(capsys):
 # ---------------------------------------------------------------------- bad input
 
 
-def _toy_copy(tmp_path, cfg_update=None, tensors_update=None, gen=None):
+def _toy_copy(tmp_path, cfg_update=None, tensors_update=None, gen=None, name="toy"):
+    """The toy Llama with keys added to its config.json, tensors added to (or replaced in)
+    its file, and a generation_config.json, where given."""
     from loomx.models.toy import write_toy_llama
 
-    folder = write_toy_llama(tmp_path / "toy")
+    folder = write_toy_llama(tmp_path / name)
     if cfg_update:
         cfg = json.loads((folder / "config.json").read_text())
         cfg.update(cfg_update)
@@ -265,32 +267,6 @@ def test_load_model_checks_every_tensor_shape(tmp_path, name, shape):
     assert name in msg and str(list(shape)) in msg and str(want) in msg
 
 
-def _toy_with(tmp_path, name, config=None, generation=None, extra_tensors=None):
-    """The toy Llama with keys added to its config.json (and a generation_config.json, and
-    extra tensors in the file, when given)."""
-    import json
-
-    import numpy as np
-
-    from loomx.io.safetensors import SafetensorsFile, save_safetensors
-    from loomx.models.toy import write_toy_llama
-
-    folder = write_toy_llama(tmp_path / name)
-    cfg_path = folder / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg.update(config or {})
-    cfg_path.write_text(json.dumps(cfg))
-    if generation is not None:
-        (folder / "generation_config.json").write_text(json.dumps(generation))
-    if extra_tensors:
-        f = SafetensorsFile(folder / "model.safetensors")
-        tensors = {n: np.array(f.host(n)) for n in f.names()}
-        f.close()
-        tensors.update(extra_tensors)
-        save_safetensors(tensors, folder / "model.safetensors")
-    return folder
-
-
 @pytest.mark.parametrize("config, match", [
     ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
     ({"final_logit_softcapping": 30.0}, "final_logit_softcapping"),
@@ -307,7 +283,7 @@ def test_features_that_change_every_output_are_refused_not_ignored(tmp_path, con
     import loomx
     from loomx.errors import ConfigError
 
-    folder = _toy_with(tmp_path, "m", config)
+    folder = _toy_copy(tmp_path, config)
     report = loomx.sniff(folder)
     assert any(match in w and "refusing to load" in w for w in report.warnings)
     with pytest.raises(ConfigError, match=match):
@@ -320,7 +296,7 @@ def test_block_tensors_that_fit_no_role_are_refused(tmp_path):
     import loomx
     from loomx.errors import ConfigError
 
-    folder = _toy_with(tmp_path, "m", extra_tensors={
+    folder = _toy_copy(tmp_path, tensors_update={
         "model.layers.0.self_attn.q_layernorm.weight": np.ones(16, np.float32)})
     with pytest.raises(ConfigError, match="1 block tensors that fit no role"):
         loomx.load_model(folder, backend="numpy")
@@ -331,13 +307,14 @@ def test_config_keys_of_other_families_are_read(tmp_path):
     norm_epsilon, GPT-NeoX's rotary_emb_base and its 0.25 rotary default; Gemma's 'gelu'."""
     import loomx
 
-    r = loomx.sniff(_toy_with(tmp_path, "a", {"eos_token_id": 2, "rms_norm_eps": None,
-                                              "norm_epsilon": 0.01},
-                              generation={"eos_token_id": [2, 7]}))
+    r = loomx.sniff(_toy_copy(tmp_path, {"eos_token_id": 2, "rms_norm_eps": None,
+                                         "norm_epsilon": 0.01},
+                              gen={"eos_token_id": [2, 7]}, name="a"))
     assert r["eos_token_id"] == [2, 7]
     assert r["norm_eps"] == pytest.approx(0.01)
-    r = loomx.sniff(_toy_with(tmp_path, "b", {"model_type": "gpt_neox", "rope_theta": None,
-                                              "rotary_emb_base": 1e6}))
+    r = loomx.sniff(_toy_copy(tmp_path, {"model_type": "gpt_neox", "rope_theta": None,
+                                         "rotary_emb_base": 1e6}, name="b"))
     assert r["rope_theta"] == 1e6 and r["rope_fraction"] == pytest.approx(0.25)
-    r = loomx.sniff(_toy_with(tmp_path, "c", {"model_type": "gemma", "hidden_act": "gelu"}))
+    r = loomx.sniff(_toy_copy(tmp_path, {"model_type": "gemma", "hidden_act": "gelu"},
+                              name="c"))
     assert r["activation"] == "gelu_tanh"
