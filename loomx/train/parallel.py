@@ -82,7 +82,7 @@ def _plain(value: Any) -> Any:
         items = tuple(_plain(v) for v in value)
         return _SKIP if any(v is _SKIP for v in items) else items
     if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
-        item = value.item()
+        item = value.item()  # a host scalar (numpy's own type): no device is read
         return item if isinstance(item, _SCALARS) else _SKIP
     return _SKIP
 
