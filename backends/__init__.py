@@ -157,7 +157,9 @@ class use_backend(contextlib.AbstractContextManager):  # noqa: N801 - reads like
 
     Used as a plain call, ``use_backend(spec)`` sets the global default. Used in a ``with``
     statement, it applies only inside the block (a ``ContextVar``, so threads and async tasks
-    keep their own choice).
+    keep their own choice). Between the call and the ``with`` the global default is briefly
+    this backend, so threads that must not see it should use ``with`` on their own backend
+    or pass ``backend=`` explicitly.
     """
 
     def __init__(self, spec: str | Backend, dtype: str | None = None):
@@ -167,7 +169,10 @@ class use_backend(contextlib.AbstractContextManager):  # noqa: N801 - reads like
         self._token: contextvars.Token | None = None
 
     def __enter__(self) -> Backend:
-        _default[0] = self._previous_default
+        # undo the plain call's global effect, unless the default changed since (a manager
+        # made earlier and entered later must not bring back a stale default)
+        if _default[0] is self.backend:
+            _default[0] = self._previous_default
         self._token = _current.set(self.backend)
         return self.backend
 

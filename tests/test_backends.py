@@ -208,3 +208,20 @@ def test_a_move_to_a_backend_without_a_layers_dtype_is_refused_before_anything_m
     assert all(isinstance(p.value, torch.Tensor) for p in net.parameters())
     net.to("numpy", "float32")  # the way out the message names
     assert {str(p.value.dtype) for p in net.parameters()} == {"float32"}
+
+
+def test_a_use_backend_made_early_and_entered_late_keeps_the_newer_default():
+    from loomx.backends import current_backend, set_default_backend, use_backend
+
+    import loomx
+
+    before = current_backend()
+    try:
+        manager = use_backend("numpy", "float64")
+        set_default_backend("numpy", "float16")  # the default changes after the call
+        with manager as b:
+            assert current_backend() is b and b.dtype_name(b.float_dtype) == "float64"
+        assert current_backend().dtype_name(current_backend().float_dtype) == "float16"
+    finally:
+        set_default_backend(before)
+    assert loomx.get_backend() is before

@@ -252,3 +252,13 @@ def test_an_unknown_gguf_pre_type_warns(toy, tmp_path):
     path = write_gguf(tmp_path / "tok.gguf", toy, extra=_bpe_extra("some-new-model"))
     with pytest.warns(UserWarning, match="pre-splitting 'some-new-model' is not known"):
         GGUFFile(path).tokenizer()
+
+
+def test_a_split_gguf_asks_for_the_merged_file(toy, tmp_path):
+    folder = tmp_path / "split"
+    folder.mkdir()
+    for k in (1, 2):
+        write_gguf(folder / f"model-0000{k}-of-00002.gguf", toy)
+    for where in (folder, folder / "model-00001-of-00002.gguf"):
+        with pytest.raises(FormatError, match="a split GGUF .*llama-gguf-split --merge"):
+            loomx.sniff(where)

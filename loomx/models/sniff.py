@@ -197,6 +197,12 @@ def open_checkpoint(path: str | Path) -> tuple[Any, str, dict, str | None, str |
                                and not (folder / "model.safetensors.index.json").exists()):
         from ..io.gguf import GGUFFile
 
+        parts = [f for f in ([p] if p.suffix == ".gguf" else gguf_files)
+                 if re.search(r"-\d{5}-of-\d{5}\.gguf$", f.name)]
+        if parts:  # one model split over several files: each file alone is incomplete
+            raise FormatError(f"{parts[0]}: a split GGUF (one part of several); loomx reads "
+                              "single-file GGUF, so merge the parts first (llama.cpp's "
+                              "llama-gguf-split --merge)")
         if p.is_dir() and len(gguf_files) > 1:  # several quantisations side by side, say
             raise FormatError(f"{p}: holds {len(gguf_files)} GGUF files "
                               f"({', '.join(f.name for f in gguf_files)}); pass one of them")
