@@ -388,3 +388,32 @@ def test_a_step_with_nothing_changed_never_rebuilds_the_replicas(numpy64):
             net.zero_grad()
             par.forward_backward(x, y, loss)
         assert par.replicas[0] is first
+
+
+def test_blas_libraries_are_scanned_again_after_new_imports(monkeypatch):
+    """The scan of loaded thread pools is cached, and redone once modules were imported
+    since (torch imported after a first step brings its own BLAS)."""
+    import sys
+    import types
+
+    from loomx.train import parallel
+
+    scans = []
+
+    class Controller:
+        def __init__(self):
+            scans.append(1)
+
+        def limit(self, limits, user_api):
+            return types.SimpleNamespace(restore_original_limits=lambda: None)
+
+    monkeypatch.setattr(parallel, "ThreadpoolController", Controller)
+    monkeypatch.setattr(parallel._BlasLimit, "_controller", None)
+    for _ in range(2):
+        parallel._BlasLimit.acquire()
+        parallel._BlasLimit.release()
+    assert len(scans) == 1
+    monkeypatch.setitem(sys.modules, "a_module_importing_a_blas", types.ModuleType("m"))
+    parallel._BlasLimit.acquire()
+    parallel._BlasLimit.release()
+    assert len(scans) == 2

@@ -44,6 +44,7 @@ accepted; on the PyTorch backend, PyTorch's own intra-op threads are not limited
 from __future__ import annotations
 
 import copy
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -167,13 +168,17 @@ class _BlasLimit:
     _users = 0
     _active = None
     _controller: ThreadpoolController | None = None
+    _modules_seen = -1
 
     @classmethod
     def acquire(cls) -> None:
         with cls._lock:
             if cls._users == 0:
-                if cls._controller is None:  # scanning the loaded libraries takes milliseconds
+                # scanning the loaded libraries takes milliseconds: again only when modules
+                # were imported since (importing torch loads its own BLAS and OpenMP)
+                if cls._controller is None or len(sys.modules) != cls._modules_seen:
                     cls._controller = ThreadpoolController()
+                    cls._modules_seen = len(sys.modules)
                 cls._active = cls._controller.limit(limits=1, user_api="blas")
             cls._users += 1
 
