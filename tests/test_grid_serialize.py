@@ -338,3 +338,20 @@ def test_bad_loomx_extension_params_raise_format_errors(backend, entry, message)
     doc["models"][0]["weights"]["data"] = base64.b64encode(json.dumps(w).encode()).decode()
     with pytest.raises(FormatError, match=rf"layer 0: loomx parameter 'weight' .*{message}"):
         load_loom_bundle(json.dumps(doc), backend=backend)
+
+
+def test_loom_bundle_details_survive_the_loomx_format(tmp_path):
+    """A network read from a Loom bundle, saved and loaded in loomx's own format, writes the
+    same bundle back (its batch size and original grid travel in the config)."""
+    import json
+
+    from tests.conftest import LOOM_FIXTURES
+
+    fixture = LOOM_FIXTURES / "dense_mlp_b4.json"
+    if not fixture.is_file():
+        pytest.skip("Loom fixtures not available")
+    net = load_loom_bundle(json.loads(fixture.read_text())["bundle"], backend="numpy")
+    save(net, tmp_path / "n.safetensors")
+    again = loomx.load(tmp_path / "n.safetensors", backend="numpy")
+    assert (again.loom_batch_size, again.loom_grid) == (net.loom_batch_size, net.loom_grid)
+    assert save_loom_bundle(again) == save_loom_bundle(net)

@@ -440,6 +440,12 @@ class Network(Layer):
         disabled = [i for i, layer in self.layers() if layer.disabled]
         if disabled:
             cfg["disabled"] = disabled
+        # what a Loom bundle said about the network (its batch size, its grid before implicit
+        # residuals became slots), kept so that writing it back to Loom gives the same bundle
+        loom = {k: v for k, v in (("batch_size", getattr(self, "loom_batch_size", None)),
+                                  ("grid", getattr(self, "loom_grid", None))) if v is not None}
+        if loom:
+            cfg["loom"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in loom.items()}
         return cfg
 
     @classmethod
@@ -447,12 +453,17 @@ class Network(Layer):
         """An unbuilt network from :meth:`get_config` output (``input_shape`` is remembered)."""
         config = dict(config)
         input_shape = config.pop("input_shape", None)
+        loom = config.pop("loom", None) or {}
         try:
             net = cls(**config)
         except TypeError as exc:
             raise ConfigError(f"bad network config: {exc}") from exc
         if input_shape is not None:
             net.declared_input_shape = tuple(int(d) for d in input_shape)
+        if loom.get("batch_size") is not None:
+            net.loom_batch_size = int(loom["batch_size"])
+        if loom.get("grid") is not None:
+            net.loom_grid = tuple(int(d) for d in loom["grid"])
         return net
 
     def __repr__(self) -> str:
