@@ -131,11 +131,20 @@ def is_real_float(xp: Any, dtype: Any) -> bool:
     return ok
 
 
-def _tree(layer: Layer) -> Iterator[Layer]:
-    """``layer`` and every nested layer, depth first."""
-    yield layer
-    for _, child in layer.children():
-        yield from _tree(child)
+def walk_layers(layer: Layer) -> Iterator[Layer]:
+    """``layer`` and every nested layer, depth first, each object once (a layer held in two
+    slots is visited at its first)."""
+    seen: set[int] = set()
+
+    def visit(node: Layer) -> Iterator[Layer]:
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        yield node
+        for _, child in node.children():
+            yield from visit(child)
+
+    yield from visit(layer)
 
 
 def register_layer(cls: type[Layer]) -> type[Layer]:
@@ -406,7 +415,7 @@ class Layer:
         """
         new = get_backend(backend, dtype)
         if dtype is None:  # every own dtype must exist on the new backend: check before moving
-            for layer in _tree(self):
+            for layer in walk_layers(self):
                 if layer.dtype and getattr(new.xp, layer.dtype, None) is None:
                     raise ConfigError(f"{layer.describe()} has dtype {layer.dtype!r}, which "
                                       f"backend {new.name} does not have; move with an "

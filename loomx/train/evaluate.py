@@ -136,6 +136,7 @@ def evaluate(net, x: Any, y: Any, *, loss: str | Loss | None = None, batch_size:
     n_classes = n_out if n_out > 1 else (
         2 if loss_obj.output_kind in ("logits", "probabilities") else 0)
     loss_sum = correct = confusion = None
+    wide = wide_dtype(b)  # confusion counts: exact up to 2**53 in float64
     expected_parts: list[Array] = []
     actual_parts: list[Array] = []
     for idx in batch_slices(len(xs), batch_size):
@@ -148,7 +149,6 @@ def evaluate(net, x: Any, y: Any, *, loss: str | Loss | None = None, batch_size:
             hits = xp.sum(xp.astype(pred == yb, xp.int64))
             correct = hits if correct is None else correct + hits
             if n_classes:
-                wide = wide_dtype(b)  # counts: exact up to 2**53 in float64
                 cm = xp.matmul(xp.matrix_transpose(one_hot(xp, yb, n_classes, wide, b.device)),
                                one_hot(xp, pred, n_classes, wide, b.device))
                 confusion = cm if confusion is None else confusion + cm

@@ -54,7 +54,7 @@ from threadpoolctl import ThreadpoolController
 
 from ..backends import RandomSource
 from ..errors import ConfigError, ShapeError
-from ..layers.base import Layer, call_backward
+from ..layers.base import Layer, call_backward, walk_layers
 
 Array = Any
 LossFn = Callable[[Array, Array], tuple[Array, Array]]
@@ -88,25 +88,10 @@ def _plain(value: Any) -> Any:
     return _SKIP
 
 
-def _walk(layer: Layer):
-    """``layer`` and every nested layer, depth first, each object once."""
-    seen: set[int] = set()
-
-    def visit(node: Layer):
-        if id(node) in seen:
-            return
-        seen.add(id(node))
-        yield node
-        for _, child in node.children():
-            yield from visit(child)
-
-    yield from visit(layer)
-
-
 def _settings(net: Layer) -> str:
     """A fingerprint of the structure and plain settings of every layer of ``net``."""
     settings = []
-    for layer in _walk(net):
+    for layer in walk_layers(net):
         # settings are public attributes; private ones are caches (a causal mask, a
         # constant), and the per-run state a replica gets fresh (activations...) is neither
         plain = ((k, _plain(v)) for k, v in vars(layer).items()
@@ -125,7 +110,7 @@ def _replica(net: Layer, index: int, previous: Layer | None = None) -> Layer:
     the same place, that layer's stream, so a rebuild never draws the same numbers twice.
     """
     memo: dict[int, Any] = {}
-    for layer in _walk(net):
+    for layer in walk_layers(net):
         memo[id(layer.params)] = layer.params
         backend = getattr(layer, "backend", None)
         if backend is not None:
@@ -135,8 +120,8 @@ def _replica(net: Layer, index: int, previous: Layer | None = None) -> Layer:
             if isinstance(value, (list, dict)):
                 memo[id(value)] = type(value)()
     clone = copy.deepcopy(net, memo)
-    before = list(_walk(previous)) if previous is not None else []
-    for i, (orig, layer) in enumerate(zip(_walk(net), _walk(clone))):
+    before = list(walk_layers(previous)) if previous is not None else []
+    for i, (orig, layer) in enumerate(zip(walk_layers(net), walk_layers(clone))):
         rng = getattr(orig, "_rng", None)
         if isinstance(rng, RandomSource):
             old = before[i] if i < len(before) and type(before[i]) is type(orig) else None
@@ -198,7 +183,8 @@ def _check_splittable(net: Layer) -> None:
         raise ConfigError(f"workers > 1 splits batches over CPU threads, for numpy or PyTorch "
                           f"on the CPU; the network runs on {net.backend.name!r} (device "
                           f"{net.backend.device}): use workers=1 there")
-    coupled = [layer.describe() for layer in _walk(net) if getattr(layer, "loom_compat", False)]
+    coupled = [layer.describe() for layer in walk_layers(net)
+               if getattr(layer, "loom_compat", False)]
     if coupled:
         raise ConfigError(f"{coupled[0]} mixes samples across the batch (loom_compat=True), "
                           "so the batch cannot be split over workers: use workers=1")
@@ -324,6 +310,6 @@ def _shard_step(net: Layer, x: Array, y: Array, rows: slice, loss: LossFn,
 
 def _add_grads(net: Layer, replica: Layer) -> None:
     """``net.grads += replica.grads`` for every layer (same structure; shared layers once)."""
-    for a, b in zip(_walk(net), _walk(replica)):
+    for a, b in zip(walk_layers(net), walk_layers(replica)):
         for key, g in b.grads.items():
             a._accumulate(key, g)
